@@ -1,0 +1,293 @@
+"""Shared backbone layers: RMSNorm, partial RoPE, causal attention with document resets, SwiGLU,
+pre-norm blocks and isotropic stacks described by a layout string (``"T4"``, ``"m4"``, ``"T1m4"``).
+
+Every stack is usable in two modes with identical maths:
+  * full sequence: ``stack(x_BxLxD, segment_ids_BxL, positions_BxL)``;
+  * incremental: ``stack.step(x_BxD, cache, reset_B)`` one position at a time, with per-row caches
+    (the attention cache keeps its own per-row write pointer, so rows advance independently).
+
+Conventions: segment_ids > 0 for real tokens (a new id per packed document), 0 for padding.
+Attention never crosses a segment; positions restart at every document.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from hnet.sharding import constrain, param_init
+
+Array = jax.Array
+NEG_INF = -1e30
+
+
+def normal(std: float):
+    return nnx.initializers.normal(stddev=std)
+
+
+class RMSNorm(nnx.Module):
+    """y = x / sqrt(mean(x^2) + eps) * scale, computed in fp32, returned in ``out_dtype``."""
+
+    def __init__(self, dim: int, *, eps: float = 1e-5, out_dtype=jnp.float32, param_dtype=jnp.float32):
+        self.eps = eps
+        self.out_dtype = out_dtype
+        self.scale = nnx.Param(param_init(nnx.initializers.ones, ("norm",))(None, (dim,), param_dtype))
+
+    def __call__(self, x: Array) -> Array:
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (y * self.scale[...].astype(jnp.float32)).astype(self.out_dtype)
+
+
+def apply_rope(x_BxLxHxK: Array, positions_BxL: Array, rotary_dim: int, base: float = 10000.0) -> Array:
+    """Non-interleaved (NeoX rotate-half) RoPE on the first ``rotary_dim`` channels of each head."""
+    if rotary_dim == 0:
+        return x_BxLxHxK
+    half = rotary_dim // 2
+    inv_freq = 1.0 / (base ** (jnp.arange(half, dtype=jnp.float32) * 2.0 / rotary_dim))
+    ang_BxLxR = positions_BxL.astype(jnp.float32)[..., None] * inv_freq
+    cos, sin = jnp.cos(ang_BxLxR)[:, :, None, :], jnp.sin(ang_BxLxR)[:, :, None, :]
+    xr = x_BxLxHxK[..., :rotary_dim].astype(jnp.float32)
+    x1, x2 = xr[..., :half], xr[..., half:]
+    rot = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return jnp.concatenate([rot.astype(x_BxLxHxK.dtype), x_BxLxHxK[..., rotary_dim:]], axis=-1)
+
+
+def attention_mask(q_seg_BxQ, k_seg_BxK, q_idx_BxQ, k_idx_BxK, window: int) -> Array:
+    """[B,1,Q,K] bool: causal, same segment, and within ``window`` previous positions (-1 = global)."""
+    same = q_seg_BxQ[:, :, None] == k_seg_BxK[:, None, :]
+    delta = q_idx_BxQ[:, :, None] - k_idx_BxK[:, None, :]
+    ok = same & (delta >= 0)
+    if window >= 0:
+        ok &= delta <= window
+    return ok[:, None]
+
+
+class Attention(nnx.Module):
+    """Causal multi-head attention with partial RoPE, segment masking, sliding window and an optional
+    additive key bias (MrT5 soft deletion: logits[b,h,q,k] += key_bias[b,k])."""
+
+    def __init__(
+        self,
+        d_model: int,
+        num_heads: int,
+        *,
+        rotary_dim: int | None = None,
+        window: int = -1,
+        out_init_std: float = 0.02,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        length_axis: str = "byte_len",
+        rngs: nnx.Rngs,
+    ):
+        assert d_model % num_heads == 0, (d_model, num_heads)
+        self.num_heads, self.head_dim = num_heads, d_model // num_heads
+        self.rotary_dim = self.head_dim if rotary_dim is None else rotary_dim
+        self.window, self.dtype, self.length_axis = window, dtype, length_axis
+        self.wqkv = nnx.Linear(
+            d_model, 3 * d_model, use_bias=False, dtype=dtype, param_dtype=param_dtype,
+            kernel_init=param_init(normal(0.02), ("embed", "heads")), rngs=rngs)
+        self.out = nnx.Linear(
+            d_model, d_model, use_bias=False, dtype=dtype, param_dtype=param_dtype,
+            kernel_init=param_init(normal(out_init_std), ("heads", "embed")), rngs=rngs)
+
+    def _qkv(self, x_BxLxD, positions_BxL):
+        B, L, _ = x_BxLxD.shape
+        qkv = self.wqkv(x_BxLxD.astype(self.dtype)).reshape(B, L, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        q = apply_rope(q, positions_BxL, self.rotary_dim)
+        k = apply_rope(k, positions_BxL, self.rotary_dim)
+        return q, k, v
+
+    def _attend(self, q_BxQxHxK, k_BxSxHxK, v_BxSxHxK, mask_Bx1xQxS, key_bias_BxS=None):
+        scale = 1.0 / math.sqrt(self.head_dim)
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q_BxQxHxK, k_BxSxHxK, preferred_element_type=jnp.float32) * scale
+        if key_bias_BxS is not None:
+            logits = logits + key_bias_BxS[:, None, None, :].astype(jnp.float32)
+        logits = jnp.where(mask_Bx1xQxS, logits, NEG_INF)
+        probs = jax.nn.softmax(logits, axis=-1).astype(v_BxSxHxK.dtype)
+        return jnp.einsum("bhqk,bkhd->bqhd", probs, v_BxSxHxK)
+
+    def __call__(self, x_BxLxD, segment_ids_BxL, positions_BxL, key_bias_BxL=None):
+        B, L, D = x_BxLxD.shape
+        q, k, v = self._qkv(x_BxLxD, positions_BxL)
+        q = constrain(q, ("batch", self.length_axis, "act_heads", "act_kv"))
+        idx = jnp.broadcast_to(jnp.arange(L)[None], (B, L))
+        mask = attention_mask(segment_ids_BxL, segment_ids_BxL, idx, idx, self.window)
+        o = self._attend(q, k, v, mask, key_bias_BxL)
+        return self.out(o.reshape(B, L, D))
+
+    # ----- incremental decoding -----
+    def init_cache(self, batch_size: int, max_len: int) -> dict:
+        shape = (batch_size, max_len, self.num_heads, self.head_dim)
+        zeros_b = jnp.zeros((batch_size,), jnp.int32)
+        return {"k": jnp.zeros(shape, self.dtype), "v": jnp.zeros(shape, self.dtype), "pos": zeros_b, "start": zeros_b}
+
+    def step(self, x_BxD, cache, reset_B):
+        """One position per row. ``pos`` is the row's next cache slot, ``start`` its document start slot."""
+        B, D = x_BxD.shape
+        pos, start = cache["pos"], jnp.where(reset_B, cache["pos"], cache["start"])
+        q, k, v = self._qkv(x_BxD[:, None], (pos - start)[:, None])
+        write = jax.nn.one_hot(pos, cache["k"].shape[1], dtype=cache["k"].dtype)[:, :, None, None]
+        k_cache = cache["k"] * (1 - write) + write * k
+        v_cache = cache["v"] * (1 - write) + write * v
+        slots = jnp.arange(cache["k"].shape[1])[None]
+        ok = (slots <= pos[:, None]) & (slots >= start[:, None])
+        if self.window >= 0:
+            ok &= pos[:, None] - slots <= self.window
+        o = self._attend(q, k_cache, v_cache, ok[:, None, None, :])
+        y = self.out(o.reshape(B, 1, D))[:, 0]
+        return y, {"k": k_cache, "v": v_cache, "pos": pos + 1, "start": start}
+
+
+class SwiGLU(nnx.Module):
+    """fc1: D -> 2F split as [value | gate]; y = fc2(silu(gate) * value)."""
+
+    def __init__(self, d_model, d_ff, *, out_init_std=0.02, dtype=jnp.float32, param_dtype=jnp.float32, rngs):
+        self.dtype = dtype
+        self.fc1 = nnx.Linear(d_model, 2 * d_ff, use_bias=False, dtype=dtype, param_dtype=param_dtype,
+                              kernel_init=param_init(normal(0.02), ("embed", "mlp")), rngs=rngs)
+        self.fc2 = nnx.Linear(d_ff, d_model, use_bias=False, dtype=dtype, param_dtype=param_dtype,
+                              kernel_init=param_init(normal(out_init_std), ("mlp", "embed")), rngs=rngs)
+
+    def __call__(self, x):
+        value, gate = jnp.split(self.fc1(x.astype(self.dtype)), 2, axis=-1)
+        return self.fc2(jax.nn.silu(gate) * value)
+
+
+# ----------------------------------------------------------------------------------------------
+# Layout strings and stacks
+# ----------------------------------------------------------------------------------------------
+
+_LAYOUT_TOKEN = re.compile(r"([mMtT])(\d+)")
+
+
+def parse_layout(layout: str) -> list[tuple[str, bool]]:
+    """``"T1m4"`` -> [('t', True), ('m', False) x4]: letter = mixer, uppercase = with SwiGLU."""
+    if not layout or _LAYOUT_TOKEN.sub("", layout):
+        raise ValueError(f"bad layer layout {layout!r}; expected tokens like 'm4', 'T22', 'T1m4'")
+    out = []
+    for letter, count in _LAYOUT_TOKEN.findall(layout):
+        out += [(letter.lower(), letter.isupper())] * int(count)
+    return out
+
+
+def layout_height(layout: str) -> int:
+    """Residual-branch count of a stack (1 per mixer-only layer, 2 per layer with an MLP)."""
+    return sum(2 if mlp else 1 for _, mlp in parse_layout(layout))
+
+
+@dataclasses.dataclass(frozen=True)
+class StackConfig:
+    """Hyper-parameters of one isotropic stack (one H-Net stage network, or the whole isotropic LM)."""
+
+    layout: str = "T4"
+    d_model: int = 256
+    d_ff: int = 0  # SwiGLU width (rounded up to a multiple of 128 if > 128); 0 only for mixer-only layouts
+    num_heads: int = 4
+    rotary_dim: int | None = None  # None = full head dim
+    window: int = -1  # attention sees this many previous positions (-1 = global)
+    ssm_d_state: int = 128
+    ssm_d_conv: int = 4
+    ssm_expand: int = 2
+    ssm_headdim: int = 64
+    ssm_chunk_size: int = 256
+
+
+def _round_ff(d_ff: int) -> int:
+    return d_ff if d_ff <= 128 else 128 * math.ceil(d_ff / 128)
+
+
+class Block(nnx.Module):
+    """Pre-norm residual block; the residual stream stays fp32: x += mixer(norm1(x)); x += mlp(norm2(x))."""
+
+    def __init__(self, kind: str, has_mlp: bool, cfg: StackConfig, *, out_init_std, dtype, param_dtype,
+                 length_axis, rngs):
+        self.kind = kind
+        self.norm1 = RMSNorm(cfg.d_model, out_dtype=dtype, param_dtype=param_dtype)
+        if kind == "t":
+            self.mixer = Attention(cfg.d_model, cfg.num_heads, rotary_dim=cfg.rotary_dim, window=cfg.window,
+                                   out_init_std=out_init_std, dtype=dtype, param_dtype=param_dtype,
+                                   length_axis=length_axis, rngs=rngs)
+        else:
+            from hnet.mamba2 import Mamba2
+
+            self.mixer = Mamba2(cfg.d_model, d_state=cfg.ssm_d_state, d_conv=cfg.ssm_d_conv, expand=cfg.ssm_expand,
+                                headdim=cfg.ssm_headdim, chunk_size=cfg.ssm_chunk_size, out_init_std=out_init_std,
+                                dtype=dtype, param_dtype=param_dtype, length_axis=length_axis, rngs=rngs)
+        if has_mlp:
+            self.norm2 = RMSNorm(cfg.d_model, out_dtype=dtype, param_dtype=param_dtype)
+            self.mlp = SwiGLU(cfg.d_model, _round_ff(cfg.d_ff), out_init_std=out_init_std, dtype=dtype,
+                              param_dtype=param_dtype, rngs=rngs)
+        else:
+            self.norm2 = self.mlp = None
+
+    def _mix(self, h, segment_ids, positions, key_bias):
+        if self.kind == "t":
+            return self.mixer(h, segment_ids, positions, key_bias)
+        return self.mixer(h, segment_ids)
+
+    def __call__(self, x_BxLxD, segment_ids_BxL, positions_BxL, key_bias_BxL=None):
+        x = x_BxLxD + self._mix(self.norm1(x_BxLxD), segment_ids_BxL, positions_BxL, key_bias_BxL).astype(jnp.float32)
+        if self.mlp is not None:
+            x = x + self.mlp(self.norm2(x)).astype(jnp.float32)
+        return x
+
+    def init_cache(self, batch_size, max_len):
+        if self.kind == "t":
+            return self.mixer.init_cache(batch_size, max_len)
+        return self.mixer.init_cache(batch_size)
+
+    def step(self, x_BxD, cache, reset_B):
+        y, cache = self.mixer.step(self.norm1(x_BxD), cache, reset_B)
+        x = x_BxD + y.astype(jnp.float32)
+        if self.mlp is not None:
+            x = x + self.mlp(self.norm2(x)).astype(jnp.float32)
+        return x, cache
+
+
+class Stack(nnx.Module):
+    """Isotropic stack of blocks from a layout string, ending with an RMSNorm (fp32 output).
+
+    ``n_res_offset`` is the residual count of the enclosing stages; out_proj/fc2 use
+    N(0, 0.02 / sqrt(n_res)) with n_res cumulative down the hierarchy (H-Net init).
+    """
+
+    def __init__(self, cfg: StackConfig, *, n_res_offset: int = 0, dtype=jnp.float32, param_dtype=jnp.float32,
+                 length_axis: str = "byte_len", remat: bool = False, rngs: nnx.Rngs):
+        self.cfg, self.length_axis, self.remat = cfg, length_axis, remat
+        self.n_res = n_res_offset + layout_height(cfg.layout)
+        std = 0.02 / math.sqrt(self.n_res)
+        self.blocks = nnx.List([
+            Block(kind, mlp, cfg, out_init_std=std, dtype=dtype, param_dtype=param_dtype,
+                  length_axis=length_axis, rngs=rngs)
+            for kind, mlp in parse_layout(cfg.layout)
+        ])
+        self.final_norm = RMSNorm(cfg.d_model, out_dtype=jnp.float32, param_dtype=param_dtype)
+
+    def __call__(self, x_BxLxD, segment_ids_BxL, positions_BxL, key_bias_BxL=None):
+        x = x_BxLxD.astype(jnp.float32)
+        for block in self.blocks:
+            if self.remat:
+                x = nnx.remat(lambda b, *a: b(*a))(block, x, segment_ids_BxL, positions_BxL, key_bias_BxL)
+            else:
+                x = block(x, segment_ids_BxL, positions_BxL, key_bias_BxL)
+            x = constrain(x, ("batch", self.length_axis, "act_embed"))
+        return self.final_norm(x)
+
+    def init_cache(self, batch_size: int, max_len: int) -> list[Any]:
+        return [b.init_cache(batch_size, max_len) for b in self.blocks]
+
+    def step(self, x_BxD, cache, reset_B):
+        x = x_BxD.astype(jnp.float32)
+        new = []
+        for block, c in zip(self.blocks, cache):
+            x, c = block.step(x, c, reset_B)
+            new.append(c)
+        return self.final_norm(x), new

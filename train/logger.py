@@ -1,0 +1,69 @@
+"""TensorBoard (tensorboardX, no TensorFlow) and console logging; process 0 writes, others are silent."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+
+import jax
+import numpy as np
+
+log = logging.getLogger("hnet")
+
+
+def setup_console():
+    if not logging.getLogger().handlers:
+        logging.basicConfig(stream=sys.stdout, level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("absl", "orbax", "jax._src", "grain"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+class MetricWriter:
+    def __init__(self, logdir: str):
+        self.enabled = jax.process_index() == 0
+        self.logdir = logdir
+        self.tb = None
+        if self.enabled:
+            from tensorboardX import SummaryWriter
+
+            os.makedirs(logdir, exist_ok=True)
+            self.tb = SummaryWriter(logdir, flush_secs=10)
+
+    def scalars(self, step: int, values: dict, prefix: str = ""):
+        if self.tb:
+            for k, v in values.items():
+                self.tb.add_scalar(f"{prefix}{k}", float(v), step)
+
+    def text(self, step: int, tag: str, text: str):
+        if self.tb:
+            # Markdown: keep line breaks and make the text monospaced.
+            self.tb.add_text(tag, "    " + text.replace("\n", "\n    "), step)
+
+    def histogram(self, step: int, tag: str, values):
+        if self.tb and np.size(values):
+            self.tb.add_histogram(tag, np.asarray(values), step)
+
+    def flush(self):
+        if self.tb:
+            self.tb.flush()
+
+    def close(self):
+        if self.tb:
+            self.tb.close()
+
+
+class Progress:
+    """Console line: step, loss, BPB, bytes/s, ETA."""
+
+    def __init__(self, total_steps: int, start_step: int):
+        self.total, self.t0, self.s0 = total_steps, time.time(), start_step
+
+    def line(self, step: int, m: dict, bytes_per_s: float) -> str:
+        done = step - self.s0
+        eta = (time.time() - self.t0) / max(done, 1) * (self.total - step)
+        extra = "".join(f" {k} {m[k]:.3g}" for k in ("bytes_per_chunk_s0", "bytes_per_chunk_s1", "deletion_rate")
+                        if k in m)
+        return (f"step {step:>6d}/{self.total} loss {m['loss']:.4f} bpb {m['bpb']:.4f} "
+                f"lr {m['lr']:.2e} gnorm {m['grad_norm']:.3f}{extra} | {bytes_per_s:,.0f} bytes/s | ETA {eta/60:.1f} min")

@@ -1,0 +1,232 @@
+"""The one training loop (big_vision-style readable trainer), configured by gin.
+
+data (fails before compilation) -> mesh -> sharded init or restore -> jit(train_step) loop with
+logging, periodic eval, async checkpoints, sampled generations -> final eval + checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any, Callable
+
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from hnet import sharding
+from train import data as data_lib
+from train.checkpoint import Checkpointer, abstract_like
+from train.generate import generate
+from train.logger import MetricWriter, Progress, log
+from train.optim import OptimizerConfig, make_optimizer
+from train.step import LN2, TrainState, make_eval_step, make_train_step
+
+# gin registrations for the dataclasses the .gin files bind
+DataConfig = gin.external_configurable(data_lib.DataConfig, module="train")
+OptimizerConfig = gin.external_configurable(OptimizerConfig, module="train")
+
+
+@dataclasses.dataclass
+class Setup:
+    """Everything built before the loop: reused by train(), the evaluator and tests."""
+
+    mesh: Any
+    graphdef: Any
+    state: TrainState
+    state_shardings: Any
+    tx: Any
+    schedule: Callable
+    lr_multiplier: Callable | None
+
+
+def build_state(model_fn: Callable[[], nnx.Module], opt_cfg: OptimizerConfig, total_steps: int, mesh,
+                *, allocate: bool = True) -> Setup:
+    """Graphdef + TrainState initialised inside jit under the mesh, so every array is born sharded."""
+    with sharding.mesh_context(mesh):
+        abstract_model = nnx.eval_shape(model_fn)
+        graphdef, abs_params, abs_rest = nnx.split(abstract_model, nnx.Param, ...)
+        lr_mult = getattr(abstract_model, "lr_multiplier", None)
+        tx, schedule = make_optimizer(opt_cfg, total_steps, abs_params, lr_mult)
+
+        def init():
+            model = model_fn()
+            _, params, rest = nnx.split(model, nnx.Param, ...)
+            zero = jnp.zeros((), jnp.int32)
+            return TrainState(step=zero, params=params, rest=rest, opt_state=tx.init(params), bad_steps=zero,
+                              skipped_steps=zero)
+
+        init_jit = jax.jit(init)
+        shardings = init_jit.lower().compile().output_shardings
+        state = init_jit() if allocate else abstract_like(jax.eval_shape(init), shardings)
+    return Setup(mesh, graphdef, state, shardings, tx, schedule, lr_mult)
+
+
+def evaluate(setup: Setup, eval_cfg: data_lib.DataConfig, docs: list[bytes], eval_fn=None) -> dict[str, float]:
+    """Exact bits-per-byte over every window of a split: sum NLL / (ln 2 * real UTF-8 bytes)."""
+    eval_fn = eval_fn or make_eval_fn(setup)
+    totals: dict[str, float] = {}
+    extras: dict[str, list[float]] = {}
+    with sharding.mesh_context(setup.mesh):
+        for local in data_lib.iterate_eval_batches(eval_cfg, docs):
+            batch = sharding.global_batch_from_local(setup.mesh, local)
+            sums, extra = eval_fn(setup.state.params, setup.state.rest, batch)
+            for k, v in jax.device_get(sums).items():
+                totals[k] = totals.get(k, 0.0) + float(v)
+            for k, v in jax.device_get(extra).items():
+                extras.setdefault(k, []).append(float(v))
+    out = {
+        "bpb": totals["byte_nll_sum"] / (LN2 * max(totals["n_bytes"], 1.0)),
+        "loss": totals["nll_sum"] / max(totals["n_targets"], 1.0),
+        "n_bytes": totals["n_bytes"],
+        "n_masked_by_model": totals["n_masked_by_model"],
+    }
+    out.update({k: float(np.mean(v)) for k, v in extras.items()})
+    return out
+
+
+def make_eval_fn(setup: Setup):
+    return jax.jit(make_eval_step(setup.graphdef))
+
+
+def sample_texts(setup: Setup, prompts: list[str], max_new_bytes: int, seed: int) -> list[str]:
+    with sharding.mesh_context(setup.mesh):
+        model = nnx.merge(setup.graphdef, setup.state.params, setup.state.rest)
+        return generate(model, [p.encode() for p in prompts], max_new_bytes=max_new_bytes, seed=seed)
+
+
+@gin.configurable(module="train")
+def train(
+    workdir: str,
+    model: Callable[[], nnx.Module] = gin.REQUIRED,
+    train_data: data_lib.DataConfig = gin.REQUIRED,
+    eval_data: data_lib.DataConfig | None = None,
+    optimizer: OptimizerConfig = OptimizerConfig(),
+    steps: int = gin.REQUIRED,
+    grad_accum_steps: int = 1,
+    mesh_shape: dict | None = None,
+    log_every: int = 20,
+    eval_every: int = 0,
+    checkpoint_every: int = 500,
+    keep_checkpoints: int = 3,
+    async_checkpoints: bool = True,
+    sample_prompts: tuple[str, ...] = ("The ",),
+    sample_every: int = 0,
+    sample_bytes: int = 120,
+    max_bad_steps: int = 20,
+    stop_after: int = 0,
+) -> dict[str, Any]:
+    """Train ``model`` for ``steps`` steps; resumes from ``workdir/checkpoints`` when present.
+
+    ``stop_after`` > 0 ends the process after that many steps of this invocation (for tests of
+    interrupted runs: the schedule still follows ``steps``).
+    """
+    t_setup = time.time()
+    is_main = jax.process_index() == 0
+    train_docs, train_stats = data_lib.load_documents(train_data)
+    log.info(data_lib.describe(train_stats, "train data"))
+    eval_docs = None
+    if eval_data is not None:
+        eval_docs, eval_stats = data_lib.load_documents(eval_data)
+        log.info(data_lib.describe(eval_stats, "eval data"))
+    data_iter = data_lib.make_train_iterator(train_data, train_docs)
+
+    mesh = sharding.make_mesh(mesh_shape or {"data": -1})
+    setup = build_state(model, optimizer, steps, mesh)
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(setup.state.params))
+    log.info("model: %s parameters; mesh %s", f"{n_params:,}", dict(mesh.shape))
+
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), every_steps=checkpoint_every, keep=keep_checkpoints,
+                        async_save=async_checkpoints)
+    start, restored = ckpt.restore_latest(setup.state, data_iter)
+    if restored is not None:
+        setup.state = restored
+        log.info("resumed from step %d in %s", start, ckpt.directory)
+    start = int(start or 0)
+
+    writer = MetricWriter(os.path.join(workdir, "tb"))
+    if is_main:
+        os.makedirs(workdir, exist_ok=True)
+        with open(os.path.join(workdir, "operative_config.gin"), "w") as f:
+            f.write(gin.operative_config_str())
+        writer.text(start, "config/operative", gin.operative_config_str())
+        writer.scalars(start, {"train_docs": train_stats.documents, "train_bytes": train_stats.bytes,
+                               "train_empty_skipped": train_stats.empty_skipped,
+                               "train_invalid_utf8_docs": train_stats.invalid_utf8,
+                               "train_bad_json": train_stats.bad_json}, "data/")
+
+    step_fn = make_train_step(setup.graphdef, setup.tx, setup.schedule, grad_accum_steps=grad_accum_steps,
+                              max_bad_steps=max_bad_steps)
+    batch_shard = sharding.batch_sharding(mesh)
+    train_step = jax.jit(step_fn, in_shardings=(setup.state_shardings, batch_shard),
+                         out_shardings=(setup.state_shardings, None), donate_argnums=(0,))
+    eval_fn = make_eval_fn(setup)
+
+    bytes_per_step = train_data.batch_size * train_data.seq_len
+    progress = Progress(steps, start)
+    history: list[dict] = []
+    results: dict[str, Any] = {"workdir": workdir, "params": n_params, "start_step": start}
+    t_last, steps_since = time.time(), 0
+    compile_s = None
+    step = start
+    with sharding.mesh_context(mesh):
+        while step < steps:
+            local = next(data_iter)
+            batch = sharding.global_batch_from_local(mesh, local)
+            t0 = time.time()
+            setup.state, metrics = train_step(setup.state, batch)
+            step += 1
+            steps_since += 1
+            if compile_s is None:
+                jax.block_until_ready(metrics["loss"])
+                compile_s = time.time() - t0
+                log.info("first step (compile + run) took %.1f s; setup before it %.1f s", compile_s, t0 - t_setup)
+                t_last, steps_since = time.time(), 0
+            if step % log_every == 0 or step == steps:
+                m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                dt = time.time() - t_last
+                bps = bytes_per_step * steps_since / dt if steps_since else float("nan")
+                m.update(bytes_per_s=bps, step_time_s=dt / max(steps_since, 1))
+                t_last, steps_since = time.time(), 0
+                history.append({"step": step, **m})
+                if is_main:
+                    log.info(progress.line(step, m, bps))
+                writer.scalars(step, m, "train/")
+                if m["bad_steps"] >= max_bad_steps > 0:
+                    raise FloatingPointError(
+                        f"{int(m['bad_steps'])} consecutive steps with non-finite loss or gradients at step {step} "
+                        f"(loss {m['loss']}, grad norm {m['grad_norm']}); last good state is in {ckpt.directory}")
+            ckpt.save(step, setup.state, data_iter)
+            if eval_docs is not None and eval_every and step % eval_every == 0 and step != steps:
+                ev = evaluate(setup, eval_data, eval_docs, eval_fn)
+                writer.scalars(step, ev, "eval/")
+                log.info("eval step %d: bpb %.4f", step, ev["bpb"])
+            if is_main and sample_every and step % sample_every == 0:
+                for i, s in enumerate(sample_texts(setup, list(sample_prompts), sample_bytes, seed=step)):
+                    writer.text(step, f"samples/{i}", sample_prompts[i] + s)
+            if stop_after and step - start >= stop_after:
+                break
+
+    ckpt.save(step, setup.state, data_iter, force=True)
+    ckpt.close()
+    results.update(final_step=step, compile_s=compile_s, history=history)
+    if step >= steps and eval_docs is not None:
+        ev = evaluate(setup, eval_data, eval_docs, eval_fn)
+        writer.scalars(step, ev, "eval/")
+        results["eval"] = ev
+        log.info("final eval at step %d: bpb %.4f over %d bytes", step, ev["bpb"], ev["n_bytes"])
+    if step >= steps and is_main and sample_prompts:
+        samples = sample_texts(setup, list(sample_prompts), sample_bytes, seed=0)
+        results["samples"] = [p + s for p, s in zip(sample_prompts, samples)]
+        for i, s in enumerate(results["samples"]):
+            writer.text(step, f"samples/{i}", s)
+    writer.close()
+    if is_main:
+        with open(os.path.join(workdir, "results.json"), "w") as f:
+            json.dump({k: v for k, v in results.items()}, f, indent=1, default=float)
+    results["setup"] = setup
+    return results

@@ -1,0 +1,119 @@
+"""Pure train / eval steps over an explicit TrainState (t5x "trainer" layer).
+
+The model is split once (``nnx.split``) into a static graphdef and array state; the steps merge it
+back inside ``jax.jit`` (lowest dispatch overhead, explicit shardings and donation).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from models.base import ModelOutput
+
+LN2 = math.log(2.0)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any  # nnx.State of nnx.Param
+    rest: Any  # nnx.State of every other variable (controller state, counters, ...)
+    opt_state: Any
+    bad_steps: jax.Array  # consecutive non-finite steps (numerical guard)
+    skipped_steps: jax.Array  # total skipped steps
+
+
+def cross_entropy_sums(out: ModelOutput, batch) -> dict[str, jax.Array]:
+    """Summed next-byte NLL over scored targets, and over real UTF-8 bytes (the BPB numerator)."""
+    logits = out.logits_BxLxV.astype(jnp.float32)
+    nll_BxL = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, batch["targets"][..., None], -1)[..., 0]
+    w = batch["loss_mask"]
+    if out.target_mask_BxL is not None:
+        w = w & out.target_mask_BxL
+    byte_w = batch["byte_mask"] & w
+    return {
+        "nll_sum": jnp.sum(nll_BxL * w),
+        "n_targets": jnp.sum(w).astype(jnp.float32),
+        "byte_nll_sum": jnp.sum(nll_BxL * byte_w),
+        "n_bytes": jnp.sum(byte_w).astype(jnp.float32),
+        # bytes whose targets had to be dropped (capacity overflow): counted, never silently scored
+        "n_masked_by_model": jnp.sum(batch["byte_mask"] & ~w).astype(jnp.float32),
+    }
+
+
+def loss_and_metrics(params, rest, graphdef, batch):
+    model = nnx.merge(graphdef, params, rest)
+    out = model(batch)
+    sums = cross_entropy_sums(out, batch)
+    ce = sums["nll_sum"] / jnp.maximum(sums["n_targets"], 1.0)
+    loss = ce + out.aux_loss
+    new_rest = nnx.state(model, nnx.Not(nnx.Param))
+    metrics = {"ce": ce, "aux_loss": out.aux_loss, **sums, **out.metrics}
+    return loss, (metrics, new_rest)
+
+
+def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, *, grad_accum_steps: int = 1,
+                    max_bad_steps: int = 0) -> Callable:
+    """Returns ``step(state, batch) -> (state, metrics)``; batches are [A*b, L] for A accumulation steps.
+
+    Non-finite loss or gradients: the update is skipped (state unchanged except the counters)."""
+    grad_fn = jax.value_and_grad(loss_and_metrics, has_aux=True)
+
+    def train_step(state: TrainState, batch):
+        if grad_accum_steps == 1:
+            (loss, (metrics, rest)), grads = grad_fn(state.params, state.rest, graphdef, batch)
+        else:
+            micro = jax.tree.map(lambda x: x.reshape(grad_accum_steps, -1, *x.shape[1:]), batch)
+
+            def body(carry, mb):
+                g_acc, rest = carry
+                (l, (m, rest)), g = grad_fn(state.params, rest, graphdef, mb)
+                return (jax.tree.map(jnp.add, g_acc, g), rest), (l, m)
+
+            zeros = jax.tree.map(jnp.zeros_like, state.params)
+            (grads, rest), (losses, ms) = jax.lax.scan(body, (zeros, state.rest), micro)
+            grads = jax.tree.map(lambda g: g / grad_accum_steps, grads)
+            loss = jnp.mean(losses)
+            metrics = {k: (jnp.sum(v) if k.startswith("n_") or k.endswith("_sum") else jnp.mean(v))
+                       for k, v in ms.items()}
+        grad_norm = optax.global_norm(grads)
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
+        new_state = TrainState(
+            step=state.step + 1,
+            params=keep(params, state.params),
+            rest=keep(rest, state.rest),
+            opt_state=keep(opt_state, state.opt_state),
+            bad_steps=jnp.where(ok, 0, state.bad_steps + 1),
+            skipped_steps=state.skipped_steps + (~ok).astype(jnp.int32),
+        )
+        metrics = dict(metrics, loss=loss, grad_norm=grad_norm, lr=schedule(state.step),
+                       bpb=metrics["byte_nll_sum"] / (LN2 * jnp.maximum(metrics["n_bytes"], 1.0)),
+                       skipped_steps=new_state.skipped_steps.astype(jnp.float32),
+                       bad_steps=new_state.bad_steps.astype(jnp.float32))
+        return new_state, metrics
+
+    return train_step
+
+
+def make_eval_step(graphdef) -> Callable:
+    """``eval_step(params, rest, batch) -> sums`` of NLL and counts (exact BPB = byte_nll_sum/(ln2 n_bytes))."""
+
+    def eval_step(params, rest, batch):
+        model = nnx.merge(graphdef, params, rest)
+        out = model(batch)
+        sums = cross_entropy_sums(out, batch)
+        extra = {k: v for k, v in out.metrics.items()}
+        return sums, extra
+
+    return eval_step
