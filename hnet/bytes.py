@@ -1,0 +1,38 @@
+"""Byte vocabulary and document framing shared by every model and data path.
+
+A document is its UTF-8 bytes framed as ``[BOS, bytes..., EOS]``. BOS = 254 and EOS = 255 never occur
+in valid UTF-8, so the vocabulary stays at 256 byte values. There is no PAD byte: 0 (NUL) is a real
+byte, and padding in packed windows is signalled by ``segment_ids == 0``.
+
+Raw (invalid UTF-8) documents may contain 0xFE/0xFF themselves; they are kept as bytes, so code that
+must tell framing from content uses a flag or the document offsets (see ``train/data.py``), not the
+byte value.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+BOS: int = 254
+EOS: int = 255
+VOCAB_SIZE: int = 256
+
+
+def encode_document(text_or_bytes: str | bytes | bytearray) -> np.ndarray:
+    """Frame one document: ``str`` is UTF-8 encoded, bytes are kept as-is. -> uint8 [n + 2] (BOS ... EOS)."""
+    if isinstance(text_or_bytes, str):
+        data = text_or_bytes.encode("utf-8")
+    else:
+        data = bytes(text_or_bytes)
+    out_N = np.empty(len(data) + 2, dtype=np.uint8)
+    out_N[0] = BOS
+    out_N[1:-1] = np.frombuffer(data, dtype=np.uint8)
+    out_N[-1] = EOS
+    return out_N
+
+
+def decode_bytes(ids) -> str:
+    """Byte ids (any int array-like, [n]) -> text. Drops every 254/255 (BOS/EOS), decodes errors='replace'."""
+    ids_N = np.asarray(ids).reshape(-1).astype(np.int64)
+    keep_N = (ids_N != BOS) & (ids_N != EOS)
+    return ids_N[keep_N].astype(np.uint8).tobytes().decode("utf-8", errors="replace")

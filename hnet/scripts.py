@@ -1,0 +1,272 @@
+"""Causal per-byte Unicode-script routing (MAGNET with per-byte routes instead of per-sequence labels).
+
+Route ids: the position of a group in ``groups`` (an ordered mapping name -> Unicode script names, as
+the ``regex`` package spells them in ``\\p{Script=...}``). The group with an empty script list is the
+catch-all (exactly one is required): every script not listed elsewhere, including Unknown (unassigned
+and private-use code points). Characters whose script is Common or Inherited (spaces, digits,
+punctuation, most symbols, combining marks, the Devanagari danda) have no route of their own: they
+*inherit* the route in effect, i.e. the route of the last character that had one.
+
+Exact per-byte rule (causal: the route of byte t depends only on bytes <= t). The document is read as
+a stream of UTF-8 characters; ``r_prev`` is the route of the last completed character with its own
+route (``default_route`` at the document start).
+  * The last byte of a complete character gets the character's route (``r_prev`` if it inherits), and
+    the character then updates ``r_prev``. For 1-byte characters this is the byte itself.
+  * An earlier byte of a multi-byte character (the lead byte, and for 3/4-byte characters the next
+    ones) has seen only a prefix P of the character. It gets route g if every *assigned* code point
+    whose UTF-8 encoding starts with P belongs to group g and none is Common/Inherited (e.g. lead 0xD0
+    = U+0400..U+043F -> Cyrillic, and E0 A4 = U+0900..U+093F -> Devanagari); otherwise ``r_prev``
+    (e.g. the lead 0xE0 alone, or 0xC3 which also covers × and ÷). If the character then turns out to
+    be unassigned, only its last byte says so.
+  * A byte that is not part of a valid character (stray continuation byte, 0xC0/0xC1/0xF5..0xFF, i.e.
+    BOS/EOS too) gets ``r_prev``. The bytes of a character interrupted by such a byte keep the
+    prefix routes they got when they arrived; an interrupted character never updates ``r_prev``.
+
+So ``byte_routes(d[:k]) == byte_routes(d)[:k]`` for every byte prefix, including cuts inside a
+character (tested).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Mapping, Sequence
+
+import numpy as np
+import regex
+
+SCRIPT_GROUPS: dict[str, tuple[str, ...]] = {
+    "latin": ("Latin",),
+    "cyrl": ("Cyrillic",),
+    # MAGNET's "deva" group holds hi, bn and te: it is really "Indic" (all Brahmic scripts of India here)
+    "deva": (
+        "Devanagari",
+        "Bengali",
+        "Telugu",
+        "Gurmukhi",
+        "Gujarati",
+        "Oriya",
+        "Tamil",
+        "Kannada",
+        "Malayalam",
+        "Sinhala",
+    ),
+    "other": (),
+}
+
+_INHERIT = -1
+_MAX_CP = 0x110000
+# (n bytes per char, code-point range)
+_NBYTE_RANGES = ((1, 0x0, 0x7F), (2, 0x80, 0x7FF), (3, 0x800, 0xFFFF), (4, 0x10000, 0x10FFFF))
+
+
+def route_names(groups: Mapping[str, Sequence[str]] = SCRIPT_GROUPS) -> list[str]:
+    """Route id -> group name."""
+    return list(groups)
+
+
+def num_routes(groups: Mapping[str, Sequence[str]] = SCRIPT_GROUPS) -> int:
+    return len(groups)
+
+
+def _freeze(groups: Mapping[str, Sequence[str]]) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    return tuple((str(k), tuple(v)) for k, v in groups.items())
+
+
+@functools.lru_cache(maxsize=8)
+def _tables(frozen_groups):
+    """Per code point and per partial-character prefix route tables for one grouping (cached, ~1 s).
+
+    Returns (cp_route int8 [0x110000], prefix_tables {(n, k): int8 [#prefixes]}) where -1 = inherit and
+    prefix_tables[(n, k)][p] is the route after the first k < n bytes of an n-byte char, indexed by
+    p = cp >> 6 * (n - k)."""
+    names = [k for k, _ in frozen_groups]
+    catch_all = [i for i, (_, scripts) in enumerate(frozen_groups) if not scripts]
+    if len(catch_all) != 1:
+        raise ValueError(f"exactly one group must have an empty script list (the catch-all), got {names}")
+    seen: dict[str, str] = {}
+    for name, scripts in frozen_groups:
+        for sc in scripts:
+            if sc in ("Common", "Inherited"):
+                raise ValueError("Common/Inherited always inherit the previous route; do not list them")
+            if sc in seen:
+                raise ValueError(f"script {sc!r} is in groups {seen[sc]!r} and {name!r}")
+            seen[sc] = name
+
+    cps_C = np.concatenate([np.arange(0, 0xD800), np.arange(0xE000, _MAX_CP)]).astype(np.int64)
+    all_text = "".join(map(chr, cps_C.tolist()))
+
+    def mark(pattern: str) -> np.ndarray:
+        m_C = np.zeros(len(cps_C), dtype=bool)
+        for mt in regex.finditer(pattern, all_text):
+            m_C[mt.start() : mt.end()] = True
+        return m_C
+
+    route_C = np.full(len(cps_C), catch_all[0], dtype=np.int8)
+    for gi, (_, scripts) in enumerate(frozen_groups):
+        if scripts:
+            cls = "".join(r"\p{Script=%s}" % sc for sc in scripts)
+            route_C[mark("[%s]+" % cls)] = gi
+    route_C[mark(r"[\p{Script=Common}\p{Script=Inherited}]+")] = _INHERIT
+    assigned_C = mark(r"\p{Assigned}+")
+
+    cp_route = np.full(_MAX_CP, _INHERIT, dtype=np.int8)  # surrogates never occur in valid UTF-8
+    cp_route[cps_C] = route_C
+    assigned = np.zeros(_MAX_CP, dtype=bool)
+    assigned[cps_C] = assigned_C
+    assigned[0xD800:0xE000] = False
+
+    prefix_tables = {}
+    for n, lo, hi in _NBYTE_RANGES:
+        for k in range(1, n):
+            shift = 6 * (n - k)
+            cp_R = np.arange(lo, hi + 1)
+            r_R = cp_route[cp_R].astype(np.int64)
+            key_R = (cp_R >> shift) - (lo >> shift)
+            nkeys = (hi >> shift) - (lo >> shift) + 1
+            a_R = assigned[cp_R]
+            # Prefixes with no assigned code point fall back to all of their code points.
+            has_assigned = np.bincount(key_R, weights=a_R, minlength=nkeys) > 0
+            use_R = a_R | ~has_assigned[key_R]
+            big = 1 << 20
+            lo_r = np.full(nkeys, big)
+            hi_r = np.full(nkeys, -big)
+            np.minimum.at(lo_r, key_R[use_R], r_R[use_R])
+            np.maximum.at(hi_r, key_R[use_R], r_R[use_R])
+            table = np.where((lo_r == hi_r) & (lo_r >= 0), lo_r, _INHERIT).astype(np.int8)
+            # pad so that table[p] is indexed by the absolute prefix p = cp >> shift
+            prefix_tables[(n, k)] = np.concatenate([np.full(lo >> shift, _INHERIT, np.int8), table])
+    return cp_route, prefix_tables
+
+
+def _char_len(lead: int) -> int:
+    """UTF-8 length announced by a lead byte; 0 for bytes that cannot start a character."""
+    if lead < 0x80:
+        return 1
+    if 0xC2 <= lead <= 0xDF:
+        return 2
+    if 0xE0 <= lead <= 0xEF:
+        return 3
+    if 0xF0 <= lead <= 0xF4:
+        return 4
+    return 0
+
+
+def _valid_second(lead: int, b: int) -> bool:
+    lo, hi = {0xE0: (0xA0, 0xBF), 0xED: (0x80, 0x9F), 0xF0: (0x90, 0xBF), 0xF4: (0x80, 0x8F)}.get(lead, (0x80, 0xBF))
+    return lo <= b <= hi
+
+
+def _route_invalid_run(run: bytes, r_prev: int, prefix_tables) -> np.ndarray:
+    """Streaming rule on bytes that contain no complete valid character. -> int32 [len(run)]."""
+    out = np.full(len(run), r_prev, dtype=np.int32)
+    i = 0
+    while i < len(run):
+        n = _char_len(run[i])
+        if n < 2:  # stray continuation / invalid lead (ASCII cannot occur here)
+            i += 1
+            continue
+        value = run[i] & (0x7F >> n)
+        k = 1
+        while True:
+            r = prefix_tables[(n, k)][value]
+            out[i + k - 1] = r if r >= 0 else r_prev
+            if k == n - 1 or i + k >= len(run):
+                break
+            b = run[i + k]
+            ok = _valid_second(run[i], b) if k == 1 else 0x80 <= b <= 0xBF
+            if not ok:
+                break
+            value = (value << 6) | (b & 0x3F)
+            k += 1
+        i += k
+    return out
+
+
+def byte_routes(
+    doc_bytes: bytes,
+    groups: Mapping[str, Sequence[str]] = SCRIPT_GROUPS,
+    default_route: int = 0,
+) -> np.ndarray:
+    """Causal route of every byte of one document (see the module docstring). -> int32 [len(doc_bytes)].
+
+    BOS/EOS (0xFE/0xFF) may be included: they are invalid UTF-8 bytes and take the route in effect."""
+    data = bytes(doc_bytes)
+    cp_route, prefix_tables = _tables(_freeze(groups))
+    if not data:
+        return np.zeros(0, dtype=np.int32)
+    s = data.decode("utf-8", errors="surrogateescape")
+    cp_C = np.frombuffer(s.encode("utf-32-le", errors="surrogatepass"), dtype=np.uint32).astype(np.int64)
+    escaped_C = (cp_C >= 0xDC80) & (cp_C <= 0xDCFF)  # invalid bytes (valid UTF-8 never encodes these)
+    own_C = np.where(escaped_C, _INHERIT, cp_route[np.where(escaped_C, 0, cp_C)]).astype(np.int64)
+
+    # route in effect *after* each char (forward fill of own routes), and *before* it (r_prev)
+    C = len(cp_C)
+    idx_C = np.maximum.accumulate(np.where(own_C >= 0, np.arange(C), -1))
+    after_C = np.where(idx_C >= 0, own_C[np.maximum(idx_C, 0)], default_route)
+    before_C = np.concatenate([[default_route], after_C[:-1]])
+
+    nbytes_C = np.where(escaped_C, 1, 1 + (cp_C >= 0x80) + (cp_C >= 0x800) + (cp_C >= 0x10000))
+    char_of_N = np.repeat(np.arange(C), nbytes_C)
+    first_N = np.repeat(np.cumsum(nbytes_C) - nbytes_C, nbytes_C)
+    k_N = np.arange(len(data)) - first_N + 1  # bytes of the char seen so far (1..n)
+    n_N = nbytes_C[char_of_N]
+    cp_N = cp_C[char_of_N]
+    known_N = np.where(k_N == n_N, own_C[char_of_N], _INHERIT)
+    for n in (2, 3, 4):
+        for k in range(1, n):
+            sel = (n_N == n) & (k_N == k) & ~escaped_C[char_of_N]
+            if sel.any():
+                known_N[sel] = prefix_tables[(n, k)][cp_N[sel] >> (6 * (n - k))]
+    routes_N = np.where(known_N >= 0, known_N, before_C[char_of_N]).astype(np.int32)
+
+    # invalid bytes: replay the streaming rule on each run of escaped chars (rare)
+    if escaped_C.any():
+        esc = np.flatnonzero(escaped_C)
+        breaks = np.flatnonzero(np.diff(esc) != 1) + 1
+        for run_c in np.split(esc, breaks):
+            c0, c1 = int(run_c[0]), int(run_c[-1]) + 1
+            b0 = int(first_N[np.searchsorted(char_of_N, c0)])
+            run = (cp_C[c0:c1] - 0xDC00).astype(np.uint8).tobytes()
+            routes_N[b0 : b0 + len(run)] = _route_invalid_run(run, int(before_C[c0]), prefix_tables)
+    return routes_N
+
+
+def routes_for_window(
+    tokens_L,
+    segment_ids_L,
+    groups: Mapping[str, Sequence[str]] = SCRIPT_GROUPS,
+    default_route: int = 0,
+) -> np.ndarray:
+    """Routes of one packed window. tokens_L int [L] (0..255), segment_ids_L int [L] -> int32 [L].
+
+    Each segment is routed on its own bytes (BOS/EOS included: they take the route in effect), starting
+    from ``default_route``; padding gets ``default_route``. A segment that continues a document from an
+    earlier window has lost its left context: for exact document-level routes, run ``byte_routes`` per
+    document before windowing and slice."""
+    tok_L = np.asarray(tokens_L).astype(np.int64)
+    seg_L = np.asarray(segment_ids_L)
+    L = tok_L.shape[0]
+    out_L = np.full(L, default_route, dtype=np.int32)
+    if L == 0:
+        return out_L
+    change_L = np.ones(L, dtype=bool)
+    change_L[1:] = seg_L[1:] != seg_L[:-1]
+    bounds = np.concatenate([np.flatnonzero(change_L), [L]])
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        if seg_L[a] != 0:
+            out_L[a:b] = byte_routes(tok_L[a:b].astype(np.uint8).tobytes(), groups, default_route)
+    return out_L
+
+
+def routes_for_batch(
+    tokens_BxL,
+    segment_ids_BxL,
+    groups: Mapping[str, Sequence[str]] = SCRIPT_GROUPS,
+    default_route: int = 0,
+) -> np.ndarray:
+    """``routes_for_window`` per row. -> int32 [B, L]."""
+    tok_BxL, seg_BxL = np.asarray(tokens_BxL), np.asarray(segment_ids_BxL)
+    return np.stack([routes_for_window(t, g, groups, default_route) for t, g in zip(tok_BxL, seg_BxL)])
+
+
+__all__ = ["SCRIPT_GROUPS", "route_names", "num_routes", "byte_routes", "routes_for_window", "routes_for_batch"]

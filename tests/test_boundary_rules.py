@@ -1,0 +1,230 @@
+"""Tests for hnet/boundary_rules.py and hnet/bytes.py."""
+
+import random
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from hnet import boundary_rules as br
+from hnet.bytes import BOS, EOS, VOCAB_SIZE, decode_bytes, encode_document
+
+
+def _words(data: bytes, starts) -> list[bytes]:
+    idx = list(np.flatnonzero(starts)) + [len(data)]
+    return [data[a:b] for a, b in zip(idx[:-1], idx[1:])]
+
+
+def _pack(docs: list[bytes], L: int):
+    """Frame and pack documents into one row of length L (padding: segment 0, byte 0)."""
+    tok, seg = [], []
+    for i, d in enumerate(docs, start=1):
+        f = encode_document(d)
+        tok += f.tolist()
+        seg += [i] * len(f)
+    assert len(tok) <= L
+    tok += [0] * (L - len(tok))
+    seg += [0] * (L - len(seg))
+    return np.array(tok, np.int32), np.array(seg, np.int32)
+
+
+# --------------------------------------------------------------------------- bytes.py
+
+
+def test_bytes_framing_roundtrip():
+    assert (BOS, EOS, VOCAB_SIZE) == (254, 255, 256)
+    ids = encode_document("für\x00 中")
+    assert ids.dtype == np.uint8 and ids[0] == BOS and ids[-1] == EOS
+    assert bytes(ids[1:-1]) == "für\x00 中".encode()
+    assert decode_bytes(ids) == "für\x00 中"
+    assert decode_bytes(encode_document(b"a\xe0b")) == "a\ufffdb"
+    assert decode_bytes(jnp.asarray(ids, jnp.int32)) == "für\x00 中"
+
+
+# --------------------------------------------------------------------------- HAT rule
+
+HAT_CASES = [
+    ("Hello, world!", 100, [b"Hello,", b" world!"]),
+    ("howAreYou", 100, [b"how", b"Are", b"You"]),
+    ("how_are_you", 100, [b"how_", b"are_", b"you"]),
+    ("verylongword", 10, [b"verylongwo", b"rd"]),
+    ("für", 2, [b"f", "ü".encode(), b"r"]),
+    ("a  b\nc", 100, [b"a", b"  ", b"b", b"\n", b"c"]),
+]
+
+
+@pytest.mark.parametrize("text,max_bytes,words", HAT_CASES)
+def test_hat_reference_cases(text, max_bytes, words):
+    data = text.encode()
+    starts = br.hat_word_starts(data, max_bytes)
+    assert starts.dtype == bool and starts.shape == (len(data),)
+    assert _words(data, starts) == words
+
+
+def test_hat_invalid_utf8_never_loses_bytes():
+    data = b"ab\xe0\xa4 cd\xff\xfe x\x80y\xe4\xb8"
+    starts = br.hat_word_starts(data)
+    assert b"".join(_words(data, starts)) == data
+    # invalid bytes (incl. a truncated char, 0xFE/0xFF) are one-byte words; valid runs split normally
+    assert _words(data, starts) == [b"ab", b"\xe0", b"\xa4", b" cd", b"\xff", b"\xfe", b" x", b"\x80", b"y",
+                                    b"\xe4", b"\xb8"]
+    assert br.hat_word_starts(b"").shape == (0,)
+
+
+_ALPHABET = list("abcXYZ019 _,.;:'-!?\n\t") + [
+    "  ", "\r\n", "ü", "é", "ж", "Д", "क", "ि", "्", "।", "ব", "中", "文", "😀", "🇺", "🇸", "\u0301",
+    "\u200d", "—", "«", "×", "'s", "3.5", "e.g.", "verylongwordwithoutspaces"]
+
+
+def _random_docs(n, seed, max_chars=20):
+    rnd = random.Random(seed)
+    docs = []
+    for _ in range(n):
+        d = "".join(rnd.choice(_ALPHABET) for _ in range(rnd.randint(1, max_chars))).encode()
+        if rnd.random() < 0.3:  # sprinkle invalid bytes
+            i = rnd.randint(0, len(d))
+            d = d[:i] + bytes([rnd.choice([0x80, 0xA4, 0xE0, 0xF0, 0xFE, 0xFF, 0xC3])]) + d[i:]
+        docs.append(d)
+    return docs
+
+
+@pytest.mark.parametrize("max_bytes", [100, 6, 3])
+def test_hat_prefix_stability(max_bytes):
+    """mask(d[:k])[:j] == mask(d)[:j], j = k - (unfinished trailing char): exact at char boundaries."""
+    n_cut_mid_char = 0
+    for d in _random_docs(60, seed=max_bytes):
+        full = br.hat_word_starts(d, max_bytes)
+        for k in range(1, len(d) + 1):
+            p = d[:k]
+            tail = br.incomplete_utf8_tail_len(p)
+            n_cut_mid_char += tail > 0
+            np.testing.assert_array_equal(br.hat_word_starts(p, max_bytes)[: k - tail], full[: k - tail])
+    assert n_cut_mid_char > 0
+
+
+def test_hat_lead_byte_needs_the_whole_char():
+    # the reason for the exception above: the lead byte's START bit depends on its continuation bytes
+    a, b = "aü".encode(), "a×".encode()  # same lead byte 0xC3
+    assert a[1] == b[1] == 0xC3
+    assert not br.hat_word_starts(a)[1] and br.hat_word_starts(b)[1]
+    b = "a中".encode()
+    assert br.incomplete_utf8_tail_len(b[:2]) == 1 and br.incomplete_utf8_tail_len(b[:3]) == 2
+    assert br.incomplete_utf8_tail_len(b) == 0 and br.incomplete_utf8_tail_len(b"a\xe0A") == 0
+
+
+def test_hat_incremental_matches_full_split():
+    for d in _random_docs(40, seed=7, max_chars=30):
+        full = br.hat_word_starts(d)
+        ws = 0  # a settled word start: exercises the re-split-from-hint path
+        for t in range(len(d)):
+            r0 = br.hat_is_word_start_incremental(d[:t], d[t])
+            r1 = br.hat_is_word_start_incremental(d[:t], d[t], word_start=ws)
+            assert r0 == r1
+            if br.incomplete_utf8_tail_len(d[: t + 1]):
+                assert r0 is None
+                continue
+            last = d[max(0, t - 3): t + 1].decode("utf-8", errors="surrogateescape")[-1]
+            lead = t if "\udc80" <= last <= "\udcff" else t + 1 - len(last.encode())
+            assert r0 == bool(full[lead]), (d, t)
+            ws = int(np.flatnonzero(full[: lead + 1])[-1])
+
+
+def test_hat_incremental_pending_and_resolution():
+    assert br.hat_is_word_start_incremental(b"hello", ord(" ")) is True
+    assert br.hat_is_word_start_incremental(b"hello ", ord("w")) is False
+    assert br.hat_is_word_start_incremental(b"a", 0xE4) is None  # pending
+    assert br.hat_is_word_start_incremental(b"a\xe4", 0xB8) is None
+    assert br.hat_is_word_start_incremental(b"a\xe4\xb8", 0xAD) is True  # "中" opens a word
+    assert br.hat_is_word_start_incremental(b"a\xc3", 0xBC) is False  # "ü" continues "a"
+    assert br.hat_is_word_start_incremental(b"a\xc3", ord("b")) is True  # 0xC3 became invalid
+    assert br.hat_is_word_start_incremental(b"a", 0xFF) is True
+
+
+def test_hat_starts_for_window():
+    docs = [b"Hello, world!", "für中 x".encode(), b"ab\xffcd"]
+    tok, seg = _pack(docs, 48)
+    starts = br.hat_starts_for_window(tok, seg)
+    pos = 0
+    for d in docs:
+        n = len(d) + 2
+        assert starts[pos] and starts[pos + 1] and starts[pos + n - 1]  # BOS, first byte, EOS are words
+        np.testing.assert_array_equal(starts[pos + 1: pos + n - 1], br.hat_word_starts(d))
+        pos += n
+    assert starts[pos] and not starts[pos + 1:].any()  # one chunk for the padding run
+    # document-level invariant: a segment start always opens a chunk
+    assert np.all(starts[np.flatnonzero(np.diff(seg)) + 1])
+    batch = br.hat_starts_for_batch(np.stack([tok, tok[::-1]]), np.stack([seg, seg[::-1]]))
+    assert batch.shape == (2, 48)
+    np.testing.assert_array_equal(batch[0], starts)
+    np.testing.assert_array_equal(batch[1], br.hat_starts_for_window(tok[::-1], seg[::-1]))
+
+
+# --------------------------------------------------------------------------- in-graph rules
+
+
+def _batch():
+    t1, s1 = _pack([b"ab cd", "Zürich 中文 x9".encode()], 32)
+    t2, s2 = _pack([b"  hello  world", b"x"], 32)
+    return jnp.asarray(np.stack([t1, t2])), jnp.asarray(np.stack([s1, s2]))
+
+
+def test_doc_starts():
+    seg = jnp.array([[1, 1, 2, 2, 2, 0, 0], [3, 3, 3, 3, 3, 3, 3]])
+    np.testing.assert_array_equal(br.doc_starts(seg), [[1, 0, 1, 0, 0, 1, 0], [1, 0, 0, 0, 0, 0, 0]])
+
+
+def test_fixed_stride_resets_at_doc_starts():
+    seg = jnp.array([[1, 1, 1, 1, 1, 2, 2, 2, 2, 0, 0, 0]])
+    got = jax.jit(br.fixed_stride_starts, static_argnums=1)(seg, 2)
+    np.testing.assert_array_equal(got, [[1, 0, 1, 0, 1, 1, 0, 1, 0, 1, 0, 0]])
+    got3 = br.fixed_stride_starts(seg, 3)
+    np.testing.assert_array_equal(got3, [[1, 0, 0, 1, 0, 1, 0, 0, 1, 1, 0, 0]])
+    np.testing.assert_array_equal(br.fixed_stride_starts(seg, 1), (seg != 0) | br.doc_starts(seg))
+
+
+def _ref_spacebyte(tok, seg):
+    out = np.zeros(len(tok), bool)
+
+    def sl(x):
+        return not (48 <= x <= 57 or 65 <= x <= 90 or 97 <= x <= 122 or 0x80 <= x <= 0xBF)
+
+    for t in range(len(tok)):
+        if t == 0 or seg[t] != seg[t - 1]:
+            out[t] = True
+        elif seg[t] != 0 and sl(tok[t]) and not sl(tok[t - 1]):
+            out[t] = True
+    return out
+
+
+def test_spacebyte_starts():
+    tok, seg = _batch()
+    got = np.asarray(jax.jit(br.spacebyte_starts)(tok, seg))
+    for r in range(tok.shape[0]):
+        np.testing.assert_array_equal(got[r], _ref_spacebyte(np.asarray(tok[r]), np.asarray(seg[r])))
+    # explicit: [BOS] a b ␣ c d [EOS] | [BOS] Z ü r i c h ␣ 中 文 ␣ x 9 [EOS]
+    row = got[0]
+    assert list(np.flatnonzero(row[:7])) == [0, 3, 6]  # BOS, the space, EOS
+    d2 = "Zürich 中文 x9".encode()
+    sub = row[7: 7 + len(d2) + 2]
+    # 'ü' lead byte 0xC3 is spacelike (opens a patch), its continuation is not; "中文": only the space
+    # opens (the lead 0xE4 follows a spacelike byte), "文"'s lead follows a continuation byte -> opens
+    expect = {0, 2, 8, 12, 15, 18}
+    assert set(np.flatnonzero(sub)) == expect, np.flatnonzero(sub)
+    # second row: leading spaces after BOS are part of the BOS run
+    assert list(np.flatnonzero(got[1][:17])) == [0, 8, 15, 16]
+
+
+def test_whitespace_end_to_start_and_converter():
+    tok, seg = _batch()
+    got = np.asarray(jax.jit(br.whitespace_end_to_start)(tok, seg))
+    ref = np.asarray(br.doc_starts(seg)).copy()
+    t_np, s_np = np.asarray(tok), np.asarray(seg)
+    ref[:, 1:] |= (t_np[:, :-1] == 32) & (s_np[:, 1:] == s_np[:, :-1]) & (s_np[:, 1:] != 0)
+    np.testing.assert_array_equal(got, ref)
+    # "ab cd": chunks are "[BOS]ab␣", "cd[EOS]" -> starts at BOS and after the space
+    assert list(np.flatnonzero(got[0][:7])) == [0, 4]
+    # generic converter: an END at a document's last byte does not leak into the next document
+    seg1 = jnp.array([[1, 1, 1, 2, 2, 2, 0]])
+    e = jnp.array([[0, 1, 1, 0, 0, 1, 1]], bool)
+    np.testing.assert_array_equal(br.end_to_start(e, seg1), [[1, 0, 1, 1, 0, 0, 1]])

@@ -1,0 +1,148 @@
+"""Tests for hnet/scripts.py (causal per-byte script routing)."""
+
+import random
+import time
+
+import numpy as np
+import pytest
+import regex
+
+from hnet import scripts as sc
+from hnet.bytes import BOS, EOS, encode_document
+
+LAT, CYR, IND, OTH = 0, 1, 2, 3
+MIXED = "Hello мир 123, नमस्ते! বাংলা తెలుగు e\u0301 «中文» ok. Ж\u0301x 😀 ΑΒ।"
+
+
+def _char_routes_reference(text: str, groups=sc.SCRIPT_GROUPS, default=0) -> list[int]:
+    """Character-level reference: own group by regex, Common/Inherited inherit the previous route."""
+    catch_all = [i for i, v in enumerate(groups.values()) if not v][0]
+    out, prev = [], default
+    for ch in text:
+        if regex.match(r"[\p{Script=Common}\p{Script=Inherited}]", ch):
+            r = prev
+        else:
+            r = catch_all
+            for gi, scripts in enumerate(groups.values()):
+                if any(regex.match(r"\p{Script=%s}" % s, ch) for s in scripts):
+                    r = gi
+        out.append(r)
+        prev = r
+    return out
+
+
+def test_groups_and_names():
+    assert sc.route_names() == ["latin", "cyrl", "deva", "other"] and sc.num_routes() == 4
+    for s in ("Devanagari", "Bengali", "Telugu"):
+        assert s in sc.SCRIPT_GROUPS["deva"]
+    with pytest.raises(ValueError):
+        sc.byte_routes(b"x", {"latin": ("Latin",)})  # no catch-all
+    with pytest.raises(ValueError):
+        sc.byte_routes(b"x", {"a": ("Latin",), "b": ("Latin",), "o": ()})
+
+
+def test_mixed_script_last_byte_matches_char_reference():
+    data = MIXED.encode()
+    routes = sc.byte_routes(data)
+    assert routes.dtype == np.int32 and routes.shape == (len(data),)
+    ref = _char_routes_reference(MIXED)
+    pos, prev = 0, 0
+    for ch, r in zip(MIXED, ref):
+        n = len(ch.encode())
+        assert routes[pos + n - 1] == r, (ch, routes[pos: pos + n], r)
+        # earlier bytes of the char: its own route (identified early) or the previous route
+        assert all(x in (r, prev) for x in routes[pos: pos + n - 1]), ch
+        pos, prev = pos + n, r
+
+
+def test_mixed_script_explicit():
+    def at(s, k=0):  # byte routes of the k-th occurrence of substring s
+        b, start = s.encode(), 0
+        for _ in range(k + 1):
+            i = MIXED.encode().index(b, start)
+            start = i + 1
+        return list(routes[i: i + len(b)])
+
+    routes = sc.byte_routes(MIXED.encode())
+    assert at("Hello ") == [LAT] * 6
+    assert at("мир") == [CYR] * 6  # lead 0xD0/0xD1 already identifies Cyrillic
+    assert at(" 123, ") == [CYR] * 6  # Common chars inherit
+    # "न" = E0 A4 A8 after a Cyrillic-routed space: the lead 0xE0 is ambiguous -> previous route
+    assert at("न") == [CYR, IND, IND]
+    assert at("! ") == [IND, IND]
+    assert set(at("বাংলা తెలుగు")) == {IND}
+    assert at("e\u0301") == [LAT, LAT, LAT]  # combining acute inherits from 'e'
+    assert at("«") == [LAT, LAT]
+    # "中" = E4 B8 AD: lead E4 (U+4000..4FFF) also covers Common Yijing symbols -> previous
+    assert at("中") == [LAT, OTH, OTH]
+    assert at("Ж\u0301") == [CYR, CYR, CYR, CYR]
+    assert at("😀") == [LAT] * 4  # emoji are Common (after "x ")
+    assert at("ΑΒ") == [LAT, OTH, OTH, OTH]  # Greek: lead 0xCE is ambiguous (U+0380.. has Common)
+    assert at("।") == [OTH] * 3  # danda is Common
+
+
+def test_invalid_bytes_and_framing():
+    r = sc.byte_routes(b"\xfe\xd0\xbcx\xd0A\x80\xe0\xa4B\xff")
+    #                  BOS  м       x   D0 A  80  E0  A4  B  EOS
+    assert list(r) == [0, CYR, CYR, LAT, CYR, LAT, LAT, LAT, IND, LAT, LAT]
+    assert sc.byte_routes(b"").shape == (0,)
+    assert list(sc.byte_routes(b"  x", default_route=2)) == [2, 2, LAT]
+
+
+def _random_docs(n, seed):
+    rnd = random.Random(seed)
+    alpha = list("abcXYZ019 _,.;:'-!?\n") + ["ü", "é", "×", "ж", "Д", "क", "ि", "्", "।", "ব", "ত", "తె", "中",
+                                              "文", "😀", "\u0301", "—", "ა", "Ω", "\u4dc0"]
+    docs = []
+    for _ in range(n):
+        d = "".join(rnd.choice(alpha) for _ in range(rnd.randint(1, 25))).encode()
+        for _ in range(rnd.choice([0, 0, 1, 2])):
+            i = rnd.randint(0, len(d))
+            d = d[:i] + bytes([rnd.choice([0x80, 0xA4, 0xE0, 0xF0, 0xFF, 0xFE, 0xD0, 0xE4])]) + d[i:]
+        docs.append(d)
+    return docs
+
+
+def test_causality_every_byte_prefix():
+    """Routes of d[:k] == first k routes of d, for every k, including cuts inside a character."""
+    n_mid = 0
+    for d in [MIXED.encode()] + _random_docs(150, seed=0):
+        full = sc.byte_routes(d)
+        for k in range(len(d) + 1):
+            np.testing.assert_array_equal(sc.byte_routes(d[:k]), full[:k], err_msg=f"{d!r} k={k}")
+            n_mid += 0 < k < len(d) and 0x80 <= d[k] <= 0xBF
+    assert n_mid > 100
+
+
+def test_routes_for_window():
+    docs = [MIXED.encode(), "привет мир".encode(), b"ab\xffcd"]
+    tok, seg = [], []
+    for i, d in enumerate(docs, start=1):
+        f = encode_document(d)
+        tok += f.tolist()
+        seg += [i] * len(f)
+    tok += [0] * 5
+    seg += [0] * 5
+    routes = sc.routes_for_window(np.array(tok), np.array(seg))
+    pos = 0
+    for d in docs:
+        n = len(d) + 2
+        assert tok[pos] == BOS and tok[pos + n - 1] == EOS
+        np.testing.assert_array_equal(routes[pos: pos + n], sc.byte_routes(bytes(tok[pos: pos + n])))
+        assert routes[pos] == 0  # BOS: default route
+        np.testing.assert_array_equal(routes[pos + 1: pos + n - 1], sc.byte_routes(d))  # BOS changes nothing
+        pos += n
+    assert (routes[pos:] == 0).all()
+    batch = sc.routes_for_batch(np.stack([tok, tok[::-1]]), np.stack([seg, seg[::-1]]))
+    assert batch.shape == (2, len(tok)) and batch.dtype == np.int32
+    np.testing.assert_array_equal(batch[0], routes)
+
+
+def test_speed_one_megabyte():
+    sc.byte_routes(b"warm-up")  # tables are built once per grouping
+    big = ("Hello мир नमस्ते বাংলা 中文 123, ok! " * 16000).encode() + b"\xff\xe0"
+    t0 = time.perf_counter()
+    r = sc.byte_routes(big)
+    dt = time.perf_counter() - t0
+    assert r.shape == (len(big),) and len(big) > 900_000
+    assert dt < 5.0, dt
