@@ -255,14 +255,14 @@ class Block(nnx.Module):
 class Stack(nnx.Module):
     """Isotropic stack of blocks from a layout string, ending with an RMSNorm (fp32 output).
 
-    ``n_res_offset`` is the residual count of the enclosing stages; out_proj/fc2 use
-    N(0, 0.02 / sqrt(n_res)) with n_res cumulative down the hierarchy (H-Net init).
+    out_proj/fc2 use N(0, 0.02 / sqrt(n_res)); ``n_res`` defaults to the stack's own residual count
+    (H-Net passes the count cumulative down the hierarchy).
     """
 
-    def __init__(self, cfg: StackConfig, *, n_res_offset: int = 0, dtype=jnp.float32, param_dtype=jnp.float32,
+    def __init__(self, cfg: StackConfig, *, n_res: int | None = None, dtype=jnp.float32, param_dtype=jnp.float32,
                  length_axis: str = "byte_len", remat: bool = False, rngs: nnx.Rngs):
         self.cfg, self.length_axis, self.remat = cfg, length_axis, remat
-        self.n_res = n_res_offset + layout_height(cfg.layout)
+        self.n_res = n_res or layout_height(cfg.layout)
         std = 0.02 / math.sqrt(self.n_res)
         self.blocks = nnx.List([
             Block(kind, mlp, cfg, out_init_std=std, dtype=dtype, param_dtype=param_dtype,

@@ -104,9 +104,13 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 @contextlib.contextmanager
 def mesh_context(mesh: Mesh):
-    """Activate ``mesh`` and the rules table together."""
-    with jax.set_mesh(mesh), axis_rules():
+    """Activate ``mesh``, the rules table and eager parameter sharding together. Outside this context
+    models are built unsharded (eager sharding off), so they also work in a plain script or test."""
+    with jax.set_mesh(mesh), axis_rules(), nnx.use_eager_sharding(True):
         yield
+
+
+nnx.use_eager_sharding(False)
 
 
 def global_batch_from_local(mesh: Mesh, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:

@@ -7,3 +7,8 @@ from models.isotropic import IsotropicLM
 
 gin.external_configurable(StackConfig, module="hnet")
 gin.external_configurable(IsotropicLM, module="models")
+
+from models.hnet import HNetConfig, HNetLM  # noqa: E402
+
+gin.external_configurable(HNetConfig, module="models")
+gin.external_configurable(HNetLM, module="models")
