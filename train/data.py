@@ -11,6 +11,11 @@ scored exactly once. Each window carries, per position t (inputs x_t, target x_{
   loss_mask         bool  [L]  target is in the same document as the input (and not padding)
   byte_mask         bool  [L]  loss_mask and the target is a real byte (not BOS/EOS): the BPB count
 
+Optional per-byte annotations computed on whole documents before windowing (so they see the full
+document context), named in ``DataConfig.annotations``:
+  word_starts       bool  [L]  HAT splitter word starts (BOS and EOS are one-byte words)
+  script_routes     int32 [L]  causal per-byte Unicode-script route (hnet.scripts.SCRIPT_GROUPS)
+
 Sources: text files, directories (recursively, sorted), globs, ``*.jsonl`` (one document per line,
 field ``jsonl_field``), and ``builtin:pydoc_topics`` (the Python reference documentation shipped with
 every CPython install: the default corpus, no download needed).
@@ -52,6 +57,7 @@ class DataConfig:
     shuffle: bool = True
     seed: int = 0
     max_windows: int = 0  # >0: keep only the first N windows (quick evals)
+    annotations: tuple[str, ...] = ()  # per-byte document annotations: see ANNOTATIONS
 
 
 @dataclasses.dataclass
@@ -182,6 +188,26 @@ def load_documents(cfg: DataConfig) -> tuple[list[bytes], DataStats]:
 
 
 # ------------------------------------------------------------------------------------------------
+# Per-document annotations (host-side rules that need the whole document)
+# ------------------------------------------------------------------------------------------------
+
+def _hat_word_starts(doc: bytes) -> np.ndarray:
+    from hnet.boundary_rules import hat_word_starts
+
+    return np.concatenate([[True], hat_word_starts(doc), [True]])
+
+
+def _script_routes(doc: bytes) -> np.ndarray:
+    from hnet.scripts import byte_routes
+
+    r = byte_routes(doc).astype(np.int32)
+    return np.concatenate([[0], r, r[-1:]])
+
+
+ANNOTATIONS = {"word_starts": (_hat_word_starts, bool), "script_routes": (_script_routes, np.int32)}
+
+
+# ------------------------------------------------------------------------------------------------
 # Documents -> packed windows
 # ------------------------------------------------------------------------------------------------
 
@@ -193,9 +219,10 @@ class ByteStream:
     doc_ids: np.ndarray  # int32, 0-based document index
     positions: np.ndarray  # int32, offset inside the document (BOS = 0)
     is_frame: np.ndarray  # bool, BOS/EOS
+    extra: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # annotations, [N] each
 
     @classmethod
-    def from_documents(cls, docs: list[bytes]) -> "ByteStream":
+    def from_documents(cls, docs: list[bytes], annotations: tuple[str, ...] = ()) -> "ByteStream":
         lens = np.array([len(d) + 2 for d in docs], np.int64)
         framed = b"".join(bytes([BOS]) + d + bytes([EOS]) for d in docs)
         tokens = np.frombuffer(framed, np.uint8)
@@ -203,7 +230,12 @@ class ByteStream:
         starts = np.repeat(np.cumsum(lens) - lens, lens)
         positions = (np.arange(len(tokens), dtype=np.int64) - starts).astype(np.int32)
         is_frame = (positions == 0) | (positions == np.repeat(lens - 1, lens))
-        return cls(tokens, doc_ids, positions, is_frame)
+        unknown = set(annotations) - set(ANNOTATIONS)
+        if unknown:
+            raise DataError(f"unknown annotations {sorted(unknown)} (known: {sorted(ANNOTATIONS)})")
+        extra = {name: np.concatenate([ANNOTATIONS[name][0](d) for d in docs]).astype(ANNOTATIONS[name][1])
+                 for name in annotations}
+        return cls(tokens, doc_ids, positions, is_frame, extra)
 
 
 class WindowSource:
@@ -226,7 +258,7 @@ class WindowSource:
         lo = int(i) * L
         hi = min(lo + L + 1, len(s.tokens))
         n = hi - lo - 1
-        out = empty_window(L)
+        out = empty_window(L, s.extra)
         doc = s.doc_ids[lo:hi]
         out["inputs"][:n] = s.tokens[lo:hi - 1]
         out["targets"][:n] = s.tokens[lo + 1:hi]
@@ -234,13 +266,17 @@ class WindowSource:
         out["positions"][:n] = s.positions[lo:hi - 1]
         out["loss_mask"][:n] = doc[:-1] == doc[1:]
         out["byte_mask"][:n] = out["loss_mask"][:n] & ~s.is_frame[lo + 1:hi]
+        for name, arr in s.extra.items():
+            out[name][:n] = arr[lo:hi - 1]
         return out
 
 
-def empty_window(L: int) -> dict[str, np.ndarray]:
+def empty_window(L: int, extra: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
     z = lambda dt: np.zeros((L,), dt)  # noqa: E731
-    return {"inputs": z(np.int32), "targets": z(np.int32), "segment_ids": z(np.int32), "positions": z(np.int32),
-            "loss_mask": z(bool), "byte_mask": z(bool)}
+    out = {"inputs": z(np.int32), "targets": z(np.int32), "segment_ids": z(np.int32), "positions": z(np.int32),
+           "loss_mask": z(bool), "byte_mask": z(bool)}
+    out.update({name: z(arr.dtype) for name, arr in (extra or {}).items()})
+    return out
 
 
 def local_batch_size(global_batch: int) -> int:
@@ -252,7 +288,8 @@ def local_batch_size(global_batch: int) -> int:
 
 def make_train_iterator(cfg: DataConfig, docs: list[bytes]):
     """Infinite, deterministic, per-process grain iterator of process-local batches (state savable)."""
-    src = WindowSource(ByteStream.from_documents(docs), cfg.seq_len, pad_last=False, max_windows=cfg.max_windows)
+    src = WindowSource(ByteStream.from_documents(docs, cfg.annotations), cfg.seq_len, pad_last=False,
+                       max_windows=cfg.max_windows)
     ds = grain.MapDataset.source(src)
     if cfg.shuffle:
         ds = ds.seed(cfg.seed).shuffle()
@@ -265,11 +302,13 @@ def make_train_iterator(cfg: DataConfig, docs: list[bytes]):
 def iterate_eval_batches(cfg: DataConfig, docs: list[bytes]) -> Iterator[dict[str, np.ndarray]]:
     """Every window of the split exactly once, in order; the last batch is padded with empty windows.
     Each process yields its slice of every global batch, so all processes yield the same count."""
-    src = WindowSource(ByteStream.from_documents(docs), cfg.seq_len, pad_last=True, max_windows=cfg.max_windows)
+    src = WindowSource(ByteStream.from_documents(docs, cfg.annotations), cfg.seq_len, pad_last=True,
+                       max_windows=cfg.max_windows)
     b_local = local_batch_size(cfg.batch_size)
     first = jax.process_index() * b_local
     for g in range(0, len(src), cfg.batch_size):
-        rows = [src[g + first + r] if g + first + r < len(src) else empty_window(cfg.seq_len) for r in range(b_local)]
+        rows = [src[g + first + r] if g + first + r < len(src) else empty_window(cfg.seq_len, src.s.extra)
+                for r in range(b_local)]
         yield {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
 

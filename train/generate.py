@@ -32,6 +32,7 @@ def make_generate_fn(graphdef, total_len: int, temperature: float, top_p: float)
     @jax.jit
     def run(state, prompts_BxT, lens_B, key):
         model = nnx.merge(graphdef, state)
+        model.eval()
         B = prompts_BxT.shape[0]
         cache = model.init_cache(B, total_len)
 

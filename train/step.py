@@ -111,6 +111,7 @@ def make_eval_step(graphdef) -> Callable:
 
     def eval_step(params, rest, batch):
         model = nnx.merge(graphdef, params, rest)
+        model.eval()  # sets `deterministic = True` on every submodule that has it (hard decisions, no noise)
         out = model(batch)
         sums = cross_entropy_sums(out, batch)
         extra = {k: v for k, v in out.metrics.items()}
