@@ -1,0 +1,308 @@
+"""Device check for the chunk gather kernels (written for one H200; also runs on CPU with --small).
+
+    (a) correctness: the Pallas gather kernel for this backend (Triton on GPU, Mosaic on TPU,
+            Triton in interpret mode on CPU) vs ``jnp.take_along_axis``, f32 and bf16, compaction
+            (L -> M) and expansion (M -> L) index patterns; compact/expand gradients impl='pallas'
+            vs impl='jnp'.
+    (b) timing at B x L x D = 32 x 8192 x 1024 bf16, M = L/4: kernel vs XLA gather, both
+            directions, a tile sweep for the kernel, and chunking.compact/expand fwd+bwd.
+            Bandwidth counts each gathered row once read and once written:
+            bytes = 2 * B * N * D * itemsize + idx bytes (N = M for compaction, L for expansion).
+    (c) ``time_hnet_train_step()``: HOOK that times a bf16 H-Net train step if ``models.hnet``
+            exists (skipped otherwise), with chunk_impl 'jnp' vs 'pallas'.
+
+Prints a table and writes JSON to --out (default benchmarks/out/device_check.json).
+
+        python benchmarks/device_check.py               # on the GPU machine
+        python benchmarks/device_check.py --small       # CPU smoke test (tiny shapes, interpret)
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import traceback
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from hnet import chunking  # noqa: E402
+from hnet.kernels import gather_rows, reference_gather_rows  # noqa: E402
+from hnet.kernels.gather_rows import default_backend  # noqa: E402
+
+
+def _kernel_setup():
+    """(kernel backend, interpret flag) for this machine: CPU runs the Triton kernel interpreted."""
+    be = default_backend()
+    if be == "reference":
+        return "gpu", True
+    return be, False
+
+
+def _time(fn, *args, iters: int, warmup: int = 2) -> dict:
+    """Median / min wall time (ms) of fn(*args) over ``iters`` blocked calls, after warmup."""
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    compile_s = time.perf_counter() - t0
+    for _ in range(max(0, warmup - 1)):
+        jax.block_until_ready(fn(*args))
+    ts = []
+    for _ in range(iters):
+        t = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        ts.append((time.perf_counter() - t) * 1e3)
+    return {"ms_median": statistics.median(ts), "ms_min": min(ts), "first_call_s": compile_s}
+
+
+def _inputs(B, L, D, M, dtype, seed=0):
+    """x [B,L,D], a boundary mask with ~L/4 boundaries (some rows overflow M), and indices."""
+    kx, km = jax.random.split(jax.random.key(seed))
+    x = jax.random.normal(kx, (B, L, D), jnp.float32).astype(dtype)
+    mask = jax.random.bernoulli(km, 0.25, (B, L)).at[:, 0].set(True)
+    idx_c, _ = jax.jit(chunking.compaction_indices, static_argnums=1)(mask, M)  # [B, M] into L
+    idx_e = jnp.clip(chunking.chunk_ids(mask), 0, M - 1)  # [B, L] into M
+    return x, mask, idx_c, idx_e
+
+
+# ----------------------------------------------------------------------------------
+# (a) correctness
+# ----------------------------------------------------------------------------------
+
+
+def check_correctness(backend, interpret, small) -> list[dict]:
+    B, L, D, M = (2, 64, 32, 16) if small else (4, 1024, 256, 256)
+    rows = []
+    for dtype in (jnp.float32, jnp.bfloat16):
+        x, mask, idx_c, idx_e = _inputs(B, L, D, M, dtype)
+        z = x[:, :M]
+        for name, src, idx in [("compact L->M", x, idx_c), ("expand M->L", z, idx_e)]:
+            row = {"check": f"kernel {name}", "dtype": jnp.dtype(dtype).name, "backend": backend}
+            try:
+                out = jax.jit(functools.partial(gather_rows, backend=backend, interpret=interpret))(src, idx)
+                ref = reference_gather_rows(src, idx)
+                row["max_abs_err"] = float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref.astype(jnp.float32))))
+                row["ok"] = bool(out.dtype == ref.dtype and out.shape == ref.shape and row["max_abs_err"] == 0.0)
+            except Exception as e:  # keep going: device time is scarce
+                row.update(ok=False, error=f"{type(e).__name__}: {e}"[:2000])
+                traceback.print_exc()
+            rows.append(row)
+
+    # Gradients through compact -> tanh -> expand, pallas vs jnp.
+    x, mask, _, _ = _inputs(B, L, D, M, jnp.float32, seed=1)
+    impl = "pallas:" + backend
+    row = {"check": "grad compact->tanh->expand", "dtype": "float32", "backend": backend}
+    try:
+        def loss(x, impl):
+            z, _ = chunking.compact(x, mask, M, impl=impl)
+            return jnp.sum(jnp.sin(chunking.expand(jnp.tanh(z), mask, impl=impl)) ** 2)
+
+        g1 = jax.jit(jax.grad(functools.partial(loss, impl=impl)))(x)
+        g2 = jax.jit(jax.grad(functools.partial(loss, impl="jnp")))(x)
+        row["max_abs_err"] = float(jnp.max(jnp.abs(g1 - g2)))
+        row["ok"] = row["max_abs_err"] <= 1e-6
+    except Exception as e:
+        row.update(ok=False, error=f"{type(e).__name__}: {e}"[:2000])
+        traceback.print_exc()
+    rows.append(row)
+    return rows
+
+
+# ----------------------------------------------------------------------------------
+# (b) timing
+# ----------------------------------------------------------------------------------
+
+
+def time_gathers(backend, interpret, small, iters, peak_tbps, tiles) -> list[dict]:
+    B, L, D = (2, 64, 32) if small else (32, 8192, 1024)
+    M = L // 4
+    dtype = jnp.bfloat16
+    x, mask, idx_c, idx_e = _inputs(B, L, D, M, dtype)
+    z = x[:, :M]
+    item = jnp.dtype(dtype).itemsize
+    rows = []
+
+    def add(name, impl, fn, args, nbytes, tile=None):
+        row = {"op": name, "impl": impl, "tile_rows": tile, "shape": f"B{B} L{L} D{D} M{M} bf16"}
+        try:
+            row.update(_time(fn, *args, iters=iters))
+            row["GB/s"] = nbytes / (row["ms_median"] * 1e-3) / 1e9
+            row["frac_peak"] = row["GB/s"] / (peak_tbps * 1e3)
+        except Exception as e:
+            row["error"] = f"{type(e).__name__}: {e}"[:2000]
+            traceback.print_exc()
+        rows.append(row)
+
+    for name, src, idx in [("gather compact L->M", x, idx_c), ("gather expand M->L", z, idx_e)]:
+        n = idx.shape[1]
+        nbytes = 2 * B * n * D * item + idx.size * 4
+        add(name, "xla take_along_axis", jax.jit(reference_gather_rows), (src, idx), nbytes)
+        for t in tiles:
+            k = jax.jit(functools.partial(gather_rows, backend=backend, interpret=interpret, tile_rows=t))
+            add(name, f"pallas {backend}", k, (src, idx), nbytes, tile=t)
+
+    # Full ops (index maths + gather + zeroing), forward and forward+backward.
+    for impl in ("jnp", "pallas:" + backend):
+        cfwd = jax.jit(lambda x, m, impl=impl: chunking.compact(x, m, M, impl=impl)[0])
+        add("chunking.compact fwd", impl, cfwd, (x, mask), 2 * B * M * D * item)
+        efwd = jax.jit(lambda z, m, impl=impl: chunking.expand(z, m, impl=impl))
+        add("chunking.expand fwd", impl, efwd, (z, mask), 2 * B * L * D * item)
+
+        def both(x, m, impl=impl):
+            def f(x):
+                y = chunking.expand(chunking.compact(x, m, M, impl=impl)[0], m, impl=impl)
+                return jnp.sum(y, dtype=jnp.float32)
+
+            return jax.grad(f)(x)
+
+        # fwd (2 gathers) + bwd (2 gathers, f32 cumsum): bytes of the four gathers only.
+        add("compact+expand fwd+bwd", impl, jax.jit(both), (x, mask),
+                2 * (2 * B * M * D * item + 2 * B * L * D * item))
+    return rows
+
+
+# ----------------------------------------------------------------------------------
+# (c) HOOK: H-Net train step timing (fill in / adjust once models.hnet settles).
+# ----------------------------------------------------------------------------------
+
+
+def time_hnet_train_step(small: bool, iters: int) -> list[dict]:
+    """HOOK: times a bf16 H-Net train step (loss + grad + AdamW) with chunk_impl 'jnp' vs 'pallas'.
+
+    Uses ``models.hnet.HNetLM(HNetConfig(...), dtype='bfloat16')`` and the ``ModelOutput``
+    contract of ``models/base.py``; returns [{'status': 'skipped', ...}] if the module is
+    absent and records the error if its API differs from what is assumed here.
+    """
+    try:
+        import dataclasses
+
+        import optax
+        from flax import nnx
+
+        from models import hnet as hnet_model  # noqa: F401
+    except ImportError as e:
+        return [{"op": "hnet train step", "status": "skipped", "reason": f"{type(e).__name__}: {e}"}]
+
+    B, L = (2, 64) if small else (16, 4096)
+    base = hnet_model.HNetConfig()
+    if not small:
+        base = dataclasses.replace(base, d_model=(512, 768), d_ff=(0, 2048), num_heads=(8, 12))
+    rows = []
+    for impl in ("jnp", "pallas"):
+        row = {"op": "hnet train step", "impl": impl, "shape": f"B{B} L{L} bf16"}
+        try:
+            model = hnet_model.HNetLM(dataclasses.replace(base, chunk_impl=impl), dtype="bfloat16")
+            graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+            tx = optax.adamw(1e-4)
+            opt_state = tx.init(params)
+            key = jax.random.key(0)
+            toks = jax.random.randint(key, (B, L + 1), 0, 256)
+            batch = {
+                "inputs": toks[:, :-1],
+                "targets": toks[:, 1:],
+                "segment_ids": jnp.ones((B, L), jnp.int32),
+                "positions": jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L)),
+            }
+
+            def loss_fn(params, rest, batch):
+                out = nnx.merge(graphdef, params, rest)(batch)
+                logits = out.logits_BxLxV.astype(jnp.float32)
+                nll = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, batch["targets"][..., None], -1)[..., 0]
+                w = jnp.ones_like(nll) if out.target_mask_BxL is None else out.target_mask_BxL.astype(jnp.float32)
+                return jnp.sum(nll * w) / jnp.maximum(jnp.sum(w), 1.0) + out.aux_loss
+
+            @functools.partial(jax.jit, donate_argnums=(0, 1))
+            def step(params, opt_state, rest, batch):
+                loss, grads = jax.value_and_grad(loss_fn)(params, rest, batch)
+                updates, opt_state = tx.update(grads, opt_state, params)
+                return optax.apply_updates(params, updates), opt_state, loss
+
+            state = [params, opt_state]
+
+            def run():
+                state[0], state[1], loss = step(state[0], state[1], rest, batch)
+                return loss
+
+            row.update(_time(run, iters=iters))
+            row["tokens/s"] = B * L / (row["ms_median"] * 1e-3)
+            row["loss"] = float(run())
+            row["status"] = "ok"
+        except Exception as e:
+            row.update(status="error", error=f"{type(e).__name__}: {e}"[:2000])
+            traceback.print_exc()
+        rows.append(row)
+    return rows
+
+
+# ----------------------------------------------------------------------------------
+
+
+def _table(rows, cols) -> str:
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return "" if v is None else str(v)
+
+    cells = [[fmt(r.get(c)) for c in cols] for r in rows]
+    w = [max(len(c), *(len(x[i]) for x in cells)) if cells else len(c) for i, c in enumerate(cols)]
+    lines = ["  ".join(c.ljust(w[i]) for i, c in enumerate(cols)), "  ".join("-" * n for n in w)]
+    lines += ["  ".join(x[i].ljust(w[i]) for i in range(len(cols))) for x in cells]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--small", action="store_true", help="tiny shapes (CPU smoke test; interpret mode on CPU)")
+    ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "out", "device_check.json"))
+    ap.add_argument("--iters", type=int, default=None, help="timed iterations (default 20, 2 with --small)")
+    ap.add_argument("--peak-tbps", type=float, default=4.8, help="HBM peak for frac_peak (H200: 4.8 TB/s)")
+    ap.add_argument("--tiles", default=None, help="comma list of kernel tile_rows (default 16,32,64; 8 small)")
+    ap.add_argument("--skip-train", action="store_true", help="skip the H-Net train step hook")
+    args = ap.parse_args(argv)
+    iters = args.iters or (2 if args.small else 20)
+    tiles = [int(t) for t in args.tiles.split(",")] if args.tiles else ([8] if args.small else [16, 32, 64])
+
+    backend, interpret = _kernel_setup()
+    info = {
+        "jax": jax.__version__,
+        "platform": jax.default_backend(),
+        "devices": [str(d) for d in jax.devices()],
+        "device_kind": jax.devices()[0].device_kind,
+        "python": platform.python_version(),
+        "kernel_backend": backend,
+        "interpret": interpret,
+        "small": args.small,
+        "iters": iters,
+        "peak_tbps": args.peak_tbps,
+    }
+    print(json.dumps(info, indent=1))
+
+    correctness = check_correctness(backend, interpret, args.small)
+    print("\n(a) correctness\n" + _table(correctness, ["check", "dtype", "backend", "max_abs_err", "ok", "error"]))
+    timings = time_gathers(backend, interpret, args.small, iters, args.peak_tbps, tiles)
+    print("\n(b) timing\n" + _table(
+        timings, ["op", "impl", "tile_rows", "shape", "ms_median", "ms_min", "GB/s", "frac_peak", "error"]))
+    train = [] if args.skip_train else time_hnet_train_step(args.small, max(2, iters // 4))
+    if train:
+        print("\n(c) H-Net train step (hook)\n" + _table(
+            train, ["op", "impl", "shape", "status", "ms_median", "tokens/s", "loss", "reason", "error"]))
+
+    result = {"info": info, "correctness": correctness, "timings": timings, "train_step": train}
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1, default=str)
+    print(f"\nwrote {args.out}")
+    return 0 if all(r.get("ok") for r in correctness) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,10 @@
+"""Pallas kernels (TPU Mosaic / GPU Triton) with jnp references beside them."""
+
+from hnet.kernels.gather_rows import (
+        default_backend,
+        gather_rows,
+        gather_rows_sharded,
+        reference_gather_rows,
+)
+
+__all__ = ["default_backend", "gather_rows", "gather_rows_sharded", "reference_gather_rows"]
