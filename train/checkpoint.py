@@ -39,6 +39,10 @@ class Checkpointer:
             items["data"] = grain.checkpoint.CheckpointSave(data_iter)
         return self.mgr.save(step, args=ocp.args.Composite(**items), force=True)
 
+    def restore(self, step: int, abstract_state):
+        """The train state of one step (no data-iterator state)."""
+        return self.mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))["state"]
+
     def restore_latest(self, abstract_state, data_iter=None):
         """(step, state) from the newest readable checkpoint, or (None, None) when there is none.
         An unreadable checkpoint is reported and skipped, never silently replaced by a fresh start."""

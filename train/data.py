@@ -17,7 +17,8 @@ document context), named in ``DataConfig.annotations``:
   script_routes     int32 [L]  causal per-byte Unicode-script route (hnet.scripts.SCRIPT_GROUPS)
 
 Sources: text files, directories (recursively, sorted), globs, ``*.jsonl`` (one document per line,
-field ``jsonl_field``), and ``builtin:pydoc_topics`` (the Python reference documentation shipped with
+field ``jsonl_field``), ``shared:<path>`` (under ../shared/data or $HNET_SHARED_DATA), and
+``builtin:pydoc_topics`` (the Python reference documentation shipped with
 every CPython install: the default corpus, no download needed).
 """
 
@@ -85,6 +86,8 @@ def shared_path(*parts: str) -> str:
 def _expand_source(src: str) -> list[str]:
     if src.startswith("builtin:"):
         return [src]
+    if src.startswith("shared:"):  # ../shared/data (or $HNET_SHARED_DATA)
+        src = shared_path(src[len("shared:"):])
     if any(c in src for c in "*?["):
         paths = sorted(glob.glob(src, recursive=True))
         if not paths:

@@ -1,0 +1,162 @@
+"""Per-language / per-script evaluation on parallel text (NTREX-128 valid): BPB, bytes per chunk and
+chunks per English-equivalent byte (MAGNET-style segmentation parity).
+
+For every language file ``<data_dir>/<lang>.txt`` (one document per file, windows of the eval
+DataConfig's seq_len, the model in eval mode):
+  bpb                   Σ NLL over real UTF-8 target bytes / (ln 2 · #bytes)
+  bytes_per_chunk       #non-pad input positions / #chunks
+  chunks_per_eng_byte   #chunks / #bytes of the English side (eng.txt): the same content in every
+                        language, so equal values mean equal segmentation cost (parity)
+Chunks are the START bits of ``out.boundaries['s0']`` over non-pad positions (document/window starts
+included); a model without boundaries counts one chunk per byte. Scripts aggregate the languages by
+their dominant ``hnet.scripts`` route (sums, then ratios). ``parity_max_over_min`` is the max/min over
+languages of chunks_per_eng_byte.
+
+    python -m train.multilingual_eval --workdir DIR --gin_file configs/magnet_tiny.gin \
+        --gin_file configs/runs/ntrex_multilingual.gin [--data_dir shared:ntrex128/valid] [--out FILE]
+loads the latest checkpoint of DIR and writes DIR/multilingual_eval.json (and TensorBoard scalars).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from hnet import sharding
+from hnet.scripts import route_names
+from train import data as data_lib
+from train.step import LN2, cross_entropy_sums
+
+
+def make_sums_fn(graphdef):
+    @jax.jit
+    def sums_fn(params, rest, batch):
+        model = nnx.merge(graphdef, params, rest)
+        model.eval()
+        out = model(batch)
+        sums = cross_entropy_sums(out, batch)
+        real = batch["segment_ids"] > 0
+        b = out.boundaries.get("s0", real)
+        sums["n_positions"] = jnp.sum(real).astype(jnp.float32)
+        sums["n_chunks"] = jnp.sum(b & real).astype(jnp.float32)
+        return sums
+
+    return sums_fn
+
+
+def language_files(data_dir: str) -> dict[str, str]:
+    if data_dir.startswith("shared:"):
+        data_dir = data_lib.shared_path(data_dir[len("shared:"):])
+    files = sorted(glob.glob(os.path.join(data_dir, "*.txt")))
+    if not files:
+        raise data_lib.DataError(f"no *.txt language files in {data_dir}")
+    return {os.path.splitext(os.path.basename(f))[0]: f for f in files}
+
+
+def evaluate_languages(setup, eval_cfg: data_lib.DataConfig, data_dir: str = "shared:ntrex128/valid",
+                       english: str = "eng", max_windows: int = 0) -> dict:
+    """setup: train.loop.Setup (graphdef + state + mesh). eval_cfg gives seq_len, batch_size and the
+    annotations the model needs. Returns {'languages': {lang: {...}}, 'scripts': {...}, 'parity_...'}."""
+    from models.dtp_targets import dominant_route
+
+    sums_fn = make_sums_fn(setup.graphdef)
+    names = route_names()
+    langs: dict[str, dict] = {}
+    for lang, path in language_files(data_dir).items():
+        cfg = dataclasses.replace(eval_cfg, sources=(path,), byte_range=(0.0, 1.0), doc_split="file", shuffle=False,
+                                  max_windows=max_windows)
+        docs, stats = data_lib.load_documents(cfg)
+        tot: dict[str, float] = {}
+        with sharding.mesh_context(setup.mesh):
+            for local in data_lib.iterate_eval_batches(cfg, docs):
+                batch = sharding.global_batch_from_local(setup.mesh, local)
+                for k, v in jax.device_get(sums_fn(setup.state.params, setup.state.rest, batch)).items():
+                    tot[k] = tot.get(k, 0.0) + float(v)
+        langs[lang] = {"script": names[dominant_route(b"".join(docs))], "file_bytes": stats.bytes, **tot}
+    eng_bytes = langs[english]["file_bytes"] if english in langs else None
+    out = {"languages": {}, "scripts": {}}
+
+    def metrics(t: dict, ref_bytes) -> dict:
+        m = {"bpb": t["byte_nll_sum"] / (LN2 * max(t["n_bytes"], 1.0)),
+             "bytes_per_chunk": t["n_positions"] / max(t["n_chunks"], 1.0),
+             "n_bytes": t["n_bytes"], "n_chunks": t["n_chunks"], "file_bytes": t["file_bytes"]}
+        if ref_bytes:
+            m["chunks_per_eng_byte"] = t["n_chunks"] / ref_bytes
+        return m
+
+    for lang, t in langs.items():
+        out["languages"][lang] = {"script": t["script"], **metrics(t, eng_bytes)}
+    for script in sorted({t["script"] for t in langs.values()}):
+        members = [t for t in langs.values() if t["script"] == script]
+        agg = {k: sum(t[k] for t in members) for k in ("byte_nll_sum", "n_bytes", "n_positions", "n_chunks",
+                                                       "file_bytes")}
+        out["scripts"][script] = {"languages": sorted(k for k, t in langs.items() if t["script"] == script),
+                                  **metrics(agg, eng_bytes and eng_bytes * len(members))}
+    if eng_bytes:
+        cpe = [m["chunks_per_eng_byte"] for m in out["languages"].values()]
+        out["parity_max_over_min"] = max(cpe) / max(min(cpe), 1e-9)
+    bpbs = [m["bpb"] for m in out["languages"].values()]
+    out["bpb_mean_over_languages"] = float(np.mean(bpbs))
+    return out
+
+
+def main(argv=None) -> dict:
+    import argparse
+
+    import gin
+
+    from train import config
+    from train.checkpoint import Checkpointer
+    from train.loop import build_state
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--workdir", required=True)
+    parser.add_argument("--gin_file", action="append", default=[])
+    parser.add_argument("--data_dir", default="shared:ntrex128/valid")
+    parser.add_argument("--max_windows", type=int, default=0, help="per language (0 = all)")
+    parser.add_argument("--out", default=None)
+    bindings, rest = config.split_gin_args(list(sys.argv[1:] if argv is None else argv))
+    args = parser.parse_args(rest)
+    config.parse(args.gin_file, bindings)
+    model_fn = gin.query_parameter("train.train.model").scoped_configurable_fn
+    eval_cfg = gin.query_parameter("train.train.eval_data").scoped_configurable_fn()
+    opt_cfg = gin.query_parameter("train.train.optimizer").scoped_configurable_fn()
+    steps = gin.query_parameter("train.train.steps")
+    mesh = sharding.make_mesh({"data": -1})
+    setup = build_state(model_fn, opt_cfg, steps, mesh, allocate=False)
+    ckpt = Checkpointer(os.path.join(args.workdir, "checkpoints"), every_steps=0, async_save=False)
+    step, state = ckpt.restore_latest(setup.state)
+    if state is None:
+        raise SystemExit(f"no checkpoint in {args.workdir}/checkpoints")
+    setup.state = state
+    res = {"workdir": args.workdir, "step": int(step),
+           **evaluate_languages(setup, eval_cfg, args.data_dir, max_windows=args.max_windows)}
+    path = args.out or os.path.join(args.workdir, "multilingual_eval.json")
+    with open(path, "w") as f:
+        json.dump(res, f, indent=1)
+    try:
+        from train.logger import MetricWriter
+
+        w = MetricWriter(os.path.join(args.workdir, "tb"))
+        for lang, m in res["languages"].items():
+            w.scalars(int(step), {k: v for k, v in m.items() if isinstance(v, float)}, f"multilingual/{lang}/")
+        w.scalars(int(step), {"parity_max_over_min": res.get("parity_max_over_min", float("nan")),
+                              "bpb_mean_over_languages": res["bpb_mean_over_languages"]}, "multilingual/")
+        w.close()
+    except ImportError:
+        pass
+    print(json.dumps({k: v for k, v in res.items() if k != "languages"}, indent=1))
+    print(f"wrote {path}")
+    return res
+
+
+if __name__ == "__main__":
+    main()
