@@ -49,7 +49,7 @@ def parse(gin_files: list[str], bindings: list[str]) -> None:
             raise ConfigError(f"{msg}\nvalid parameters of {m.group(1)}: {', '.join(valid)}") from None
         m = re.search(r"No configurable matching '([^']+)'", msg)
         if m:
-            known = sorted(c.name for c in gin.config._REGISTRY.values())  # noqa: SLF001
+            known = sorted(k for k, _ in gin.config._REGISTRY.items())  # noqa: SLF001
             raise ConfigError(f"{msg}\nknown configurables: {', '.join(known)}") from None
         raise ConfigError(msg) from None
     gin.finalize()

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from hnet.bytes import BOS, EOS
 
@@ -63,7 +64,7 @@ def generate(model, prompts: list[bytes], *, max_new_bytes: int = 128, temperatu
     graphdef, state = nnx.split(model)
     run = make_generate_fn(graphdef, T, temperature, top_p)
     samples, _ = run(state, jnp.asarray(arr), jnp.asarray(lens), jax.random.key(seed))
-    samples = np.asarray(samples)
+    samples = np.asarray(multihost_utils.process_allgather(samples, tiled=True))
     outs = []
     for i, n in enumerate(lens):
         new = samples[i, n - 1:n - 1 + max_new_bytes].tolist()

@@ -188,13 +188,13 @@ def train(
                 t_last, steps_since = time.time(), 0
             if step % log_every == 0 or step == steps:
                 m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                dt = time.time() - t_last
-                bps = bytes_per_step * steps_since / dt if steps_since else float("nan")
-                m.update(bytes_per_s=bps, step_time_s=dt / max(steps_since, 1))
-                t_last, steps_since = time.time(), 0
+                if steps_since:
+                    dt = time.time() - t_last
+                    m.update(bytes_per_s=bytes_per_step * steps_since / dt, step_time_s=dt / steps_since)
+                    t_last, steps_since = time.time(), 0
                 history.append({"step": step, **m})
                 if is_main:
-                    log.info(progress.line(step, m, bps))
+                    log.info(progress.line(step, m, m.get("bytes_per_s", float("nan"))))
                 writer.scalars(step, m, "train/")
                 if m["bad_steps"] >= max_bad_steps > 0:
                     raise FloatingPointError(
@@ -205,7 +205,7 @@ def train(
                 ev = evaluate(setup, eval_data, eval_docs, eval_fn)
                 writer.scalars(step, ev, "eval/")
                 log.info("eval step %d: bpb %.4f", step, ev["bpb"])
-            if is_main and sample_every and step % sample_every == 0:
+            if sample_every and step % sample_every == 0:  # every process runs the sharded computation
                 for i, s in enumerate(sample_texts(setup, list(sample_prompts), sample_bytes, seed=step)):
                     writer.text(step, f"samples/{i}", sample_prompts[i] + s)
             if stop_after and step - start >= stop_after:
@@ -219,7 +219,7 @@ def train(
         writer.scalars(step, ev, "eval/")
         results["eval"] = ev
         log.info("final eval at step %d: bpb %.4f over %d bytes", step, ev["bpb"], ev["n_bytes"])
-    if step >= steps and is_main and sample_prompts:
+    if step >= steps and sample_prompts:
         samples = sample_texts(setup, list(sample_prompts), sample_bytes, seed=0)
         results["samples"] = [p + s for p, s in zip(sample_prompts, samples)]
         for i, s in enumerate(results["samples"]):

@@ -5,7 +5,7 @@ For every language file ``<data_dir>/<lang>.txt`` (one document per file, window
 DataConfig's seq_len, the model in eval mode):
   bpb                   Σ NLL over real UTF-8 target bytes / (ln 2 · #bytes)
   bytes_per_chunk       #non-pad input positions / #chunks
-  chunks_per_eng_byte   #chunks / #bytes of the English side (eng.txt): the same content in every
+  chunks_per_eng_byte   #chunks / #UTF-8 bytes of the English side (eng.txt): the same content in every
                         language, so equal values mean equal segmentation cost (parity)
 Chunks are the START bits of ``out.boundaries['s0']`` over non-pad positions (document/window starts
 included); a model without boundaries counts one chunk per byte. Scripts aggregate the languages by
@@ -62,9 +62,10 @@ def language_files(data_dir: str) -> dict[str, str]:
 
 
 def evaluate_languages(setup, eval_cfg: data_lib.DataConfig, data_dir: str = "shared:ntrex128/valid",
-                       english: str = "eng", max_windows: int = 0) -> dict:
+                       english: str = "eng", max_lines: int = 0) -> dict:
     """setup: train.loop.Setup (graphdef + state + mesh). eval_cfg gives seq_len, batch_size and the
-    annotations the model needs. Returns {'languages': {lang: {...}}, 'scripts': {...}, 'parity_...'}."""
+    annotations the model needs; ``max_lines`` > 0 keeps the first lines of every file (parallel content,
+    so parity stays comparable). Returns {'languages': {lang: {...}}, 'scripts': {...}, 'parity_...'}."""
     from models.dtp_targets import dominant_route
 
     sums_fn = make_sums_fn(setup.graphdef)
@@ -72,15 +73,19 @@ def evaluate_languages(setup, eval_cfg: data_lib.DataConfig, data_dir: str = "sh
     langs: dict[str, dict] = {}
     for lang, path in language_files(data_dir).items():
         cfg = dataclasses.replace(eval_cfg, sources=(path,), byte_range=(0.0, 1.0), doc_split="file", shuffle=False,
-                                  max_windows=max_windows)
-        docs, stats = data_lib.load_documents(cfg)
+                                  max_windows=0)
+        with open(path, "rb") as f:
+            text = f.read()
+        if max_lines:
+            text = b"\n".join(text.split(b"\n")[:max_lines])
+        docs = [text]
         tot: dict[str, float] = {}
         with sharding.mesh_context(setup.mesh):
             for local in data_lib.iterate_eval_batches(cfg, docs):
                 batch = sharding.global_batch_from_local(setup.mesh, local)
                 for k, v in jax.device_get(sums_fn(setup.state.params, setup.state.rest, batch)).items():
                     tot[k] = tot.get(k, 0.0) + float(v)
-        langs[lang] = {"script": names[dominant_route(b"".join(docs))], "file_bytes": stats.bytes, **tot}
+        langs[lang] = {"script": names[dominant_route(text)], "file_bytes": len(text), **tot}
     eng_bytes = langs[english]["file_bytes"] if english in langs else None
     out = {"languages": {}, "scripts": {}}
 
@@ -121,7 +126,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--gin_file", action="append", default=[])
     parser.add_argument("--data_dir", default="shared:ntrex128/valid")
-    parser.add_argument("--max_windows", type=int, default=0, help="per language (0 = all)")
+    parser.add_argument("--max_lines", type=int, default=0, help="first lines of every file (0 = all)")
     parser.add_argument("--out", default=None)
     bindings, rest = config.split_gin_args(list(sys.argv[1:] if argv is None else argv))
     args = parser.parse_args(rest)
@@ -138,7 +143,7 @@ def main(argv=None) -> dict:
         raise SystemExit(f"no checkpoint in {args.workdir}/checkpoints")
     setup.state = state
     res = {"workdir": args.workdir, "step": int(step),
-           **evaluate_languages(setup, eval_cfg, args.data_dir, max_windows=args.max_windows)}
+           **evaluate_languages(setup, eval_cfg, args.data_dir, max_lines=args.max_lines)}
     path = args.out or os.path.join(args.workdir, "multilingual_eval.json")
     with open(path, "w") as f:
         json.dump(res, f, indent=1)

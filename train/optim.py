@@ -48,7 +48,9 @@ def make_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
 
 
 def path_names(path) -> tuple[str, ...]:
-    return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+    """Key names of a pytree path; the trailing ``value`` of an nnx.Variable leaf is dropped."""
+    names = tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+    return names[:-1] if names and names[-1] == "value" else names
 
 
 def decay_mask(params) -> Any:
