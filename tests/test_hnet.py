@@ -1,0 +1,228 @@
+"""H-Net: causality (1- and 2-stage), router gradients through STE and EMA, ratio loss, EMA resets,
+batched incremental decoding == full forward, paper parameter counts (abstract init), LR modulation."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from models.hnet import HNetConfig, HNetLM, ema_over_chunks, ratio_loss
+from tests.helpers import packed_row, pydoc_bytes, stack_rows, to_jnp
+
+SMALL = dict(ssm_d_state=8, ssm_headdim=16, ssm_chunk_size=16)
+ONE = HNetConfig(arch_layout=("m1", ("T1",), "m1"), d_model=(32, 48), d_ff=(0, 64), num_heads=(2, 2),
+                 capacity=(0.5,), **SMALL)
+TWO = HNetConfig(arch_layout=("m1", ("T1m1", ("T1",), "m1T1"), "m1"), d_model=(32, 48, 64), d_ff=(0, 64, 96),
+                 num_heads=(2, 2, 2), window=(-1, 7, -1), capacity=(0.6, 0.7), ratio_targets=(3.0, 3.0), **SMALL)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _precision():
+    with jax.default_matmul_precision("highest"):
+        yield
+
+
+def _batch(L=64):
+    """Two rows of real text: one single document, one with two packed documents and padding."""
+    r0 = packed_row([pydoc_bytes("assignment", L - 2)], L)
+    r1 = packed_row([pydoc_bytes("lambda", 20), pydoc_bytes("pass", 30)], L)
+    return stack_rows([r0, r1])
+
+
+@pytest.fixture(scope="module", params=["one", "two"])
+def model(request):
+    return HNetLM(ONE if request.param == "one" else TWO, seed=1)
+
+
+def _forward(model):
+    gd, st = nnx.split(model)
+    return jax.jit(lambda st, b: nnx.merge(gd, st)(b)), st
+
+
+def test_causality(model):
+    """Changing any byte after t never changes logits at or before t (every stage, both models)."""
+    fwd, st = _forward(model)
+    base = _batch()
+    ref = fwd(st, to_jnp(base)).logits_BxLxV
+    rng = np.random.default_rng(0)
+    for t in (0, 7, 23, 40, 60):
+        b = {k: v.copy() for k, v in base.items()}
+        b["inputs"][:, t + 1:] = rng.integers(0, 256, b["inputs"][:, t + 1:].shape)
+        out = fwd(st, to_jnp(b)).logits_BxLxV
+        np.testing.assert_array_equal(np.asarray(out[:, :t + 1]), np.asarray(ref[:, :t + 1]))
+        assert not np.allclose(np.asarray(out[:, t + 2:]), np.asarray(ref[:, t + 2:]))
+
+
+def test_incremental_decoding_matches_forward_batch4(model):
+    """decode_step over B=4 rows (packed documents, padding) reproduces the full forward's logits at
+    every position whose chunks fit the capacity (the rest are masked out of the loss)."""
+    L = 48
+    rows = [packed_row([pydoc_bytes(k, n)], L) for k, n in (("assignment", 46), ("lambda", 30), ("pass", 40))]
+    rows.append(packed_row([pydoc_bytes("continue", 12), pydoc_bytes("await", 25)], L))
+    batch = to_jnp(stack_rows(rows))
+    gd, st = nnx.split(model)
+
+    @jax.jit
+    def run(st, batch):
+        m = nnx.merge(gd, st)
+        full = m(batch)
+        seg = batch["segment_ids"]
+
+        def body(cache, t):
+            reset = (t == 0) | (seg[:, t] != seg[:, jnp.maximum(t - 1, 0)])
+            logits, cache = m.decode_step(batch["inputs"][:, t], cache, reset)
+            return cache, logits
+
+        _, lg = jax.lax.scan(body, m.init_cache(4, L), jnp.arange(L))
+        return full, jnp.swapaxes(lg, 0, 1)
+
+    full, inc = run(st, batch)
+    ok = np.asarray((batch["segment_ids"] > 0) & full.target_mask_BxL)
+    assert ok.sum() > 0.8 * (np.asarray(batch["segment_ids"]) > 0).sum()
+    diff = np.abs(np.asarray(inc) - np.asarray(full.logits_BxLxV)).max(-1)
+    assert diff[ok].max() < 1e-4, diff[ok].max()
+
+
+def test_router_gradients_through_ste_and_ema():
+    """The router's q/k projections get gradient both through the STE confidence and through P in the
+    EMA (each path checked alone by cutting the other)."""
+    model = HNetLM(ONE, seed=2)
+    batch = to_jnp(_batch())
+    targets = jnp.roll(batch["inputs"], -1, axis=1)
+
+    def ce(m):
+        out = m(batch)
+        lp = jax.nn.log_softmax(out.logits_BxLxV)
+        return -jnp.mean(jnp.take_along_axis(lp, targets[..., None], -1))
+
+    def router_grad_norm(cut):
+        import models.hnet as H
+
+        orig_ste, orig_ema = H.ste_one, H.ema_over_chunks
+        try:
+            if cut == "ste":
+                H.ste_one = lambda c: jnp.ones_like(jax.lax.stop_gradient(c))
+            if cut == "ema":
+                H.ema_over_chunks = lambda z, P, r: orig_ema(z, jax.lax.stop_gradient(P), r)
+            g = nnx.grad(ce)(model)
+        finally:
+            H.ste_one, H.ema_over_chunks = orig_ste, orig_ema
+        r = g["backbone"]["router"]
+        return float(jnp.linalg.norm(r["q_proj"]["kernel"][...])), float(jnp.linalg.norm(r["k_proj"]["kernel"][...]))
+
+    for cut in ("ste", "ema"):
+        gq, gk = router_grad_norm(cut)
+        assert gq > 0 and gk > 0, (cut, gq, gk)
+    # and nothing else reaches the router: cutting both leaves no gradient
+    import models.hnet as H
+
+    orig_ste, orig_ema = H.ste_one, H.ema_over_chunks
+    try:
+        H.ste_one = lambda c: jnp.ones_like(jax.lax.stop_gradient(c))
+        H.ema_over_chunks = lambda z, P, r: orig_ema(z, jax.lax.stop_gradient(P), r)
+        g = nnx.grad(ce)(model)
+    finally:
+        H.ste_one, H.ema_over_chunks = orig_ste, orig_ema
+    assert float(jnp.abs(g["backbone"]["router"]["q_proj"]["kernel"][...]).max()) == 0.0
+
+
+def test_every_parameter_gets_gradient():
+    model = HNetLM(TWO, seed=3)
+    batch = to_jnp(_batch())
+
+    def loss(m):
+        out = m(batch)
+        return jnp.mean(jax.nn.logsumexp(out.logits_BxLxV, -1)) + out.aux_loss
+
+    grads = nnx.grad(loss)(model)
+    flat = jax.tree_util.tree_leaves_with_path(nnx.state(grads, nnx.Param))
+    dead = [jax.tree_util.keystr(p) for p, g in flat if not np.any(np.asarray(g) != 0)]
+    assert not dead, dead
+
+
+def test_ratio_loss_hand_example():
+    """Eq. 10 with N = 6, F = 0.25, G = 0.10 gives 0.96; F = G = 1/N gives exactly 1."""
+    valid = jnp.ones((1, 20), bool)
+    b = jnp.zeros((1, 20)).at[0, :5].set(1.0)  # F = 0.25
+    p = jnp.full((1, 20), 0.10)  # G = 0.10
+    loss, F, G = ratio_loss(b, p, valid, 6.0)
+    assert abs(float(F) - 0.25) < 1e-7 and abs(float(G) - 0.10) < 1e-7
+    assert abs(float(loss) - 6 / 5 * (5 * 0.25 * 0.10 + 0.75 * 0.90)) < 1e-6
+    assert abs(float(loss) - 0.96) < 1e-6
+    b6 = jnp.zeros((1, 6)).at[0, 0].set(1.0)
+    loss1, _, _ = ratio_loss(b6, jnp.full((1, 6), 1 / 6), jnp.ones((1, 6), bool), 6.0)
+    assert abs(float(loss1) - 1.0) < 1e-6
+    # padded positions do not count
+    loss_pad, F2, _ = ratio_loss(jnp.pad(b, ((0, 0), (0, 5)), constant_values=1.0), jnp.pad(p, ((0, 0), (0, 5))),
+                                 jnp.pad(valid, ((0, 0), (0, 5))), 6.0)
+    assert abs(float(F2) - 0.25) < 1e-7 and abs(float(loss_pad) - 0.96) < 1e-6
+
+
+def test_ema_recurrence_and_document_reset():
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(1, 7, 3)).astype(np.float32)
+    P = rng.uniform(0.2, 0.9, size=(1, 7)).astype(np.float32)
+    reset = np.zeros((1, 7), bool)
+    reset[0, [0, 4]] = True
+    out = np.asarray(ema_over_chunks(jnp.asarray(z), jnp.asarray(P), jnp.asarray(reset)))
+    ref, prev = np.zeros_like(z), np.zeros(3, np.float32)
+    for j in range(7):
+        prev = P[0, j] * z[0, j] + (0.0 if reset[0, j] else (1 - P[0, j])) * prev
+        ref[0, j] = prev
+    np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-6)
+    # after the reset at chunk 4 nothing from chunks 0..3 leaks in
+    z2 = z.copy()
+    z2[0, :4] += 100.0
+    out2 = np.asarray(ema_over_chunks(jnp.asarray(z2), jnp.asarray(P), jnp.asarray(reset)))
+    np.testing.assert_array_equal(out2[0, 4:], out[0, 4:])
+
+
+def test_second_document_is_independent_of_the_first():
+    """Router, chunking, EMA and inner stages all reset at a packed document start."""
+    fwd, st = _forward(HNetLM(TWO, seed=4))
+    L = 64
+    a = to_jnp(stack_rows([packed_row([pydoc_bytes("lambda", 20), pydoc_bytes("pass", 30)], L)]))
+    b = to_jnp(stack_rows([packed_row([pydoc_bytes("await", 20), pydoc_bytes("pass", 30)], L)]))
+    la, lb = fwd(st, a).logits_BxLxV, fwd(st, b).logits_BxLxV
+    np.testing.assert_allclose(np.asarray(la[0, 22:54]), np.asarray(lb[0, 22:54]), rtol=1e-5, atol=1e-5)
+
+
+def test_capacity_overflow_is_masked_and_counted():
+    """With a capacity far below the boundary count, overflowing bytes leave the loss and are counted."""
+    cfg = HNetConfig(**{**ONE.__dict__, "capacity": (0.1,)})
+    out = HNetLM(cfg, seed=5)(to_jnp(_batch()))
+    assert float(out.metrics["overflow_chunks_s0"]) > 0
+    mask = np.asarray(out.target_mask_BxL)
+    assert (~mask).sum() > 0 and np.all(np.isfinite(np.asarray(out.logits_BxLxV)))
+
+
+PAPER = {
+    "hnet_1stage_L": 680e6, "hnet_1stage_XL": 1.3e9, "hnet_2stage_L": 870e6, "hnet_2stage_XL": 1.6e9,
+}
+
+
+@pytest.mark.parametrize("name", sorted(PAPER))
+def test_paper_parameter_counts_by_abstract_init(name, gin_clean):
+    """The paper configs' parameter counts (no allocation: nnx.eval_shape) are within 3 % of the paper."""
+    from train import config
+    from train.restore import query
+
+    config.parse([f"configs/{name}.gin", "configs/runs/default.gin"], [])
+    abstract = nnx.eval_shape(query("train.train.model"))
+    n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
+    assert abs(n / PAPER[name] - 1) < 0.03, (name, n)
+
+
+def test_lr_modulation_eq11():
+    """Eq. 11 values quoted by the spec: 1-stage L [2.63, 0.88]; 2-stage XL [3.03, 1.43, 0.72]."""
+    l1 = HNetConfig(arch_layout=("m4", ("T22",), "m4"), d_model=(1024, 1536)).lr_multipliers()
+    np.testing.assert_allclose(l1, [2.63, 0.88], atol=0.01)
+    xl2 = HNetConfig(arch_layout=("m4", ("T1m4", ("T27",), "m4T1"), "m4"), d_model=(1024, 1536, 2048),
+                     ratio_targets=(3.0, 3.0)).lr_multipliers()
+    np.testing.assert_allclose(xl2, [3.03, 1.43, 0.72], atol=0.01)
+    m = nnx.eval_shape(lambda: HNetLM(TWO))
+    assert m.lr_multiplier(("backbone", "encoder", "kernel")) == TWO.lr_multipliers()[0]
+    assert m.lr_multiplier(("backbone", "inner", "inner", "main", "kernel")) == TWO.lr_multipliers()[2]
