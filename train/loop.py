@@ -93,6 +93,42 @@ def make_eval_fn(setup: Setup):
     return jax.jit(make_eval_step(setup.graphdef))
 
 
+def mark_boundaries(tokens: np.ndarray, starts: np.ndarray) -> str:
+    """Bytes as text with '|' before every chunk start (invalid UTF-8 shown as U+FFFD)."""
+    out, cur = [], bytearray()
+    for tok, b in zip(tokens.tolist(), starts.tolist()):
+        if b and cur:
+            out.append(cur.decode("utf-8", errors="replace"))
+            cur = bytearray()
+        cur.append(tok)
+    out.append(cur.decode("utf-8", errors="replace"))
+    return "|".join(out)
+
+
+def log_boundaries(setup: Setup, writer: MetricWriter, step: int, local_batch: dict, n_bytes: int = 400):
+    """TensorBoard: one validation text with each stage's chunk starts marked, and chunk-length histograms."""
+    batch = sharding.global_batch_from_local(setup.mesh, local_batch)
+
+    @jax.jit
+    def boundaries(params, rest, batch):
+        model = nnx.merge(setup.graphdef, params, rest)
+        model.eval()
+        return model(batch).boundaries
+
+    with sharding.mesh_context(setup.mesh):
+        marks = jax.device_get(boundaries(setup.state.params, setup.state.rest, batch))
+    real = local_batch["segment_ids"] > 0
+    lines = []
+    for name, starts in sorted(marks.items()):
+        starts = np.asarray(starts) & real
+        n = min(n_bytes, int(real[0].sum()))
+        lines.append(f"[{name}] " + mark_boundaries(local_batch["inputs"][0, :n], starts[0, :n]))
+        pos = np.flatnonzero(starts.reshape(-1))
+        writer.histogram(step, f"chunk_length/{name}", np.diff(pos)[np.diff(pos) > 0])
+    if lines:
+        writer.text(step, "boundaries", "\n".join(lines))
+
+
 def sample_texts(setup: Setup, prompts: list[str], max_new_bytes: int, seed: int) -> list[str]:
     with sharding.mesh_context(setup.mesh):
         model = nnx.merge(setup.graphdef, setup.state.params, setup.state.rest)
@@ -165,6 +201,7 @@ def train(
     train_step = jax.jit(step_fn, in_shardings=(setup.state_shardings, batch_shard),
                          out_shardings=(setup.state_shardings, None), donate_argnums=(0,))
     eval_fn = make_eval_fn(setup)
+    viz_batch = next(data_lib.iterate_eval_batches(eval_data, eval_docs)) if eval_docs is not None else None
 
     bytes_per_step = train_data.batch_size * train_data.seq_len
     progress = Progress(steps, start)
@@ -204,6 +241,7 @@ def train(
             if eval_docs is not None and eval_every and step % eval_every == 0 and step != steps:
                 ev = evaluate(setup, eval_data, eval_docs, eval_fn)
                 writer.scalars(step, ev, "eval/")
+                log_boundaries(setup, writer, step, viz_batch)
                 log.info("eval step %d: bpb %.4f", step, ev["bpb"])
             if sample_every and step % sample_every == 0:  # every process runs the sharded computation
                 for i, s in enumerate(sample_texts(setup, list(sample_prompts), sample_bytes, seed=step)):
@@ -217,6 +255,7 @@ def train(
     if step >= steps and eval_docs is not None:
         ev = evaluate(setup, eval_data, eval_docs, eval_fn)
         writer.scalars(step, ev, "eval/")
+        log_boundaries(setup, writer, step, viz_batch)
         results["eval"] = ev
         log.info("final eval at step %d: bpb %.4f over %d bytes", step, ev["bpb"], ev["n_bytes"])
     if step >= steps and sample_prompts:
