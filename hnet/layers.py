@@ -59,19 +59,30 @@ def apply_rope(x_BxLxHxK: Array, positions_BxL: Array, rotary_dim: int, base: fl
     return jnp.concatenate([rot.astype(x_BxLxHxK.dtype), x_BxLxHxK[..., rotary_dim:]], axis=-1)
 
 
-def attention_mask(q_seg_BxQ, k_seg_BxK, q_idx_BxQ, k_idx_BxK, window: int) -> Array:
-    """[B,1,Q,K] bool: causal, same segment, and within ``window`` previous positions (-1 = global)."""
+def attention_mask(q_seg_BxQ, k_seg_BxK, q_idx_BxQ, k_idx_BxK, window: int, causal: bool = True) -> Array:
+    """[B,1,Q,K] bool: causal (unless ``causal`` is False), same segment, and within ``window`` positions
+    (-1 = global)."""
     same = q_seg_BxQ[:, :, None] == k_seg_BxK[:, None, :]
     delta = q_idx_BxQ[:, :, None] - k_idx_BxK[:, None, :]
-    ok = same & (delta >= 0)
+    ok = same & (delta >= 0) if causal else same
     if window >= 0:
-        ok &= delta <= window
+        ok &= jnp.abs(delta) <= window
     return ok[:, None]
+
+
+class AttentionScoreReg(nnx.Variable):
+    """Non-param statistic written by ``Attention.__call__``: mean(max(s, m) - m) of the raw scores (MrT5 App. D)."""
 
 
 class Attention(nnx.Module):
     """Causal multi-head attention with partial RoPE, segment masking, sliding window and an optional
-    additive key bias (MrT5 soft deletion: logits[b,h,q,k] += key_bias[b,k])."""
+    additive key bias (MrT5 soft deletion: logits[b,h,q,k] += key_bias[b,k]).
+
+    ``softmax1``: e^{s_j} / (1 + Σ_k e^{s_k}), i.e. an always-visible zero-logit, zero-value sink key.
+    ``causal`` False: bidirectional within each segment (encoders; ``step`` stays causal-only).
+    ``score_margin`` m (not None): every full forward stores mean over unmasked scores of max(s, m) - m
+    (raw scores q·k/√d before the key bias) in ``self.score_reg`` (an ``AttentionScoreReg`` variable).
+    """
 
     def __init__(
         self,
@@ -84,9 +95,14 @@ class Attention(nnx.Module):
         dtype=jnp.float32,
         param_dtype=jnp.float32,
         length_axis: str = "byte_len",
+        softmax1: bool = False,
+        score_margin: float | None = None,
+        causal: bool = True,
         rngs: nnx.Rngs,
     ):
         assert d_model % num_heads == 0, (d_model, num_heads)
+        self.softmax1, self.score_margin, self.causal = softmax1, score_margin, causal
+        self.score_reg = AttentionScoreReg(jnp.zeros((), jnp.float32)) if score_margin is not None else None
         self.num_heads, self.head_dim = num_heads, d_model // num_heads
         self.rotary_dim = self.head_dim if rotary_dim is None else rotary_dim
         self.window, self.dtype, self.length_axis = window, dtype, length_axis
@@ -105,22 +121,31 @@ class Attention(nnx.Module):
         k = apply_rope(k, positions_BxL, self.rotary_dim)
         return q, k, v
 
-    def _attend(self, q_BxQxHxK, k_BxSxHxK, v_BxSxHxK, mask_Bx1xQxS, key_bias_BxS=None):
+    def _attend(self, q_BxQxHxK, k_BxSxHxK, v_BxSxHxK, mask_Bx1xQxS, key_bias_BxS=None, record: bool = False):
         scale = 1.0 / math.sqrt(self.head_dim)
         logits = jnp.einsum("bqhd,bkhd->bhqk", q_BxQxHxK, k_BxSxHxK, preferred_element_type=jnp.float32) * scale
+        if record and self.score_reg is not None:
+            mask = jnp.broadcast_to(mask_Bx1xQxS, logits.shape)
+            excess = jnp.where(mask, jnp.maximum(logits, self.score_margin) - self.score_margin, 0.0)
+            # a new Variable, not an in-place write: the caller's state variables may belong to an outer trace
+            self.score_reg = AttentionScoreReg(jnp.sum(excess) / jnp.maximum(jnp.sum(mask), 1))
         if key_bias_BxS is not None:
             logits = logits + key_bias_BxS[:, None, None, :].astype(jnp.float32)
         logits = jnp.where(mask_Bx1xQxS, logits, NEG_INF)
-        probs = jax.nn.softmax(logits, axis=-1).astype(v_BxSxHxK.dtype)
-        return jnp.einsum("bhqk,bkhd->bqhd", probs, v_BxSxHxK)
+        if self.softmax1:
+            logits = jnp.concatenate([logits, jnp.zeros_like(logits[..., :1])], axis=-1)
+        probs = jax.nn.softmax(logits, axis=-1)
+        if self.softmax1:
+            probs = probs[..., :-1]
+        return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v_BxSxHxK.dtype), v_BxSxHxK)
 
     def __call__(self, x_BxLxD, segment_ids_BxL, positions_BxL, key_bias_BxL=None):
         B, L, D = x_BxLxD.shape
         q, k, v = self._qkv(x_BxLxD, positions_BxL)
         q = constrain(q, ("batch", self.length_axis, "act_heads", "act_kv"))
         idx = jnp.broadcast_to(jnp.arange(L)[None], (B, L))
-        mask = attention_mask(segment_ids_BxL, segment_ids_BxL, idx, idx, self.window)
-        o = self._attend(q, k, v, mask, key_bias_BxL)
+        mask = attention_mask(segment_ids_BxL, segment_ids_BxL, idx, idx, self.window, self.causal)
+        o = self._attend(q, k, v, mask, key_bias_BxL, record=True)
         return self.out(o.reshape(B, L, D))
 
     # ----- incremental decoding -----
@@ -129,11 +154,12 @@ class Attention(nnx.Module):
         zeros_b = jnp.zeros((batch_size,), jnp.int32)
         return {"k": jnp.zeros(shape, self.dtype), "v": jnp.zeros(shape, self.dtype), "pos": zeros_b, "start": zeros_b}
 
-    def step(self, x_BxD, cache, reset_B):
-        """One position per row. ``pos`` is the row's next cache slot, ``start`` its document start slot."""
+    def step(self, x_BxD, cache, reset_B, positions_B=None):
+        """One position per row. ``pos`` is the row's next cache slot, ``start`` its document start slot.
+        RoPE uses ``positions_B`` when given (MrT5 keeps original positions), else the slot offset pos - start."""
         B, D = x_BxD.shape
         pos, start = cache["pos"], jnp.where(reset_B, cache["pos"], cache["start"])
-        q, k, v = self._qkv(x_BxD[:, None], (pos - start)[:, None])
+        q, k, v = self._qkv(x_BxD[:, None], (pos - start if positions_B is None else positions_B)[:, None])
         write = jax.nn.one_hot(pos, cache["k"].shape[1], dtype=cache["k"].dtype)[:, :, None, None]
         k_cache = cache["k"] * (1 - write) + write * k
         v_cache = cache["v"] * (1 - write) + write * v
@@ -193,6 +219,9 @@ class StackConfig:
     num_heads: int = 4
     rotary_dim: int | None = None  # None = full head dim
     window: int = -1  # attention sees this many previous positions (-1 = global)
+    softmax1: bool = False  # attention with a zero-logit, zero-value sink (MrT5)
+    score_margin: float | None = None  # record the attention-score regulariser (MrT5 App. D)
+    causal: bool = True  # False: bidirectional attention within each segment (full forward only; no step)
     ssm_d_state: int = 128
     ssm_d_conv: int = 4
     ssm_expand: int = 2
@@ -214,7 +243,8 @@ class Block(nnx.Module):
         if kind == "t":
             self.mixer = Attention(cfg.d_model, cfg.num_heads, rotary_dim=cfg.rotary_dim, window=cfg.window,
                                    out_init_std=out_init_std, dtype=dtype, param_dtype=param_dtype,
-                                   length_axis=length_axis, rngs=rngs)
+                                   length_axis=length_axis, softmax1=cfg.softmax1, score_margin=cfg.score_margin,
+                                   causal=cfg.causal, rngs=rngs)
         else:
             from hnet.mamba2 import Mamba2
 
@@ -244,8 +274,11 @@ class Block(nnx.Module):
             return self.mixer.init_cache(batch_size, max_len)
         return self.mixer.init_cache(batch_size)
 
-    def step(self, x_BxD, cache, reset_B):
-        y, cache = self.mixer.step(self.norm1(x_BxD), cache, reset_B)
+    def step(self, x_BxD, cache, reset_B, positions_B=None):
+        if self.kind == "t":
+            y, cache = self.mixer.step(self.norm1(x_BxD), cache, reset_B, positions_B)
+        else:
+            y, cache = self.mixer.step(self.norm1(x_BxD), cache, reset_B)
         x = x_BxD + y.astype(jnp.float32)
         if self.mlp is not None:
             x = x + self.mlp(self.norm2(x)).astype(jnp.float32)
@@ -284,10 +317,10 @@ class Stack(nnx.Module):
     def init_cache(self, batch_size: int, max_len: int) -> list[Any]:
         return [b.init_cache(batch_size, max_len) for b in self.blocks]
 
-    def step(self, x_BxD, cache, reset_B):
+    def step(self, x_BxD, cache, reset_B, positions_B=None):
         x = x_BxD.astype(jnp.float32)
         new = []
         for block, c in zip(self.blocks, cache):
-            x, c = block.step(x, c, reset_B)
+            x, c = block.step(x, c, reset_B, positions_B)
             new.append(c)
         return self.final_norm(x), new

@@ -42,6 +42,7 @@ class Setup:
     tx: Any
     schedule: Callable
     lr_multiplier: Callable | None
+    supports_decoding: bool = True  # False for models without decode_step (e.g. encoder-decoder MrT5)
 
 
 def build_state(model_fn: Callable[[], nnx.Module], opt_cfg: OptimizerConfig, total_steps: int, mesh,
@@ -63,7 +64,8 @@ def build_state(model_fn: Callable[[], nnx.Module], opt_cfg: OptimizerConfig, to
         init_jit = jax.jit(init)
         shardings = init_jit.lower().compile().output_shardings
         state = init_jit() if allocate else abstract_like(jax.eval_shape(init), shardings)
-    return Setup(mesh, graphdef, state, shardings, tx, schedule, lr_mult)
+    return Setup(mesh, graphdef, state, shardings, tx, schedule, lr_mult,
+                 getattr(abstract_model, "supports_decoding", True))
 
 
 def evaluate(setup: Setup, eval_cfg: data_lib.DataConfig, docs: list[bytes], eval_fn=None) -> dict[str, float]:
@@ -243,7 +245,7 @@ def train(
                 writer.scalars(step, ev, "eval/")
                 log_boundaries(setup, writer, step, viz_batch)
                 log.info("eval step %d: bpb %.4f", step, ev["bpb"])
-            if sample_every and step % sample_every == 0:  # every process runs the sharded computation
+            if sample_every and step % sample_every == 0 and setup.supports_decoding:  # all processes run it
                 for i, s in enumerate(sample_texts(setup, list(sample_prompts), sample_bytes, seed=step)):
                     writer.text(step, f"samples/{i}", sample_prompts[i] + s)
             if stop_after and step - start >= stop_after:
@@ -258,7 +260,7 @@ def train(
         log_boundaries(setup, writer, step, viz_batch)
         results["eval"] = ev
         log.info("final eval at step %d: bpb %.4f over %d bytes", step, ev["bpb"], ev["n_bytes"])
-    if step >= steps and sample_prompts:
+    if step >= steps and sample_prompts and setup.supports_decoding:
         samples = sample_texts(setup, list(sample_prompts), sample_bytes, seed=0)
         results["samples"] = [p + s for p, s in zip(sample_prompts, samples)]
         for i, s in enumerate(results["samples"]):

@@ -50,7 +50,7 @@ def cross_entropy_sums(out: ModelOutput, batch) -> dict[str, jax.Array]:
 
 
 def loss_and_metrics(params, rest, graphdef, batch):
-    model = nnx.merge(graphdef, params, rest)
+    model = nnx.merge(graphdef, params, rest, copy=True)  # fresh Variables: models may update state in place
     out = model(batch)
     sums = cross_entropy_sums(out, batch)
     ce = sums["nll_sum"] / jnp.maximum(sums["n_targets"], 1.0)
