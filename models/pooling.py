@@ -1,0 +1,189 @@
+"""Shared pieces of the rule-based pooled models (HAT, LYT, SpaceByte, fixed stride, DTP whitespace).
+
+Conventions (shared/reference/boundaries.md §0, §9): chunk boundaries are START bits ``b_BxL`` (b_t = 1 iff
+byte t opens a chunk; forced at every document start). A row holds at most M chunks (static); chunk ids
+cid_t = cumsum(b)_t - 1; chunks with cid >= M are dropped and every byte that would need them gets
+``target_mask`` False (counted as overflow).
+
+Word rules with lookahead (HAT, LYT): a word is known complete only when the next word's first character
+is known. A START bit that sits on the lead byte of a multi-byte character is decided only once that
+character is complete (``hnet.boundary_rules`` module docstring), so the models use the *decided* starts
+``causal_word_starts``: the bit moves to the character's last byte (the lead bytes stay in the previous
+word). Generation feeds the same bit from ``hat_is_word_start_incremental`` (pending -> False).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from hnet import chunking
+from hnet.boundary_rules import doc_starts, hat_is_word_start_incremental
+from hnet.bytes import BOS, EOS
+
+
+def masked_update(new, old, active_B):
+    """Per-row select over a pytree whose leaves have the batch as leading axis."""
+    return jax.tree.map(lambda n, o: jnp.where(active_B.reshape((-1,) + (1,) * (n.ndim - 1)), n, o), new, old)
+
+
+def offsets_in_chunk(starts_BxL):
+    """Index of each position inside its chunk (0 where ``starts`` is True)."""
+    n = starts_BxL.shape[1]
+    idx = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), starts_BxL.shape)
+    return idx - jax.lax.cummax(jnp.where(starts_BxL, idx, 0), axis=1)
+
+
+def utf8_len(x):
+    """Expected UTF-8 character length of a byte read as a lead byte (1 for ASCII, continuation and invalid)."""
+    x = x.astype(jnp.int32)
+    return jnp.where((x >= 0xC0) & (x < 0xE0), 2, jnp.where((x >= 0xE0) & (x < 0xF0), 3,
+                                                              jnp.where((x >= 0xF0) & (x < 0xF8), 4, 1)))
+
+
+def causal_word_starts(word_starts_BxL, inputs_BxL, segment_ids_BxL):
+    """Decided START bits: a word start on the lead byte s of a k-byte character is moved to s + k - 1 (the
+    byte that completes the character); ASCII starts and stray continuation bytes (one-byte words) stay; the
+    start of a truncated character is dropped. Every document start is a start. bool [B, L].
+
+    Equals the host's ``hat_is_word_start_incremental`` (pending -> False) on valid UTF-8, truncated characters
+    and stray continuation bytes; differs only after lead bytes whose second byte is out of the lead's range
+    (overlong / surrogate / > U+10FFFF forms), which Python rejects one byte earlier."""
+    x = inputs_BxL.astype(jnp.int32)
+    cont = (x >= 0x80) & (x < 0xC0)
+    idx = jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32), x.shape)
+    lead = jax.lax.cummax(jnp.where(cont, 0, idx), axis=1)
+    ws_lead = jnp.take_along_axis(word_starts_BxL.astype(bool), lead, axis=1)
+    n_lead = utf8_len(jnp.take_along_axis(x, lead, axis=1))
+    run = idx - lead + 1
+    decided = (ws_lead & (run == n_lead)) | (word_starts_BxL.astype(bool) & (run > n_lead))  # stray continuation
+    return (decided & (segment_ids_BxL > 0)) | doc_starts(segment_ids_BxL)
+
+
+class ChunkLayout(NamedTuple):
+    """Static-capacity description of the chunks of a START mask (M slots per row)."""
+
+    cid_BxL: jax.Array  # chunk id of every byte (may be >= M)
+    start_BxM: jax.Array  # position of each chunk's first byte (0 for empty slots)
+    valid_BxM: jax.Array
+    seg_BxM: jax.Array  # segment id of each chunk (0 for empty slots)
+    pos_BxM: jax.Array  # chunk index within its document (backbone positions)
+    doc_first_BxM: jax.Array  # chunk opens its document (reads the learned first/null vector)
+    byte_ok_BxL: jax.Array  # cid < M
+    dropped_B: jax.Array
+
+
+def chunk_layout(starts_BxL, segment_ids_BxL, M: int) -> ChunkLayout:
+    start, valid = chunking.compaction_indices(starts_BxL, M)
+    seg = jnp.where(valid, jnp.take_along_axis(segment_ids_BxL, start, axis=1), 0)
+    first = doc_starts(seg) & valid
+    dropped, ok = chunking.overflow(starts_BxL, M)
+    return ChunkLayout(chunking.chunk_ids(starts_BxL), start, valid, seg, offsets_in_chunk(doc_starts(seg)),
+                       first, ok, dropped)
+
+
+def gather_chunks(v_BxMx_, idx_BxL):
+    """out[b, t] = v[b, idx[b, t]] if 0 <= idx < M else 0 (any trailing dims)."""
+    M = v_BxMx_.shape[1]
+    ok = (idx_BxL >= 0) & (idx_BxL < M)
+    g = jnp.take_along_axis(v_BxMx_, jnp.clip(idx_BxL, 0, M - 1).reshape(idx_BxL.shape + (1,) * (v_BxMx_.ndim - 2)),
+                            axis=1)
+    return jnp.where(ok.reshape(ok.shape + (1,) * (v_BxMx_.ndim - 2)), g, 0)
+
+
+def segment_sum(v_BxLx_, idx_BxL, M: int):
+    """out[b, j] = sum_{t: idx[b,t] = j} v[b, t]; indices outside [0, M) are dropped."""
+    idx = jnp.where((idx_BxL >= 0) & (idx_BxL < M), idx_BxL, M)
+    return jax.vmap(lambda v, i: jax.ops.segment_sum(v, i, num_segments=M + 1))(v_BxLx_, idx)[:, :M]
+
+
+def shift_chunks(z_BxMx_, first_, doc_first_BxM):
+    """prev_j = first if chunk j opens its document else z_{j-1} (the one-chunk lookahead read)."""
+    prev = jnp.pad(z_BxMx_, ((0, 0), (1, 0)) + ((0, 0),) * (z_BxMx_.ndim - 2))[:, :-1]
+    first = jnp.broadcast_to(first_.astype(prev.dtype), prev.shape)
+    return jnp.where(doc_first_BxM.reshape(doc_first_BxM.shape + (1,) * (z_BxMx_.ndim - 2)), first, prev)
+
+
+def chunk_metrics(starts_BxL, segment_ids_BxL, dropped_B, per_chunk: int = 1) -> dict:
+    """Bytes per chunk (ratio of sums and per-row mean, non-pad bytes), overflow count."""
+    real = segment_ids_BxL > 0
+    n_chunks = jnp.sum(starts_BxL & real, axis=1).astype(jnp.float32)
+    n_pos = jnp.sum(real, axis=1).astype(jnp.float32)
+    out = {"bytes_per_chunk": jnp.sum(n_pos) / jnp.maximum(jnp.sum(n_chunks), 1),
+           "bytes_per_chunk_row_mean": jnp.mean(n_pos / jnp.maximum(n_chunks, 1)),
+           "overflow_chunks": jnp.sum(dropped_B).astype(jnp.float32)}
+    if per_chunk != 1:
+        out["bytes_per_backbone_position"] = out["bytes_per_chunk"] / per_chunk
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Generation with host-side word starts (HAT, LYT)
+# ------------------------------------------------------------------------------------------------
+
+def make_word_decode_fn(graphdef):
+    """jit(state, tokens_B, cache, reset_B, word_start_B) -> (logits_BxV, cache) in eval mode."""
+
+    @jax.jit
+    def step(state, tok, cache, reset, ws):
+        model = nnx.merge(graphdef, state)
+        model.eval()
+        return model.decode_step(tok, cache, reset, ws)
+
+    return step
+
+
+class WordStartTracker:
+    """Host-side HAT word decisions for one row, one fed byte at a time (``None`` = pending -> False)."""
+
+    def __init__(self, max_word_bytes: int):
+        self.max_word_bytes = max_word_bytes
+        self.content = bytearray()
+        self.last_start = 0
+
+    def push(self, byte: int) -> bool:
+        if byte in (BOS, EOS) and not self.content:  # BOS: reset handles it
+            return True
+        d = hat_is_word_start_incremental(bytes(self.content), byte, self.max_word_bytes, self.last_start)
+        self.content.append(byte)
+        if d:
+            self.last_start = len(self.content) - 1
+            # the decided bit sits on the last byte of a character; re-split from its lead byte
+            while self.last_start > 0 and 0x80 <= self.content[self.last_start] < 0xC0:
+                self.last_start -= 1
+        return bool(d)
+
+
+def generate_words(model, prompts: list[bytes], *, max_new_bytes: int = 64, temperature: float = 0.0,
+                   top_p: float = 1.0, seed: int = 0, max_word_bytes: int = 100):
+    """Batched sampling for models whose ``decode_step`` takes a per-row word-start flag (HAT, LYT).
+
+    Rows advance together one byte per call; the host splitter decides each fed byte's (decided) start bit
+    incrementally. Returns (continuations as bytes, fed tokens [B, T], logits [B, T, V])."""
+    from train.generate import sample_logits
+
+    rows = [bytes([BOS]) + p for p in prompts]
+    lens = [len(r) for r in rows]
+    B, T = len(rows), max(lens) + max_new_bytes
+    graphdef, state = nnx.split(model)
+    step = make_word_decode_fn(graphdef)
+    cache = jax.jit(lambda s: nnx.merge(graphdef, s).init_cache(B, T))(state)
+    trackers = [WordStartTracker(max_word_bytes) for _ in range(B)]
+    key = jax.random.key(seed)
+    fed = np.zeros((B, T), np.int32)
+    all_logits = []
+    prev = np.zeros(B, np.int32)
+    for t in range(T):
+        tok = np.array([rows[b][t] if t < lens[b] else prev[b] for b in range(B)], np.int32)
+        ws = np.array([trackers[b].push(int(tok[b])) for b in range(B)])
+        fed[:, t] = tok
+        logits, cache = step(state, jnp.asarray(tok), cache, jnp.full((B,), t == 0), jnp.asarray(ws))
+        key, sub = jax.random.split(key)
+        prev = np.asarray(sample_logits(sub, logits, temperature, top_p))
+        all_logits.append(np.asarray(logits))
+    outs = [bytes(fed[b, lens[b]:].astype(np.uint8).tolist()) + bytes([int(prev[b])]) for b in range(B)]
+    return outs, fed, np.stack(all_logits, 1)
