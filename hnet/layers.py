@@ -123,7 +123,9 @@ class Attention(nnx.Module):
 
     def _attend(self, q_BxQxHxK, k_BxSxHxK, v_BxSxHxK, mask_Bx1xQxS, key_bias_BxS=None, record: bool = False):
         scale = 1.0 / math.sqrt(self.head_dim)
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q_BxQxHxK, k_BxSxHxK, preferred_element_type=jnp.float32) * scale
+        # head-major batched matmuls (3x faster than the equivalent einsum on XLA:CPU)
+        q_BxHxQxK, k_BxHxSxK = q_BxQxHxK.transpose(0, 2, 1, 3), k_BxSxHxK.transpose(0, 2, 1, 3)
+        logits = jnp.matmul(q_BxHxQxK, k_BxHxSxK.transpose(0, 1, 3, 2), preferred_element_type=jnp.float32) * scale
         if record and self.score_reg is not None:
             mask = jnp.broadcast_to(mask_Bx1xQxS, logits.shape)
             excess = jnp.where(mask, jnp.maximum(logits, self.score_margin) - self.score_margin, 0.0)
@@ -137,7 +139,8 @@ class Attention(nnx.Module):
         probs = jax.nn.softmax(logits, axis=-1)
         if self.softmax1:
             probs = probs[..., :-1]
-        return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v_BxSxHxK.dtype), v_BxSxHxK)
+        o_BxHxQxK = jnp.matmul(probs.astype(v_BxSxHxK.dtype), v_BxSxHxK.transpose(0, 2, 1, 3))
+        return o_BxHxQxK.transpose(0, 2, 1, 3)
 
     def __call__(self, x_BxLxD, segment_ids_BxL, positions_BxL, key_bias_BxL=None):
         B, L, D = x_BxLxD.shape
