@@ -33,6 +33,7 @@ import jax.numpy as jnp
 
 from hnet.kernels.gather_rows import default_backend as _kernel_backend
 from hnet.kernels.gather_rows import gather_rows as _gather_rows
+from hnet.kernels.gather_rows import gather_rows_sharded as _gather_rows_sharded
 from hnet.kernels.gather_rows import reference_gather_rows as _reference_gather_rows
 
 __all__ = [
@@ -73,6 +74,9 @@ def _gather(x_BxLxD: jax.Array, idx_BxM: jax.Array, impl: str) -> jax.Array:
     if impl.startswith("pallas"):
         on_cpu = jax.default_backend() == "cpu"
         backend = impl.partition(":")[2] or (_kernel_backend() if not on_cpu else "tpu")
+        mesh = jax.sharding.get_abstract_mesh()
+        if not mesh.empty and mesh.size > 1:  # a pallas_call is not auto-partitioned: shard_map over batch
+            return _gather_rows_sharded(x_BxLxD, idx_BxM, mesh, backend=backend, interpret=on_cpu)
         return _gather_rows(x_BxLxD, idx_BxM, backend=backend, interpret=on_cpu)
     raise ValueError(f"impl must be one of {_IMPLS}, got {impl!r}")
 

@@ -135,6 +135,7 @@ def main(argv=None) -> dict:
     eval_cfg = gin.query_parameter("train.train.eval_data").scoped_configurable_fn()
     opt_cfg = gin.query_parameter("train.train.optimizer").scoped_configurable_fn()
     steps = gin.query_parameter("train.train.steps")
+    steps = steps.scoped_configurable_fn() if isinstance(steps, gin.config.ConfigurableReference) else steps  # macro
     mesh = sharding.make_mesh({"data": -1})
     setup = build_state(model_fn, opt_cfg, steps, mesh, allocate=False)
     ckpt = Checkpointer(os.path.join(args.workdir, "checkpoints"), every_steps=0, async_save=False)
