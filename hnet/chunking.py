@@ -75,7 +75,8 @@ def _gather(x_BxLxD: jax.Array, idx_BxM: jax.Array, impl: str) -> jax.Array:
         on_cpu = jax.default_backend() == "cpu"
         backend = impl.partition(":")[2] or (_kernel_backend() if not on_cpu else "tpu")
         mesh = jax.sharding.get_abstract_mesh()
-        if not mesh.empty and mesh.size > 1:  # a pallas_call is not auto-partitioned: shard_map over batch
+        manual = any(t == jax.sharding.AxisType.Manual for t in mesh.axis_types)
+        if not mesh.empty and mesh.size > 1 and not manual:  # pallas_call is not auto-partitioned: shard_map
             return _gather_rows_sharded(x_BxLxD, idx_BxM, mesh, backend=backend, interpret=on_cpu)
         return _gather_rows(x_BxLxD, idx_BxM, backend=backend, interpret=on_cpu)
     raise ValueError(f"impl must be one of {_IMPLS}, got {impl!r}")

@@ -107,7 +107,7 @@ def test_router_gradients_through_ste_and_ema():
                 H.ste_one = lambda c: jnp.ones_like(jax.lax.stop_gradient(c))
             if cut == "ema":
                 H.ema_over_chunks = lambda z, P, r: orig_ema(z, jax.lax.stop_gradient(P), r)
-            g = nnx.grad(ce)(model)
+            g = nnx.jit(nnx.grad(ce))(model)
         finally:
             H.ste_one, H.ema_over_chunks = orig_ste, orig_ema
         r = g["backbone"]["router"]
@@ -123,7 +123,7 @@ def test_router_gradients_through_ste_and_ema():
     try:
         H.ste_one = lambda c: jnp.ones_like(jax.lax.stop_gradient(c))
         H.ema_over_chunks = lambda z, P, r: orig_ema(z, jax.lax.stop_gradient(P), r)
-        g = nnx.grad(ce)(model)
+        g = nnx.jit(nnx.grad(ce))(model)
     finally:
         H.ste_one, H.ema_over_chunks = orig_ste, orig_ema
     assert float(jnp.abs(g["backbone"]["router"]["q_proj"]["kernel"][...]).max()) == 0.0
@@ -137,7 +137,7 @@ def test_every_parameter_gets_gradient():
         out = m(batch)
         return jnp.mean(jax.nn.logsumexp(out.logits_BxLxV, -1)) + out.aux_loss
 
-    grads = nnx.grad(loss)(model)
+    grads = nnx.jit(nnx.grad(loss))(model)
     flat = jax.tree_util.tree_leaves_with_path(nnx.state(grads, nnx.Param))
     dead = [jax.tree_util.keystr(p) for p, g in flat if not np.any(np.asarray(g) != 0)]
     assert not dead, dead
@@ -193,7 +193,7 @@ def test_second_document_is_independent_of_the_first():
 def test_capacity_overflow_is_masked_and_counted():
     """With a capacity far below the boundary count, overflowing bytes leave the loss and are counted."""
     cfg = HNetConfig(**{**ONE.__dict__, "capacity": (0.1,)})
-    out = HNetLM(cfg, seed=5)(to_jnp(_batch()))
+    out = nnx.jit(lambda m, b: m(b))(HNetLM(cfg, seed=5), to_jnp(_batch()))
     assert float(out.metrics["overflow_chunks_s0"]) > 0
     mask = np.asarray(out.target_mask_BxL)
     assert (~mask).sum() > 0 and np.all(np.isfinite(np.asarray(out.logits_BxLxV)))

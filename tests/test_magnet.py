@@ -111,6 +111,7 @@ def test_doc_routes_annotation_is_the_dominant_script():
     assert per_doc == [[0], [1], [2]]
 
 
+@pytest.mark.slow
 def test_magnet_config_trains_with_falling_loss(tmp_path):
     from train import config
     from train.loop import train

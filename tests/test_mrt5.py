@@ -345,7 +345,7 @@ def test_encdec_hard_equals_soft_when_saturated_and_gradients(cpu_mesh):
 # ------------------------------------------------------------------------------------- configs
 
 
-@pytest.mark.parametrize("name", ["mrt5_causal_tiny", "mrt5_encdec_tiny"])
+@pytest.mark.parametrize("name", ["mrt5_causal_tiny", pytest.param("mrt5_encdec_tiny", marks=pytest.mark.slow)])
 def test_config_trains_and_checkpoints_the_controller(name, tmp_path, gin_clean):
     from train.checkpoint import Checkpointer
     from train.config import parse

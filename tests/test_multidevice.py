@@ -93,6 +93,7 @@ def _losses(workdir: str) -> list[float]:
         return [h["loss"] for h in json.load(f)["history"]]
 
 
+@pytest.mark.slow
 def test_two_processes_train_checkpoint_resume_match_single_process(tmp_path):
     from launch.local import run_local
 

@@ -229,7 +229,8 @@ def test_generate_words_matches_full_forward(name):
 CONFIGS = ["hat_tiny", "lyt_tiny", "spacebyte_tiny", "fixed_tiny", "dtp_whitespace_tiny"]
 
 
-@pytest.mark.parametrize("cfg", CONFIGS)
+@pytest.mark.parametrize("cfg", [pytest.param(c, marks=pytest.mark.slow) if c in ("hat_tiny", "lyt_tiny") else c
+                                 for c in CONFIGS])
 def test_config_parses_and_loss_falls(cfg, gin_clean, tmp_path):
     import os
 
