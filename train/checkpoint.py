@@ -12,6 +12,10 @@ import orbax.checkpoint as ocp
 log = logging.getLogger(__name__)
 
 
+class CheckpointError(RuntimeError):
+    """Checkpoints exist but none of them can be read (the run must not silently start from scratch)."""
+
+
 class Checkpointer:
     def __init__(self, directory: str, *, every_steps: int, keep: int = 3, async_save: bool = True):
         self.every_steps = every_steps
@@ -20,6 +24,7 @@ class Checkpointer:
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
                                                  create=True),
         )
+        self.unreadable: set[int] = set()  # steps restore_latest could not read (replaced when saved again)
 
     @property
     def directory(self) -> str:
@@ -32,6 +37,10 @@ class Checkpointer:
     def save(self, step: int, state, data_iter=None, *, force: bool = False) -> bool:
         if not force and (self.every_steps <= 0 or step % self.every_steps):
             return False
+        if step in self.unreadable:  # recomputed after a fallback: replace the unreadable copy
+            log.warning("replacing unreadable checkpoint step %d in %s", step, self.directory)
+            self.mgr.delete(step)
+            self.unreadable.discard(step)
         if step in self.mgr.all_steps():
             return False
         items = {"state": ocp.args.StandardSave(state)}
@@ -56,11 +65,12 @@ class Checkpointer:
             except Exception as e:  # noqa: BLE001 - any read error means "this step is unusable"
                 log.error("checkpoint step %d in %s is unreadable (%s: %s); falling back to the previous one",
                           step, self.directory, type(e).__name__, str(e)[:300])
+                self.unreadable.add(step)
                 continue
             return step, restored["state"]
         if steps:
-            raise RuntimeError(f"no readable checkpoint among steps {steps} in {self.directory}; "
-                               "refusing to start from scratch over them (move the directory away to do so)")
+            raise CheckpointError(f"no readable checkpoint among steps {steps} in {self.directory}; "
+                                  "refusing to start from scratch over them (move the directory away to do so)")
         return None, None
 
     def wait(self):

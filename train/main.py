@@ -48,6 +48,7 @@ def main(argv):
     import jax
 
     from train import data as data_lib
+    from train.checkpoint import CheckpointError
     from train.logger import log, setup_console
     from train.loop import train
 
@@ -56,6 +57,9 @@ def main(argv):
         results = train(workdir=FLAGS.workdir)
     except data_lib.DataError as e:
         print(f"data error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except CheckpointError as e:
+        print(f"checkpoint error: {e}", file=sys.stderr)
         sys.exit(2)
     if jax.process_index() == 0:
         wd = os.path.abspath(FLAGS.workdir)
