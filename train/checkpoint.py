@@ -4,6 +4,7 @@ state, async, keep-N. Restore falls back to the previous good step when the late
 from __future__ import annotations
 
 import logging
+import os
 
 import grain
 import jax
@@ -20,7 +21,7 @@ class Checkpointer:
     def __init__(self, directory: str, *, every_steps: int, keep: int = 3, async_save: bool = True):
         self.every_steps = every_steps
         self.mgr = ocp.CheckpointManager(
-            directory,
+            os.path.abspath(directory),  # orbax needs absolute paths
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
                                                  create=True),
         )

@@ -54,7 +54,7 @@ def main(argv):
 
     setup_console()
     try:
-        results = train(workdir=FLAGS.workdir)
+        results = train(workdir=os.path.abspath(FLAGS.workdir))
     except data_lib.DataError as e:
         print(f"data error: {e}", file=sys.stderr)
         sys.exit(2)
