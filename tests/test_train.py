@@ -414,3 +414,20 @@ def test_weight_decay_reaches_dense_kernels_of_real_model():
                 np.testing.assert_allclose(u, -1e-2 * 0.5 * p, rtol=1e-5)
         else:
             assert np.abs(u).max() == 0, f"{name} must not be weight-decayed"
+
+
+def test_checkpointer_accepts_a_relative_directory(tmp_path, monkeypatch):
+    """The default job uses a relative workdir; orbax itself only takes absolute paths."""
+    import jax.numpy as jnp
+
+    from train.checkpoint import Checkpointer
+
+    monkeypatch.chdir(tmp_path)
+    ck = Checkpointer("runs/rel/checkpoints", every_steps=1)
+    state = {"w": jnp.arange(4.0)}
+    assert ck.save(1, state)
+    ck.wait()
+    step, restored = ck.restore_latest({"w": jnp.zeros(4)})
+    ck.close()
+    assert step == 1 and float(restored["w"][3]) == 3.0
+    assert (tmp_path / "runs/rel/checkpoints/1").is_dir()
