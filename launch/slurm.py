@@ -21,19 +21,12 @@ import subprocess
 import sys
 from typing import Sequence
 
+from launch.local import split_argv
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SBATCH_SCRIPT = os.path.join(REPO_ROOT, "launch", "slurm_gpu.sbatch")
 DEFAULT_PORT = 29500
 DEFAULT_PYTHON = ".venv/bin/python"  # relative to REPO_DIR, as in slurm_entry.sh
-
-
-def split_argv(argv: Sequence[str]) -> tuple[list[str], list[str]]:
-    """Splits ``launcher args -- forwarded args`` at the first ``--``."""
-    argv = list(argv)
-    if "--" in argv:
-        i = argv.index("--")
-        return argv[:i], argv[i + 1:]
-    return argv, []
 
 
 def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:

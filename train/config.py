@@ -30,6 +30,17 @@ def split_gin_args(argv: list[str]) -> tuple[list[str], list[str]]:
     return bindings, rest
 
 
+def run_app(main, argv: list[str]) -> None:
+    """absl ``app.run(main)`` after moving the ``--gin.KEY=value`` flags of argv into GIN_CLI_BINDINGS."""
+    from absl import app
+
+    GIN_CLI_BINDINGS[:], rest = split_gin_args(argv)
+    app.run(main, argv=rest)
+
+
+GIN_CLI_BINDINGS: list[str] = []  # the --gin.KEY=value bindings of the running CLI
+
+
 def _valid_params(name: str) -> list[str]:
     try:
         fn = gin.config._REGISTRY.get_match(name).wrapped  # noqa: SLF001 - gin has no public lookup

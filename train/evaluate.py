@@ -12,7 +12,7 @@ import json
 import os
 import sys
 
-from absl import app, flags
+from absl import flags
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "training workdir (operative_config.gin + checkpoints/)")
@@ -21,16 +21,14 @@ flags.DEFINE_bool("all", False, "evaluate every checkpoint in the workdir")
 flags.DEFINE_multi_string("gin_file", [], "extra gin files applied after the operative config")
 flags.DEFINE_string("out", None, "output JSON (default WORKDIR/eval.json)")
 
-_BINDINGS: list[str] = []
-
-
 def main(argv):
     del argv
     from train import data as data_lib
     from train.loop import evaluate
+    from train.config import GIN_CLI_BINDINGS
     from train.restore import checkpointer, load_config, query, restore_setup
 
-    load_config(FLAGS.workdir, FLAGS.gin_file, _BINDINGS)
+    load_config(FLAGS.workdir, FLAGS.gin_file, GIN_CLI_BINDINGS)
     eval_cfg = query("train.train.eval_data")
     docs, stats = data_lib.load_documents(eval_cfg)
     ckpt = checkpointer(FLAGS.workdir)
@@ -48,11 +46,9 @@ def main(argv):
 
 
 def run():
-    global _BINDINGS
-    from train.config import split_gin_args
+    from train.config import run_app
 
-    _BINDINGS, argv = split_gin_args(sys.argv)
-    app.run(main, argv=argv)
+    run_app(main, sys.argv)
 
 
 if __name__ == "__main__":

@@ -19,9 +19,6 @@ flags.DEFINE_integer("num_processes", None, "number of processes (multi-host)")
 flags.DEFINE_integer("process_id", None, "this process' index (multi-host)")
 flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() with auto-detection (TPU VMs, SLURM)")
 
-_GIN_BINDINGS: list[str] = []
-
-
 def _init_distributed():
     import jax
 
@@ -40,7 +37,7 @@ def main(argv):
     from train import config
 
     try:
-        config.parse(FLAGS.gin_file, list(FLAGS.gin_bindings) + _GIN_BINDINGS)
+        config.parse(FLAGS.gin_file, list(FLAGS.gin_bindings) + config.GIN_CLI_BINDINGS)
     except (config.ConfigError, OSError) as e:
         print(f"config error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -75,11 +72,9 @@ def main(argv):
 
 
 def run():
-    global _GIN_BINDINGS
-    from train.config import split_gin_args
+    from train.config import run_app
 
-    _GIN_BINDINGS, argv = split_gin_args(sys.argv)
-    app.run(main, argv=argv)
+    run_app(main, sys.argv)
 
 
 if __name__ == "__main__":
