@@ -62,7 +62,7 @@ def test_cli_style_overrides_take_effect(gin_clean):
     assert gin.query_parameter("hnet.StackConfig.d_model") == 64
     n64 = _abstract_model()
     parse([TINY, DEFAULT_RUN], [])
-    assert gin.query_parameter("%TRAIN_STEPS") == 600
+    assert gin.query_parameter("%TRAIN_STEPS") == 300  # configs/runs/default.gin
     assert _abstract_model() > n64  # the default (d_model 128) is larger
 
 
