@@ -1,16 +1,22 @@
 """Training throughput benchmark: bytes/s, step time, compile time, FLOPs per byte and peak memory of
 model configs at several sequence lengths (one subprocess per measurement, so peak RSS is its own).
 
-    .venv/bin/python benchmarks/throughput.py --configs isotropic_tiny hnet_1stage_tiny \
-        --seq_lens 1024 4096 --bytes_per_step 8192 --out benchmarks/out/throughput.json
+    # every model family at L = 1024 and 4096
+    .venv/bin/python benchmarks/throughput.py --steps 3 --out docs/throughput_families_cpu.json
+    # length scaling 1k -> 8k at a fixed 8192 bytes per step (B = 8, 4, 2, 1)
+    .venv/bin/python benchmarks/throughput.py --scaling --configs isotropic_tiny hnet_1stage_tiny
 
-FLOPs are XLA's own count for the compiled train step (forward + backward + update), divided by
-the bytes in the step: what the hardware actually executes, including H-Net's static chunk capacity.
+Each config is trained on its run's data pipeline (configs/runs/default.gin), so models that need per-byte
+annotations (HAT/LYT word starts, MAGNET script routes) get them. FLOPs are XLA's own count for the
+compiled train step (forward + backward + update) divided by the bytes in the step: what the hardware
+actually executes, including static chunk capacities. Every row records os.getloadavg() before and after
+its subprocess: on a shared machine, compare rows measured under similar load.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -18,12 +24,31 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FAMILIES = ["isotropic_tiny", "isotropic_flops_matched_tiny", "isotropic_hnet_main_tiny", "hnet_1stage_tiny",
+            "hnet_2stage_tiny", "hat_tiny", "lyt_tiny", "spacebyte_tiny", "fixed_tiny", "dtp_whitespace_tiny",
+            "dtp_gumbel_tiny", "magnet_tiny", "mrt5_causal_tiny"]
+SCALING_LENS = [1024, 2048, 4096, 8192]
+
+
+def timed(fn, steps: int) -> list[float]:
+    """Wall seconds of each of ``steps`` calls of ``fn()``; fn must block until its work is done."""
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def measure(config: str, seq_len: int, bytes_per_step: int, steps: int, bindings: list[str]) -> dict:
-    """Runs in the child process."""
-    import resource
-
+    """Runs in the child process: compile, one warm-up step, then ``steps`` timed steps (median)."""
+    import gin
     import jax
     import numpy as np
 
@@ -36,12 +61,12 @@ def measure(config: str, seq_len: int, bytes_per_step: int, steps: int, bindings
 
     cfg_lib.parse([os.path.join(ROOT, "configs", f"{config}.gin"), os.path.join(ROOT, "configs/runs/default.gin")],
                   bindings)
-    import gin
-
     model_fn = gin.query_parameter("train.train.model").scoped_configurable_fn
     batch = max(1, bytes_per_step // seq_len)
-    docs, _ = data_lib.load_documents(data_lib.DataConfig())
-    it = data_lib.make_train_iterator(data_lib.DataConfig(seq_len=seq_len, batch_size=batch), docs)
+    data_cfg = gin.query_parameter("train.train.train_data").scoped_configurable_fn()  # keeps its annotations
+    data_cfg = dataclasses.replace(data_cfg, seq_len=seq_len, batch_size=batch)
+    docs, _ = data_lib.load_documents(data_cfg)
+    it = data_lib.make_train_iterator(data_cfg, docs)
     mesh = sharding.make_mesh()
     setup = build_state(model_fn, OptimizerConfig(), 1000, mesh)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(setup.state.params))
@@ -50,64 +75,118 @@ def measure(config: str, seq_len: int, bytes_per_step: int, steps: int, bindings
                    out_shardings=(setup.state_shardings, None), donate_argnums=(0,))
     with sharding.mesh_context(mesh):
         b = sharding.global_batch_from_local(mesh, next(it))
-        t0 = time.time()
+        t0 = time.perf_counter()
         compiled = step.lower(setup.state, b).compile()
-        compile_s = time.time() - t0
+        compile_s = time.perf_counter() - t0
         cost = compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, list) else cost
-        state = setup.state
-        state, m = compiled(state, b)
-        jax.block_until_ready(m["loss"])
-        times = []
-        for _ in range(steps):
-            b = sharding.global_batch_from_local(mesh, next(it))
-            t0 = time.time()
-            state, m = compiled(state, b)
-            jax.block_until_ready(m["loss"])
-            times.append(time.time() - t0)
+        box = {"state": setup.state}
+
+        def one_step():
+            box["state"], box["m"] = compiled(box["state"], sharding.global_batch_from_local(mesh, next(it)))
+            jax.block_until_ready(box["m"]["loss"])
+
+        one_step()  # warm-up
+        times = timed(one_step, steps)
     step_s = float(np.median(times))
     return {"config": config, "seq_len": seq_len, "batch": batch, "params": n_params,
-            "compile_s": compile_s, "step_s": step_s, "bytes_per_s": batch * seq_len / step_s,
+            "compile_s": compile_s, "step_s": step_s, "step_times_s": times, "bytes_per_s": batch * seq_len / step_s,
             "flops_per_byte": float(cost.get("flops", float("nan"))) / (batch * seq_len),
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "loss": float(m["loss"]), "bindings": bindings}
+            "peak_rss_mb": peak_rss_mb(), "loss": float(box["m"]["loss"]), "bindings": bindings,
+            "threads": len(os.sched_getaffinity(0))}
 
 
-def main():
+def run_child(script: str, args: list[str], timeout: float = 1800) -> dict | None:
+    """Runs ``script args`` in a fresh Python and returns the dict it printed as ``RESULT {json}``
+    (None on failure, with its stderr tail), plus the load average just before and after."""
+    load_before = os.getloadavg()
+    try:
+        p = subprocess.run([sys.executable, script] + args, capture_output=True, text=True, cwd=ROOT,
+                           env=dict(os.environ, PYTHONPATH=ROOT), timeout=timeout)
+    except subprocess.TimeoutExpired:
+        print(f"{os.path.basename(script)} {' '.join(args)}: timed out after {timeout:.0f} s", file=sys.stderr)
+        return None
+    line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
+    if p.returncode or not line:
+        print(f"{os.path.basename(script)} {' '.join(args)} failed:\n{p.stderr[-2000:]}", file=sys.stderr)
+        return None
+    return dict(json.loads(line[-1][len("RESULT "):]), load_before=load_before, load_after=os.getloadavg())
+
+
+def measure_in_subprocess(config: str, seq_len: int, bytes_per_step: int, steps: int,
+                          bindings: list[str] = ()) -> dict | None:
+    args = ["--child", f"{config}@{seq_len}", "--bytes_per_step", str(bytes_per_step), "--steps", str(steps)]
+    return run_child(os.path.abspath(__file__), args + [f"--gin={g}" for g in bindings])
+
+
+def load_str(r: dict) -> str:
+    """1-minute load average before -> after the measurement."""
+    return f"{r['load_before'][0]:.1f}→{r['load_after'][0]:.1f}"
+
+
+def markdown_table(rows: list[dict]) -> str:
+    out = ["| config | L | B | params | GFLOP/byte | compile (s) | step (ms) | bytes/s | peak RSS (MB) | load 1 min |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r['config']} | {r['seq_len']} | {r['batch']} | {r['params'] / 1e6:.2f}M | "
+                   f"{r['flops_per_byte'] / 1e9:.4f} | {r['compile_s']:.1f} | {r['step_s'] * 1e3:.0f} | "
+                   f"{r['bytes_per_s']:.0f} | {r['peak_rss_mb']:.0f} | {load_str(r)} |")
+    return "\n".join(out)
+
+
+def scaling_table(rows: list[dict]) -> str:
+    """bytes/s per config (rows) and sequence length (columns), plus longest / shortest."""
+    lens = sorted({r["seq_len"] for r in rows})
+    by = {(r["config"], r["seq_len"]): r["bytes_per_s"] for r in rows}
+    out = ["| config | " + " | ".join(f"L={L}" for L in lens) + f" | {lens[-1]}/{lens[0]} |",
+           "|---" * (len(lens) + 2) + "|"]
+    for c in dict.fromkeys(r["config"] for r in rows):
+        v = [by.get((c, L)) for L in lens]
+        ratio = f"{v[-1] / v[0]:.2f}" if v[0] and v[-1] else "—"
+        out.append(f"| {c} | " + " | ".join(f"{x:.0f}" if x else "—" for x in v) + f" | {ratio} |")
+    return "\n".join(out)
+
+
+def write_json(path: str, rows: list[dict], **meta) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump({"rows": rows, "command": " ".join(sys.argv), "cpu_count": os.cpu_count(),
+                   "time": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), **meta}, f, indent=1)
+    print(f"wrote {path}")
+
+
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--configs", nargs="+", default=["isotropic_tiny", "hnet_1stage_tiny"])
+    ap.add_argument("--configs", nargs="+", default=FAMILIES, help="config names (default: every family)")
     ap.add_argument("--seq_lens", nargs="+", type=int, default=[1024, 4096])
-    ap.add_argument("--bytes_per_step", type=int, default=8192)
-    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--scaling", action="store_true", help=f"length scaling: --seq_lens {SCALING_LENS}")
+    ap.add_argument("--bytes_per_step", type=int, default=8192, help="batch = bytes_per_step // L")
+    ap.add_argument("--steps", type=int, default=3, help="timed steps per measurement (median)")
     ap.add_argument("--gin", action="append", default=[], help="extra binding for every config")
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks/out/throughput.json"))
     ap.add_argument("--child", help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.child:
         config, L = args.child.split("@")
         print("RESULT " + json.dumps(measure(config, int(L), args.bytes_per_step, args.steps, args.gin)))
         return
+    seq_lens = SCALING_LENS if args.scaling else args.seq_lens
     rows = []
     for config in args.configs:
-        for L in args.seq_lens:
-            cmd = [sys.executable, __file__, "--child", f"{config}@{L}", "--bytes_per_step", str(args.bytes_per_step),
-                   "--steps", str(args.steps)] + [f"--gin={g}" for g in args.gin]
-            p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
-                               env=dict(os.environ, PYTHONPATH=ROOT))
-            line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
-            if p.returncode or not line:
-                print(f"{config} L={L} failed:\n{p.stderr[-2000:]}", file=sys.stderr)
+        for L in seq_lens:
+            r = measure_in_subprocess(config, L, args.bytes_per_step, args.steps, args.gin)
+            if r is None:
                 continue
-            rows.append(json.loads(line[0][len("RESULT "):]))
-            r = rows[-1]
-            print(f"{config:28s} L={L:5d} B={r['batch']:3d} params={r['params']/1e6:6.2f}M "
-                  f"GFLOP/byte={r['flops_per_byte']/1e9:7.4f} compile={r['compile_s']:5.1f}s "
-                  f"step={r['step_s']*1e3:8.1f}ms bytes/s={r['bytes_per_s']:9.0f} rss={r['peak_rss_mb']:6.0f}MB",
-                  flush=True)
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump({"rows": rows, "cpu_count": os.cpu_count(), "time": time.ctime()}, f, indent=1)
-    print(f"wrote {args.out}")
+            rows.append(r)
+            print(f"{config:28s} L={L:5d} B={r['batch']:3d} params={r['params'] / 1e6:6.2f}M "
+                  f"GFLOP/byte={r['flops_per_byte'] / 1e9:7.4f} compile={r['compile_s']:5.1f}s "
+                  f"step={r['step_s'] * 1e3:8.1f}ms bytes/s={r['bytes_per_s']:9.0f} rss={r['peak_rss_mb']:6.0f}MB "
+                  f"load={load_str(r)}", flush=True)
+    write_json(args.out, rows, bytes_per_step=args.bytes_per_step, steps=args.steps)
+    if rows:
+        print("\n" + markdown_table(rows))
+        if len(seq_lens) > 1:
+            print("\nbytes/s by sequence length\n\n" + scaling_table(rows))
 
 
 if __name__ == "__main__":
