@@ -207,7 +207,13 @@ def _script_routes(doc: bytes) -> np.ndarray:
     return np.concatenate([[0], r, r[-1:]])
 
 
-ANNOTATIONS = {"word_starts": (_hat_word_starts, bool), "script_routes": (_script_routes, np.int32)}
+def _target_script_routes(doc: bytes) -> np.ndarray:
+    """``script_routes`` of each position's *target* byte (evaluation: BPB per script)."""
+    return np.concatenate([_script_routes(doc)[1:], [0]]).astype(np.int32)
+
+
+ANNOTATIONS = {"word_starts": (_hat_word_starts, bool), "script_routes": (_script_routes, np.int32),
+               "target_script_routes": (_target_script_routes, np.int32)}
 
 
 # ------------------------------------------------------------------------------------------------

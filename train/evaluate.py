@@ -1,48 +1,283 @@
-"""Standalone evaluation of one checkpoint or every checkpoint of a workdir -> JSON.
+"""Evaluation entry point: one checkpoint or every checkpoint of a workdir -> JSON, Markdown, PNG plots and
+TensorBoard scalars.
 
-    python -m train.evaluate --workdir=runs/x [--step=N | --all] [--gin_file=override.gin] [--gin.KEY=v]
+    python -m train.evaluate --workdir=runs/x [--step=N | --all] [--corpus=NAME=SOURCE@LO-HI ...]
+        [--robustness_bytes=32768] [--ntrex_dir=shared:ntrex128/valid] [--gin_file=f.gin] [--gin.KEY=v]
 
-Uses the run's operative config (model + eval data); ``--gin_file``/``--gin.`` override it (e.g. point
-``eval/train.DataConfig.sources`` at another corpus). Writes ``WORKDIR/eval.json`` (or ``--out``).
+Per corpus (default: the run's own eval split, named ``eval``):
+  bpb                  Σ NLL over real UTF-8 target bytes / (ln 2 · #bytes) (same number as training's eval)
+  bpb_by_script        the same sum split by the ``hnet.scripts`` group of the *target* byte (causal routes:
+                       spaces and punctuation count with the script run they sit in)
+  bytes_per_chunk      per boundary stage of the model (``out.boundaries``: s0, s1, ... / kept): real input
+                       bytes (BOS/EOS excluded) / chunk starts among them
+  chunk_rate_by_script chunk starts per input byte, per script group
+  word_alignment       precision / recall / F1 of each stage's starts against the HAT splitter's word starts
+                       (meaningful on English and other space-separated text)
+On the first corpus, robustness: BPB of its first ``robustness_bytes`` bytes, clean and under each of
+``train.metrics.PERTURBATIONS`` (``bpb_increase`` = perturbed − clean). With ``--ntrex_dir``: per-language
+BPB and segmentation parity (``train.multilingual_eval``).
+
+Outputs go to ``WORKDIR/eval/`` (or ``--out_dir``): ``eval.json``, ``eval.md`` and ``*.png``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
 
+import jax
+import numpy as np
 from absl import flags
+from flax import nnx
+
+from hnet import sharding
+from hnet.bytes import BOS
+from hnet.scripts import route_names
+from train import data as data_lib
+from train import metrics as M
+from train.step import token_nll
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "training workdir (operative_config.gin + checkpoints/)")
 flags.DEFINE_integer("step", None, "checkpoint step (default: latest)")
 flags.DEFINE_bool("all", False, "evaluate every checkpoint in the workdir")
+flags.DEFINE_multi_string("corpus", [], "NAME=SOURCE@LO-HI (e.g. world192=shared:english/world192.txt@0.9-1.0); "
+                          "default: the run's eval split")
+flags.DEFINE_integer("robustness_bytes", 32768, "bytes of the first corpus used for the perturbations (0 = skip)")
+flags.DEFINE_string("ntrex_dir", None, "parallel text dir (one <lang>.txt per language) for per-language BPB/parity")
+flags.DEFINE_integer("ntrex_lines", 0, "first lines of every language file (0 = all)")
+flags.DEFINE_integer("seed", 0, "perturbation seed")
 flags.DEFINE_multi_string("gin_file", [], "extra gin files applied after the operative config")
-flags.DEFINE_string("out", None, "output JSON (default WORKDIR/eval.json)")
+flags.DEFINE_string("out_dir", None, "output directory (default WORKDIR/eval)")
+
+EVAL_ANNOTATIONS = ("word_starts", "script_routes", "target_script_routes")
+
+
+def make_detail_fn(graphdef):
+    """jit: (params, rest, batch) -> per-position NLL, byte weights and every stage's chunk starts."""
+
+    @jax.jit
+    def detail(params, rest, batch):
+        model = nnx.merge(graphdef, params, rest)
+        model.eval()
+        out = model(batch)
+        nll_BxL, _, byte_w_BxL = token_nll(out, batch)
+        return {"nll": nll_BxL, "byte_w": byte_w_BxL, "boundaries": out.boundaries}
+
+    return detail
+
+
+def parse_corpus(spec: str) -> tuple[str, str, tuple[float, float]]:
+    """'NAME=SOURCE@LO-HI' (or 'NAME=SOURCE' for the whole source) -> (name, source, (lo, hi))."""
+    name, _, rest = spec.partition("=")
+    if not rest:
+        raise ValueError(f"--corpus {spec!r}: expected NAME=SOURCE[@LO-HI]")
+    source, _, rng = rest.partition("@")
+    lo, hi = (float(x) for x in rng.split("-")) if rng else (0.0, 1.0)
+    return name, source, (lo, hi)
+
+
+def evaluate_corpus(setup, cfg: data_lib.DataConfig, docs: list[bytes], detail_fn=None) -> dict:
+    """All metrics of the module docstring (except robustness) over every window of ``docs``."""
+    detail_fn = detail_fn or make_detail_fn(setup.graphdef)
+    cfg = dataclasses.replace(cfg, annotations=tuple(dict.fromkeys(cfg.annotations + EVAL_ANNOTATIONS)))
+    names = route_names()
+    G = len(names)
+    nll_G, bytes_G = np.zeros(G), np.zeros(G)
+    stage: dict[str, dict] = {}
+    with sharding.mesh_context(setup.mesh):
+        for local in data_lib.iterate_eval_batches(cfg, docs):
+            batch = sharding.global_batch_from_local(setup.mesh, local)
+            d = jax.device_get(detail_fn(setup.state.params, setup.state.rest, batch))
+            nll_G += M.group_sums(d["nll"], local["target_script_routes"], d["byte_w"], G)
+            bytes_G += M.group_sums(1.0, local["target_script_routes"], d["byte_w"], G)
+            real = (local["segment_ids"] > 0) & (local["inputs"] < BOS)  # input bytes, frames excluded
+            for name, starts in d["boundaries"].items():
+                s = stage.setdefault(name, {"starts_G": np.zeros(G), "real_G": np.zeros(G), "pred": [], "gold": []})
+                s["starts_G"] += M.group_sums(np.asarray(starts), local["script_routes"], real, G)
+                s["real_G"] += M.group_sums(1.0, local["script_routes"], real, G)
+                s["pred"].append(np.asarray(starts)[real])
+                s["gold"].append(local["word_starts"][real])
+    out = {"bpb": float(nll_G.sum() / (M.LN2 * max(bytes_G.sum(), 1.0))), "n_bytes": float(bytes_G.sum()),
+           "bpb_by_script": M.per_group_bpb(nll_G, bytes_G, names),
+           "bytes_by_script": {n: float(c) for n, c in zip(names, bytes_G) if c > 0},
+           "bytes_per_chunk": {}, "chunk_rate_by_script": {}, "word_alignment": {}}
+    for name, s in stage.items():
+        out["bytes_per_chunk"][name] = float(s["real_G"].sum() / max(s["starts_G"].sum(), 1.0))
+        out["chunk_rate_by_script"][name] = {n: float(a / c) for n, a, c in zip(names, s["starts_G"], s["real_G"])
+                                             if c > 0}
+        out["word_alignment"][name] = M.boundary_alignment(np.concatenate(s["pred"]), np.concatenate(s["gold"]))
+    return out
+
+
+def head_bytes(docs: list[bytes], budget: int) -> list[bytes]:
+    """The first ``budget`` bytes of a document list (whole documents, the last one cut)."""
+    out, left = [], budget
+    for d in docs:
+        if left <= 0:
+            break
+        out.append(d[:left])
+        left -= len(out[-1])
+    return out
+
+
+def robustness(setup, cfg: data_lib.DataConfig, docs: list[bytes], n_bytes: int, seed: int, detail_fn=None) -> dict:
+    """BPB of the clean head of ``docs`` and of each perturbation of it (same seed for every checkpoint)."""
+    head = head_bytes(docs, n_bytes)
+    clean = evaluate_corpus(setup, cfg, head, detail_fn)["bpb"]
+    out = {"n_bytes_clean": sum(map(len, head)), "clean_bpb": clean, "perturbed": {}}
+    for kind in M.PERTURBATIONS:
+        bpb = evaluate_corpus(setup, cfg, [M.perturb(d, kind, seed) for d in head], detail_fn)["bpb"]
+        out["perturbed"][kind] = {"bpb": bpb, "bpb_increase": bpb - clean}
+    out["mean_bpb_increase"] = float(np.mean([v["bpb_increase"] for v in out["perturbed"].values()]))
+    return out
+
+
+def evaluate_checkpoint(setup, corpora: dict, *, robustness_bytes: int = 0, seed: int = 0, ntrex_dir: str | None = None,
+                        ntrex_lines: int = 0) -> dict:
+    """corpora: {name: (DataConfig, docs)} -> {'corpora': {name: metrics}, 'robustness': ..., 'multilingual': ...}."""
+    detail_fn = make_detail_fn(setup.graphdef)
+    res = {"corpora": {name: evaluate_corpus(setup, cfg, docs, detail_fn) for name, (cfg, docs) in corpora.items()}}
+    if robustness_bytes:
+        first = next(iter(corpora))
+        res["robustness"] = {"corpus": first, **robustness(setup, *corpora[first], robustness_bytes, seed, detail_fn)}
+    if ntrex_dir:
+        from train.multilingual_eval import evaluate_languages
+
+        res["multilingual"] = evaluate_languages(setup, next(iter(corpora.values()))[0], ntrex_dir,
+                                                 max_lines=ntrex_lines)
+    return res
+
+
+def flat_scalars(res: dict) -> dict[str, float]:
+    """Nested results -> {'corpus/eval/bpb': x, ...} (TensorBoard tags and the sweep table)."""
+    out = {}
+
+    def walk(prefix, v):
+        if isinstance(v, dict):
+            for k, x in v.items():
+                walk(f"{prefix}/{k}" if prefix else str(k), x)
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[prefix] = float(v)
+
+    walk("", res)
+    return out
+
+
+def markdown(results: dict) -> str:
+    """One table row per (checkpoint, corpus); robustness and alignment columns when present."""
+    lines = ["| step | corpus | BPB | bytes/chunk | word P / R (s0) | BPB by script | robustness Δ BPB (mean) |",
+             "|---:|---|---:|---|---|---|---:|"]
+    for step, res in results["checkpoints"].items():
+        rob = res.get("robustness", {})
+        for name, c in res["corpora"].items():
+            bpc = ", ".join(f"{k} {v:.2f}" for k, v in c["bytes_per_chunk"].items()) or "-"
+            wa = c["word_alignment"].get("s0")
+            align = f"{wa['precision']:.2f} / {wa['recall']:.2f}" if wa else "-"
+            scripts = ", ".join(f"{k} {v:.3f}" for k, v in c["bpb_by_script"].items())
+            r = f"{rob['mean_bpb_increase']:+.3f}" if rob and rob["corpus"] == name else ""
+            lines.append(f"| {step} | {name} | {c['bpb']:.4f} | {bpc} | {align} | {scripts} | {r} |")
+    if any("robustness" in r for r in results["checkpoints"].values()):
+        lines += ["", "| step | clean BPB | " + " | ".join(M.PERTURBATIONS) + " |",
+                  "|---:|---:|" + "---:|" * len(M.PERTURBATIONS)]
+        for step, res in results["checkpoints"].items():
+            if "robustness" in res:
+                rob = res["robustness"]
+                lines.append(f"| {step} | {rob['clean_bpb']:.4f} | "
+                             + " | ".join(f"{rob['perturbed'][k]['bpb']:.4f}" for k in M.PERTURBATIONS) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict, out_dir: str) -> list[str]:
+    """PNG plots: BPB by script and robustness of the last checkpoint; BPB vs step when several."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    steps = sorted(results["checkpoints"], key=int)
+    last = results["checkpoints"][steps[-1]]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for i, (name, c) in enumerate(last["corpora"].items()):
+        keys = list(c["bpb_by_script"])
+        ax.bar(np.arange(len(keys)) + 0.8 * i / len(last["corpora"]), [c["bpb_by_script"][k] for k in keys],
+               width=0.8 / len(last["corpora"]), label=name)
+        ax.set_xticks(np.arange(len(keys)), keys)
+    ax.set_ylabel("bits per byte")
+    ax.set_title(f"BPB by script (step {steps[-1]})")
+    ax.legend()
+    paths.append(os.path.join(out_dir, "bpb_by_script.png"))
+    fig.tight_layout()
+    fig.savefig(paths[-1], dpi=100)
+    plt.close(fig)
+    if "robustness" in last:
+        rob = last["robustness"]
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.bar(["clean", *M.PERTURBATIONS], [rob["clean_bpb"], *(rob["perturbed"][k]["bpb"] for k in M.PERTURBATIONS)])
+        ax.set_ylabel("bits per byte")
+        ax.set_title(f"robustness on {rob['corpus']} (step {steps[-1]})")
+        paths.append(os.path.join(out_dir, "robustness.png"))
+        fig.tight_layout()
+        fig.savefig(paths[-1], dpi=100)
+        plt.close(fig)
+    if len(steps) > 1:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        for name in last["corpora"]:
+            ax.plot([int(s) for s in steps], [results["checkpoints"][s]["corpora"][name]["bpb"] for s in steps],
+                    marker="o", label=name)
+        ax.set_xlabel("step")
+        ax.set_ylabel("bits per byte")
+        ax.legend()
+        paths.append(os.path.join(out_dir, "bpb_vs_step.png"))
+        fig.tight_layout()
+        fig.savefig(paths[-1], dpi=100)
+        plt.close(fig)
+    return paths
+
 
 def main(argv):
     del argv
-    from train import data as data_lib
-    from train.loop import evaluate
     from train.config import GIN_CLI_BINDINGS
+    from train.logger import MetricWriter
     from train.restore import checkpointer, load_config, query, restore_setup
 
     load_config(FLAGS.workdir, FLAGS.gin_file, GIN_CLI_BINDINGS)
     eval_cfg = query("train.train.eval_data")
-    docs, stats = data_lib.load_documents(eval_cfg)
+    specs = [parse_corpus(c) for c in FLAGS.corpus] or [("eval", None, None)]
+    corpora = {}
+    for name, source, rng in specs:
+        cfg = eval_cfg if source is None else dataclasses.replace(eval_cfg, sources=(source,), byte_range=rng)
+        docs, stats = data_lib.load_documents(cfg)
+        print(data_lib.describe(stats, name), flush=True)
+        corpora[name] = (cfg, docs)
     ckpt = checkpointer(FLAGS.workdir)
     steps = ckpt.all_steps() if FLAGS.all else [FLAGS.step]
-    results = {"data": data_lib.describe(stats, "eval data"), "sources": list(eval_cfg.sources),
-               "byte_range": list(eval_cfg.byte_range), "checkpoints": {}}
+    results = {"workdir": os.path.abspath(FLAGS.workdir),
+               "corpora": {n: {"sources": list(c.sources), "byte_range": list(c.byte_range)}
+                           for n, (c, _) in corpora.items()}, "checkpoints": {}}
+    out_dir = FLAGS.out_dir or os.path.join(FLAGS.workdir, "eval")
+    os.makedirs(out_dir, exist_ok=True)
+    writer = MetricWriter(os.path.join(FLAGS.workdir, "tb"))
     for step in steps:
         setup, step = restore_setup(FLAGS.workdir, step, ckpt)
-        results["checkpoints"][str(step)] = ev = evaluate(setup, eval_cfg, docs)
-        print(f"step {step}: bpb {ev['bpb']:.4f} over {int(ev['n_bytes']):,} bytes", flush=True)
-    out = FLAGS.out or os.path.join(FLAGS.workdir, "eval.json")
-    with open(out, "w") as f:
+        res = evaluate_checkpoint(setup, corpora, robustness_bytes=FLAGS.robustness_bytes, seed=FLAGS.seed,
+                                  ntrex_dir=FLAGS.ntrex_dir, ntrex_lines=FLAGS.ntrex_lines)
+        results["checkpoints"][str(step)] = res
+        writer.scalars(step, flat_scalars(res), "eval_suite/")
+        for name, c in res["corpora"].items():
+            print(f"step {step} {name}: bpb {c['bpb']:.4f} over {int(c['n_bytes']):,} bytes; bytes/chunk "
+                  f"{c['bytes_per_chunk']}", flush=True)
+    writer.close()
+    with open(os.path.join(out_dir, "eval.json"), "w") as f:
         json.dump(results, f, indent=1)
-    print(f"wrote {out}")
+    with open(os.path.join(out_dir, "eval.md"), "w") as f:
+        f.write(markdown(results))
+    plot(results, out_dir)
+    print(markdown(results))
+    print(f"wrote {out_dir}/eval.json, eval.md and plots")
 
 
 def run():

@@ -7,6 +7,7 @@ logging, periodic eval, async checkpoints, sampled generations -> final eval + c
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -157,12 +158,17 @@ def train(
     sample_bytes: int = 120,
     max_bad_steps: int = 20,
     stop_after: int = 0,
+    seed: int | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` for ``steps`` steps; resumes from ``workdir/checkpoints`` when present.
 
     ``stop_after`` > 0 ends the process after that many steps of this invocation (for tests of
-    interrupted runs: the schedule still follows ``steps``).
+    interrupted runs: the schedule still follows ``steps``). ``seed`` (sweeps) overrides both the
+    model's initialisation seed and the training data order's.
     """
+    if seed is not None:
+        model = functools.partial(model, seed=seed)
+        train_data = dataclasses.replace(train_data, seed=seed)
     t_setup = time.time()
     is_main = jax.process_index() == 0
     train_docs, train_stats = data_lib.load_documents(train_data)
@@ -208,16 +214,22 @@ def train(
     bytes_per_step = train_data.batch_size * train_data.seq_len
     progress = Progress(steps, start)
     history: list[dict] = []
-    results: dict[str, Any] = {"workdir": workdir, "params": n_params, "start_step": start}
+    results: dict[str, Any] = {"workdir": workdir, "params": n_params, "start_step": start, "steps": steps,
+                               "bytes_per_step": bytes_per_step}
     t_last, steps_since = time.time(), 0
-    compile_s = None
+    compiled, compile_s = None, None
     step = start
     with sharding.mesh_context(mesh):
         while step < steps:
             local = next(data_iter)
             batch = sharding.global_batch_from_local(mesh, local)
             t0 = time.time()
-            setup.state, metrics = train_step(setup.state, batch)
+            if compiled is None:  # ahead-of-time, for XLA's FLOP count of the whole step
+                compiled = train_step.lower(setup.state, batch).compile()
+                cost = compiled.cost_analysis()
+                cost = cost[0] if isinstance(cost, list) else cost
+                results["flops_per_byte"] = float((cost or {}).get("flops", float("nan"))) / bytes_per_step
+            setup.state, metrics = compiled(setup.state, batch)
             step += 1
             steps_since += 1
             if compile_s is None:

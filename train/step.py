@@ -31,14 +31,19 @@ class TrainState:
     skipped_steps: jax.Array  # total skipped steps
 
 
-def cross_entropy_sums(out: ModelOutput, batch) -> dict[str, jax.Array]:
-    """Summed next-byte NLL over scored targets, and over real UTF-8 bytes (the BPB numerator)."""
+def token_nll(out: ModelOutput, batch) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Next-byte NLL [B, L] (fp32), scored-target weights [B, L] and real-UTF-8-byte weights [B, L]."""
     logits = out.logits_BxLxV.astype(jnp.float32)
     nll_BxL = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, batch["targets"][..., None], -1)[..., 0]
-    w = batch["loss_mask"]
+    w_BxL = batch["loss_mask"]
     if out.target_mask_BxL is not None:
-        w = w & out.target_mask_BxL
-    byte_w = batch["byte_mask"] & w
+        w_BxL = w_BxL & out.target_mask_BxL
+    return nll_BxL, w_BxL, batch["byte_mask"] & w_BxL
+
+
+def cross_entropy_sums(out: ModelOutput, batch) -> dict[str, jax.Array]:
+    """Summed next-byte NLL over scored targets, and over real UTF-8 bytes (the BPB numerator)."""
+    nll_BxL, w, byte_w = token_nll(out, batch)
     return {
         "nll_sum": jnp.sum(nll_BxL * w),
         "n_targets": jnp.sum(w).astype(jnp.float32),

@@ -1,0 +1,211 @@
+"""Evaluation suite (train/metrics.py, train/evaluate.py) and the sweep runner (train/sweep.py): each metric
+on a hand-checked example, the suite against the trainer's exact BPB, two tiny sweep runs and skip-finished."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from hnet.sharding import make_mesh
+from models.base import ModelOutput
+from tests.helpers import pydoc_docs, tiny_model_fn
+from train import data as data_lib
+from train import evaluate as ev
+from train import metrics as M
+from train import sweep
+from train.loop import build_state, evaluate
+from train.optim import OptimizerConfig
+
+# --------------------------------------------------------------------------------- perturbations
+
+
+def test_perturbations_by_hand():
+    assert M.perturb(b"the cat", "uppercase") == b"THE CAT"
+    assert M.perturb(b"ab c\xc3\xa9", "antspeak") == "A B   C \u00c9".encode()
+    assert M.perturb("ŝé".encode(), "uppercase") == "ŜÉ".encode()
+    rc = M.perturb(b"abcdefghij" * 5, "randomcase", seed=3).decode()
+    assert rc.lower() == "abcdefghij" * 5 and rc != rc.lower() and rc != rc.upper()
+
+
+@pytest.mark.parametrize("kind", M.PERTURBATIONS)
+def test_perturbations_deterministic_under_seed(kind):
+    text = "Ünïcode text, with some words. " * 20
+    a, b = M.perturb(text.encode(), kind, seed=1), M.perturb(text.encode(), kind, seed=1)
+    assert a == b
+    if kind in ("drop", "repeat", "randomcase"):
+        assert M.perturb(text.encode(), kind, seed=2) != a
+
+
+def test_drop_and_repeat_only_delete_or_duplicate_characters():
+    text = "abcdefghijklmnopqrstuvwxyz" * 8
+    dropped = M.perturb(text.encode(), "drop", seed=0).decode()
+    it = iter(text)
+    assert all(c in it for c in dropped)  # a subsequence
+    assert 0.8 * len(text) < len(dropped) < len(text)
+    rep = M.perturb(text.encode(), "repeat", seed=0).decode()
+    collapsed = "".join(c for i, c in enumerate(rep) if i == 0 or rep[i - 1] != c)
+    assert collapsed == text and len(rep) > len(text)
+
+
+def test_invalid_utf8_survives_every_perturbation():
+    data = b"ab\xff\xfe cd"
+    for kind in ("uppercase", "randomcase", "drop", "repeat"):
+        out = M.perturb(data, kind, seed=0)
+        assert b"\xff\xfe" in out or kind == "drop" and b"\xff" in out and b"\xfe" in out
+
+
+def test_unknown_perturbation_is_an_error():
+    with pytest.raises(ValueError, match="antspeak"):
+        M.perturb(b"x", "shout")
+
+
+# ------------------------------------------------------------------------------- simple metrics
+
+
+def test_boundary_alignment_by_hand():
+    pred = np.array([1, 0, 1, 1, 0, 0], bool)
+    gold = np.array([1, 0, 0, 1, 1, 0], bool)
+    a = M.boundary_alignment(pred, gold)
+    assert a["precision"] == pytest.approx(2 / 3) and a["recall"] == pytest.approx(2 / 3)
+    assert a["f1"] == pytest.approx(2 / 3)
+    m = np.array([0, 1, 1, 1, 1, 1], bool)  # masking position 0 drops one true positive
+    a = M.boundary_alignment(pred, gold, m)
+    assert (a["precision"], a["recall"]) == (0.5, 0.5)
+
+
+def test_parity_on_a_toy_parallel_pair():
+    p = M.parity({"eng": 10.0, "deu": 15.0}, english_bytes=20.0)
+    assert p["chunks_per_eng_byte"] == {"eng": 0.5, "deu": 0.75}
+    assert p["max_over_min"] == pytest.approx(1.5)
+
+
+def test_group_sums_and_per_group_bpb():
+    nll = np.array([[1.0, 2.0, 3.0, 4.0]])
+    groups = np.array([[0, 1, 1, 0]])
+    w = np.array([[1, 1, 0, 1]], bool)
+    np.testing.assert_allclose(M.group_sums(nll, groups, w, 3), [5.0, 2.0, 0.0])
+    np.testing.assert_allclose(M.group_sums(1.0, groups, w, 3), [2.0, 1.0, 0.0])
+    assert M.per_group_bpb(np.array([5.0, 2.0, 0.0]), np.array([2.0, 1.0, 0.0]), ["a", "b", "c"]) == {
+        "a": pytest.approx(2.5 / math.log(2)), "b": pytest.approx(2 / math.log(2))}
+
+
+def test_parse_corpus():
+    assert ev.parse_corpus("w=shared:english/world192.txt@0.9-1.0") == ("w", "shared:english/world192.txt", (0.9, 1.0))
+    assert ev.parse_corpus("x=/a/b.txt") == ("x", "/a/b.txt", (0.0, 1.0))
+    with pytest.raises(ValueError):
+        ev.parse_corpus("/a/b.txt")
+
+
+# -------------------------------------------------------------------- the suite on a fixed model
+
+
+class AsciiLM(nnx.Module):
+    """Logits 5 on ASCII bytes, 0 elsewhere, at every position; chunk starts at spaces."""
+
+    def __init__(self, seed: int = 0):
+        self.w = nnx.Param(jnp.zeros(()))
+
+    def __call__(self, batch):
+        B, L = batch["inputs"].shape
+        logits = jnp.where(jnp.arange(256) < 128, 5.0, 0.0) + self.w[...]
+        return ModelOutput(jnp.broadcast_to(logits, (B, L, 256)), boundaries={"s0": batch["inputs"] == ord(" ")})
+
+
+def test_suite_by_script_and_alignment_by_hand():
+    """'abc где xyz': targets latin a b c ␠ x y z (7 ASCII), Cyrillic г д е (6 bytes) + the ␠ after them."""
+    setup = build_state(AsciiLM, OptimizerConfig(), 10, make_mesh())
+    cfg = data_lib.DataConfig(seq_len=16, batch_size=2, shuffle=False)
+    res = ev.evaluate_corpus(setup, cfg, ["abc где xyz".encode()])
+    lse = math.log(128 * math.exp(5) + 128)
+    assert res["bytes_by_script"] == {"latin": 7.0, "cyrl": 7.0}
+    assert res["bpb_by_script"]["latin"] == pytest.approx((lse - 5) / math.log(2), rel=1e-5)
+    assert res["bpb_by_script"]["cyrl"] == pytest.approx((7 * lse - 5) / (7 * math.log(2)), rel=1e-5)
+    assert res["bpb"] == pytest.approx((14 * lse - 8 * 5) / (14 * math.log(2)), rel=1e-5)
+    # 14 real input bytes (BOS/EOS excluded), 2 spaces -> 7 bytes per chunk
+    assert res["bytes_per_chunk"]["s0"] == pytest.approx(7.0)
+    # HAT words: 'abc', ' где', ' xyz' -> gold starts a, ␠, ␠; predicted starts ␠, ␠
+    wa = res["word_alignment"]["s0"]
+    assert (wa["precision"], wa["recall"]) == (1.0, pytest.approx(2 / 3))
+    assert res["chunk_rate_by_script"]["s0"] == {"latin": pytest.approx(1 / 7), "cyrl": pytest.approx(1 / 7)}
+
+
+def test_suite_bpb_equals_trainer_eval_and_robustness_is_consistent():
+    setup = build_state(tiny_model_fn(d_model=32), OptimizerConfig(), 10, make_mesh())
+    cfg = data_lib.DataConfig(seq_len=64, batch_size=4, shuffle=False)
+    docs = pydoc_docs(("pass", "continue"))
+    res = ev.evaluate_corpus(setup, cfg, docs)
+    ref = evaluate(setup, cfg, docs)
+    assert res["bpb"] == pytest.approx(ref["bpb"], rel=1e-6) and res["n_bytes"] == ref["n_bytes"]
+    rob = ev.robustness(setup, cfg, docs, 300, seed=0)
+    assert rob["n_bytes_clean"] == 300
+    assert rob["clean_bpb"] == pytest.approx(evaluate(setup, cfg, ev.head_bytes(docs, 300))["bpb"], rel=1e-6)
+    assert set(rob["perturbed"]) == set(M.PERTURBATIONS)
+    up = rob["perturbed"]["uppercase"]
+    assert up["bpb_increase"] == pytest.approx(up["bpb"] - rob["clean_bpb"])
+
+
+# ------------------------------------------------------------------------------------ sweep runner
+
+
+SWEEP = """
+sweep.Sweep.name = 'tiny'
+sweep.Sweep.models = ['configs/isotropic_tiny.gin']
+sweep.Sweep.run_files = ['configs/runs/default.gin']
+sweep.Sweep.variants = {{'': ['TRAIN_STEPS=2', 'SEQ_LEN=32', 'BATCH=2', 'train.train.sample_prompts=()',
+                              'train.train.log_every=1', 'eval/train.DataConfig.max_windows=4']}}
+sweep.Sweep.seeds = [0, 1]
+sweep.Sweep.eval_args = ['--robustness_bytes=64', '--corpus=pass={corpus}']
+"""
+
+
+@pytest.fixture
+def tiny_sweep(tmp_path, gin_clean):
+    corpus = tmp_path / "pass.txt"
+    corpus.write_bytes(pydoc_docs(("pass",))[0][:200])
+    path = tmp_path / "sweep.gin"
+    path.write_text(SWEEP.format(corpus=corpus))
+    return str(path), str(tmp_path / "root")
+
+
+def test_sweep_runs_two_tiny_runs_then_skips_them(tiny_sweep, monkeypatch, gin_clean):
+    path, root = tiny_sweep
+    rows = sweep.main([f"--sweep={path}", f"--root={root}"])
+    assert [r["run"] for r in rows] == ["isotropic_tiny-s0", "isotropic_tiny-s1"]
+    for r in rows:
+        assert r["steps"] == 2 and r["corpus"] == "pass" and 0 < r["bpb"] < 12
+        assert r["flops_per_byte"] > 0 and set(r["robustness"]) == set(M.PERTURBATIONS)
+    assert rows[0]["bpb"] != rows[1]["bpb"]  # the seed reaches the model
+    out = os.path.join(root, "tiny")
+    table = open(os.path.join(out, "sweep.md")).read()
+    assert "isotropic_tiny-s1" in table and json.load(open(os.path.join(out, "sweep.json"))) == rows
+    assert os.path.exists(os.path.join(out, "bpb_vs_flops.png"))
+    assert os.path.exists(os.path.join(out, "isotropic_tiny-s0", "eval", "eval.md"))
+
+    def no_subprocess(*a, **k):
+        raise AssertionError(f"finished run re-executed: {a}")
+
+    monkeypatch.setattr(subprocess, "run", no_subprocess)
+    import gin
+
+    gin.clear_config()
+    again = sweep.main([f"--sweep={path}", f"--root={root}"])
+    assert [r["bpb"] for r in again] == [r["bpb"] for r in rows]
+
+
+def test_sweep_launcher_prints_commands_and_runs_nothing(tiny_sweep, monkeypatch, capsys):
+    path, root = tiny_sweep
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("ran a subprocess"))
+    rows = sweep.main([f"--sweep={path}", f"--root={root}", "--launcher=python -m launch.slurm --nodes 2"])
+    out = capsys.readouterr().out
+    assert rows == []
+    lines = [ln for ln in out.splitlines() if ln.startswith("python -m launch.slurm --nodes 2 -- ")]
+    assert len(lines) == 2 and "--gin.train.train.seed=1" in lines[1]
+    assert f"--workdir={os.path.abspath(root)}/tiny/isotropic_tiny-s1" in lines[1]
+    assert "--gin_file=configs/isotropic_tiny.gin" in lines[0]

@@ -1,0 +1,228 @@
+"""Sweep runner: a gin file lists runs (model configs × variants × seeds); run them here one after another,
+or print the launcher commands for a pod / cluster; then evaluate and collect one table and plots.
+
+    python -m train.sweep --sweep=configs/sweeps/compare_tinyshakespeare.gin [--root=runs/sweeps]
+        [--launcher="python -m launch.slurm --nodes 1 --partition gpu"] [--collect_only] [--dry_run]
+
+A sweep file binds ``sweep.Sweep`` (see its fields). Run ``<model stem>[-<variant>]-s<seed>`` lives in
+``ROOT/<sweep name>/<run>/`` and is trained with ``python -m train.main --gin_file=<model>
+--gin_file=<run files...> --gin.train.train.seed=<seed> --gin.<variant bindings> --workdir=<dir>``, then
+evaluated with ``python -m train.evaluate --workdir=<dir> <eval_args>``. Re-running skips every finished
+step: training when ``results.json`` reports ``final_step >= steps``, evaluation when ``eval/eval.json``
+exists. ``--launcher`` prints ``<launcher> -- <train.main args>`` for unfinished runs instead of running
+them (the evaluations run here once their checkpoints exist; re-run the sweep after the jobs finish).
+
+Outputs in ``ROOT/<sweep name>/``: ``sweep.json`` (one row per run), ``sweep.md`` (the table) and the plots
+``bpb_vs_flops.png``, ``bpb_vs_bytes_per_chunk.png``, ``chunk_rate_by_script.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shlex
+import subprocess
+import sys
+
+import gin
+import numpy as np
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@gin.configurable(module="sweep")
+@dataclasses.dataclass
+class Sweep:
+    name: str = gin.REQUIRED
+    models: tuple[str, ...] = gin.REQUIRED  # model .gin files (repo-relative or absolute)
+    run_files: tuple[str, ...] = ()  # run .gin files composed after each model file
+    variants: dict = dataclasses.field(default_factory=lambda: {"": ()})  # tag -> gin bindings 'KEY=value'
+    seeds: tuple[int, ...] = (0,)
+    eval_args: tuple[str, ...] = ()  # extra train.evaluate flags (--corpus, --robustness_bytes, --ntrex_dir ...)
+
+
+@dataclasses.dataclass
+class Run:
+    name: str
+    model: str
+    variant: str
+    seed: int
+    workdir: str
+    train_args: list[str]
+    eval_args: list[str]
+
+
+def load_sweep(path: str) -> Sweep:
+    gin.parse_config_file(path)
+    return Sweep()
+
+
+def expand(sweep: Sweep, root: str) -> list[Run]:
+    runs = []
+    for model in sweep.models:
+        stem = os.path.splitext(os.path.basename(model))[0]
+        for tag, bindings in sweep.variants.items():
+            for seed in sweep.seeds:
+                name = f"{stem}{'-' + tag if tag else ''}-s{seed}"
+                wd = os.path.abspath(os.path.join(root, sweep.name, name))
+                train_args = ([f"--gin_file={model}"] + [f"--gin_file={f}" for f in sweep.run_files]
+                              + [f"--gin.train.train.seed={seed}"] + [f"--gin.{b}" for b in bindings]
+                              + [f"--workdir={wd}"])
+                runs.append(Run(name, stem, tag, seed, wd, train_args, [f"--workdir={wd}", *sweep.eval_args]))
+    return runs
+
+
+def _json(path: str) -> dict | None:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def trained(run: Run) -> bool:
+    res = _json(os.path.join(run.workdir, "results.json"))
+    return bool(res) and res.get("final_step", -1) >= res.get("steps", float("inf"))
+
+
+def evaluated(run: Run) -> bool:
+    return os.path.exists(os.path.join(run.workdir, "eval", "eval.json"))
+
+
+def _module(name: str, args: list[str], log_path: str) -> int:
+    cmd = [sys.executable, "-m", name, *args]
+    print("$", shlex.join(cmd), flush=True)
+    os.makedirs(os.path.dirname(log_path), exist_ok=True)
+    with open(log_path, "a") as log:
+        return subprocess.run(cmd, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT).returncode
+
+
+def execute(runs: list[Run], launcher: str | None = None, dry_run: bool = False) -> dict[str, str]:
+    """Train (or print launcher commands) and evaluate every unfinished run -> {run: status}."""
+    status = {}
+    for run in runs:
+        if not trained(run):
+            if launcher or dry_run:
+                print(f"{launcher or 'python -m train.main'} {'-- ' if launcher else ''}{shlex.join(run.train_args)}")
+                status[run.name] = "launch"
+                continue
+            rc = _module("train.main", run.train_args, os.path.join(run.workdir, "train.log"))
+            if rc != 0 or not trained(run):
+                status[run.name] = f"train failed (rc {rc}; see {run.workdir}/train.log)"
+                continue
+        if evaluated(run):
+            status[run.name] = status.get(run.name, "skipped (finished)")
+            continue
+        if dry_run:
+            print(f"python -m train.evaluate {shlex.join(run.eval_args)}")
+            status[run.name] = "evaluate"
+            continue
+        rc = _module("train.evaluate", run.eval_args, os.path.join(run.workdir, "eval.log"))
+        status[run.name] = "done" if rc == 0 and evaluated(run) else f"eval failed (rc {rc})"
+    return status
+
+
+def row(run: Run) -> dict | None:
+    """One table row from a run's results.json and eval/eval.json (None until both exist)."""
+    res, ev = _json(os.path.join(run.workdir, "results.json")), _json(os.path.join(run.workdir, "eval", "eval.json"))
+    if not res or not ev:
+        return None
+    last = ev["checkpoints"][max(ev["checkpoints"], key=int)]
+    corpus, c = next(iter(last["corpora"].items()))
+    speeds = [h["bytes_per_s"] for h in res.get("history", []) if "bytes_per_s" in h]
+    r = {"run": run.name, "model": run.model, "variant": run.variant, "seed": run.seed, "params": res["params"],
+         "steps": res["final_step"], "train_bytes_per_s": float(np.median(speeds)) if speeds else float("nan"),
+         "compile_s": res.get("compile_s"), "flops_per_byte": res.get("flops_per_byte", float("nan")),
+         "corpus": corpus, "bpb": c["bpb"], "bytes_per_chunk": c["bytes_per_chunk"],
+         "chunk_rate_by_script": c["chunk_rate_by_script"], "bpb_by_script": c["bpb_by_script"],
+         "word_f1": {k: v["f1"] for k, v in c["word_alignment"].items()}}
+    if "robustness" in last:
+        r["robustness"] = {k: v["bpb_increase"] for k, v in last["robustness"]["perturbed"].items()}
+        r["robustness_mean"] = last["robustness"]["mean_bpb_increase"]
+    if "multilingual" in last:
+        r["parity_max_over_min"] = last["multilingual"].get("parity_max_over_min")
+    return r
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| run | params | FLOPs/byte | train bytes/s | BPB | bytes/chunk | word F1 | robustness Δ BPB |",
+             "|---|---:|---:|---:|---:|---|---|---:|"]
+    for r in rows:
+        bpc = ", ".join(f"{k} {v:.2f}" for k, v in r["bytes_per_chunk"].items()) or "1 (bytes)"
+        f1 = ", ".join(f"{k} {v:.2f}" for k, v in r["word_f1"].items()) or "-"
+        rob = f"{r['robustness_mean']:+.3f}" if "robustness_mean" in r else "-"
+        lines.append(f"| {r['run']} | {r['params'] / 1e6:.2f}M | {r['flops_per_byte'] / 1e6:.2f}M | "
+                     f"{r['train_bytes_per_s']:,.0f} | {r['bpb']:.4f} | {bpc} | {f1} | {rob} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], out_dir: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def first_stage(r):
+        return next(iter(r["bytes_per_chunk"].values()), 1.0)
+
+    for fname, x, xlabel in (("bpb_vs_flops.png", lambda r: r["flops_per_byte"] / 1e6, "MFLOPs per byte (train step)"),
+                             ("bpb_vs_bytes_per_chunk.png", first_stage, "bytes per chunk (first stage)")):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for r in rows:
+            ax.scatter(x(r), r["bpb"])
+            ax.annotate(r["run"], (x(r), r["bpb"]), fontsize=7)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(f"validation BPB ({rows[0]['corpus']})")
+        fig.tight_layout()
+        fig.savefig(os.path.join(out_dir, fname), dpi=100)
+        plt.close(fig)
+    staged = [r for r in rows if r["chunk_rate_by_script"]]
+    if staged:
+        scripts = sorted({s for r in staged for rates in r["chunk_rate_by_script"].values() for s in rates})
+        fig, ax = plt.subplots(figsize=(7, 4))
+        w = 0.8 / len(staged)
+        for i, r in enumerate(staged):
+            rates = next(iter(r["chunk_rate_by_script"].values()))
+            ax.bar(np.arange(len(scripts)) + i * w, [rates.get(s, 0.0) for s in scripts], width=w, label=r["run"])
+        ax.set_xticks(np.arange(len(scripts)) + 0.4 - w / 2, scripts)
+        ax.set_ylabel("chunk starts per byte (first stage)")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(os.path.join(out_dir, "chunk_rate_by_script.png"), dpi=100)
+        plt.close(fig)
+
+
+def collect(runs: list[Run], out_dir: str) -> list[dict]:
+    rows = [r for r in map(row, runs) if r is not None]
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "sweep.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+    with open(os.path.join(out_dir, "sweep.md"), "w") as f:
+        f.write(markdown(rows))
+    if rows:
+        plot(rows, out_dir)
+    return rows
+
+
+def main(argv=None) -> list[dict]:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sweep", required=True, help="sweep .gin file binding sweep.Sweep")
+    ap.add_argument("--root", default="runs/sweeps", help="sweep workdirs go to ROOT/<sweep name>/")
+    ap.add_argument("--launcher", default=None, help="print '<launcher> -- <train args>' instead of training here")
+    ap.add_argument("--collect_only", action="store_true", help="only rebuild the table and plots")
+    ap.add_argument("--dry_run", action="store_true", help="print the commands of unfinished steps, run nothing")
+    args = ap.parse_args(argv)
+    sweep = load_sweep(args.sweep)
+    runs = expand(sweep, args.root)
+    if not args.collect_only:
+        for name, st in execute(runs, args.launcher, args.dry_run).items():
+            print(f"{name}: {st}", flush=True)
+    rows = collect(runs, os.path.join(os.path.abspath(args.root), sweep.name))
+    print(markdown(rows))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
