@@ -19,7 +19,8 @@ CONFIGS = os.path.join(REPO_ROOT, "configs")
 DEFAULT_RUN = os.path.join(CONFIGS, "runs", "default.gin")
 ALL_GIN = sorted(glob.glob(os.path.join(CONFIGS, "**", "*.gin"), recursive=True))
 RUN_FILES = [p for p in ALL_GIN if os.sep + "runs" + os.sep in p]
-MODEL_FILES = [p for p in ALL_GIN if p not in RUN_FILES]
+SWEEP_FILES = [p for p in ALL_GIN if os.sep + "sweeps" + os.sep in p]
+MODEL_FILES = [p for p in ALL_GIN if p not in RUN_FILES + SWEEP_FILES]
 TINY = os.path.join(CONFIGS, "isotropic_tiny.gin")
 
 
@@ -54,6 +55,20 @@ def test_run_file_composes_with_tiny_model(run_file, gin_clean):
     parse([TINY, run_file], [])
     assert gin.query_parameter("train.train.train_data") is not None
     assert _abstract_model() > 0
+
+
+@pytest.mark.parametrize("sweep_file", SWEEP_FILES, ids=_rel)
+def test_sweep_file_names_existing_configs_and_composes(sweep_file, gin_clean):
+    from train.sweep import expand, load_sweep
+
+    sw = load_sweep(sweep_file)
+    runs = expand(sw, "/tmp/unused")
+    assert len(runs) == len(sw.models) * len(sw.variants) * len(sw.seeds) > 0
+    for model in sw.models:
+        gin.clear_config()
+        parse([os.path.join(REPO_ROOT, model), *(os.path.join(REPO_ROOT, f) for f in sw.run_files)],
+              [b for bindings in sw.variants.values() for b in bindings])
+        assert gin.query_parameter("train.train.model") is not None
 
 
 def test_cli_style_overrides_take_effect(gin_clean):
