@@ -134,6 +134,7 @@ def test_suite_by_script_and_alignment_by_hand():
     wa = res["word_alignment"]["s0"]
     assert (wa["precision"], wa["recall"]) == (1.0, pytest.approx(2 / 3))
     assert res["chunk_rate_by_script"]["s0"] == {"latin": pytest.approx(1 / 7), "cyrl": pytest.approx(1 / 7)}
+    assert res["boundary_example"] == {"s0": "abc| где| xyz"}
 
 
 def test_suite_bpb_equals_trainer_eval_and_robustness_is_consistent():

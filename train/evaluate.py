@@ -13,6 +13,7 @@ Per corpus (default: the run's own eval split, named ``eval``):
   chunk_rate_by_script chunk starts per input byte, per script group
   word_alignment       precision / recall / F1 of each stage's starts against the HAT splitter's word starts
                        (meaningful on English and other space-separated text)
+  boundary_example     the first ``EXAMPLE_BYTES`` bytes of the corpus with '|' before each chunk start, per stage
 On the first corpus, robustness: BPB of its first ``robustness_bytes`` bytes, clean and under each of
 ``train.metrics.PERTURBATIONS`` (``bpb_increase`` = perturbed − clean). With ``--ntrex_dir``: per-language
 BPB and segmentation parity (``train.multilingual_eval``).
@@ -37,6 +38,7 @@ from hnet.bytes import BOS
 from hnet.scripts import route_names
 from train import data as data_lib
 from train import metrics as M
+from train.loop import mark_boundaries
 from train.step import token_nll
 
 FLAGS = flags.FLAGS
@@ -53,6 +55,7 @@ flags.DEFINE_multi_string("gin_file", [], "extra gin files applied after the ope
 flags.DEFINE_string("out_dir", None, "output directory (default WORKDIR/eval)")
 
 EVAL_ANNOTATIONS = ("word_starts", "script_routes", "target_script_routes")
+EXAMPLE_BYTES = 240
 
 
 def make_detail_fn(graphdef):
@@ -87,6 +90,7 @@ def evaluate_corpus(setup, cfg: data_lib.DataConfig, docs: list[bytes], detail_f
     G = len(names)
     nll_G, bytes_G = np.zeros(G), np.zeros(G)
     stage: dict[str, dict] = {}
+    example: dict[str, str] = {}
     with sharding.mesh_context(setup.mesh):
         for local in data_lib.iterate_eval_batches(cfg, docs):
             batch = sharding.global_batch_from_local(setup.mesh, local)
@@ -100,10 +104,13 @@ def evaluate_corpus(setup, cfg: data_lib.DataConfig, docs: list[bytes], detail_f
                 s["real_G"] += M.group_sums(1.0, local["script_routes"], real, G)
                 s["pred"].append(np.asarray(starts)[real])
                 s["gold"].append(local["word_starts"][real])
+                if name not in example:  # first window, after its BOS
+                    n = min(EXAMPLE_BYTES, int(real[0].sum()))
+                    example[name] = mark_boundaries(local["inputs"][0, 1:1 + n], np.asarray(starts)[0, 1:1 + n])
     out = {"bpb": float(nll_G.sum() / (M.LN2 * max(bytes_G.sum(), 1.0))), "n_bytes": float(bytes_G.sum()),
            "bpb_by_script": M.per_group_bpb(nll_G, bytes_G, names),
            "bytes_by_script": {n: float(c) for n, c in zip(names, bytes_G) if c > 0},
-           "bytes_per_chunk": {}, "chunk_rate_by_script": {}, "word_alignment": {}}
+           "bytes_per_chunk": {}, "chunk_rate_by_script": {}, "word_alignment": {}, "boundary_example": example}
     for name, s in stage.items():
         out["bytes_per_chunk"][name] = float(s["real_G"].sum() / max(s["starts_G"].sum(), 1.0))
         out["chunk_rate_by_script"][name] = {n: float(a / c) for n, a, c in zip(names, s["starts_G"], s["real_G"])
@@ -187,6 +194,11 @@ def markdown(results: dict) -> str:
                 rob = res["robustness"]
                 lines.append(f"| {step} | {rob['clean_bpb']:.4f} | "
                              + " | ".join(f"{rob['perturbed'][k]['bpb']:.4f}" for k in M.PERTURBATIONS) + " |")
+    last = results["checkpoints"][max(results["checkpoints"], key=int)]
+    for name, c in last["corpora"].items():
+        if c["boundary_example"]:
+            lines += ["", f"Chunk starts ('|') on the first bytes of {name}:", "```"]
+            lines += [f"[{stage}] {text}" for stage, text in c["boundary_example"].items()] + ["```"]
     return "\n".join(lines) + "\n"
 
 

@@ -137,7 +137,8 @@ def row(run: Run) -> dict | None:
          "compile_s": res.get("compile_s"), "flops_per_byte": res.get("flops_per_byte", float("nan")),
          "corpus": corpus, "bpb": c["bpb"], "bytes_per_chunk": c["bytes_per_chunk"],
          "chunk_rate_by_script": c["chunk_rate_by_script"], "bpb_by_script": c["bpb_by_script"],
-         "word_f1": {k: v["f1"] for k, v in c["word_alignment"].items()}}
+         "word_f1": {k: v["f1"] for k, v in c["word_alignment"].items()},
+         "boundary_example": c.get("boundary_example", {})}
     if "robustness" in last:
         r["robustness"] = {k: v["bpb_increase"] for k, v in last["robustness"]["perturbed"].items()}
         r["robustness_mean"] = last["robustness"]["mean_bpb_increase"]
