@@ -5,6 +5,7 @@ model configs at several sequence lengths (one subprocess per measurement, so pe
     .venv/bin/python benchmarks/throughput.py --steps 3 --out docs/throughput_families_cpu.json
     # length scaling 1k -> 8k at a fixed 8192 bytes per step (B = 8, 4, 2, 1)
     .venv/bin/python benchmarks/throughput.py --scaling --configs isotropic_tiny hnet_1stage_tiny
+    # --resume keeps the rows already in --out (written after every measurement) and measures the rest
 
 Each config is trained on its run's data pipeline (configs/runs/default.gin), so models that need per-byte
 annotations (HAT/LYT word starts, MAGNET script routes) get them. FLOPs are XLA's own count for the
@@ -147,12 +148,19 @@ def scaling_table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def previous_rows(path: str, resume: bool) -> list[dict]:
+    """The rows already in ``path`` when resuming (measurements are then skipped), else []."""
+    if not (resume and os.path.exists(path)):
+        return []
+    with open(path) as f:
+        return json.load(f)["rows"]
+
+
 def write_json(path: str, rows: list[dict], **meta) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         json.dump({"rows": rows, "command": " ".join(sys.argv), "cpu_count": os.cpu_count(),
                    "time": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), **meta}, f, indent=1)
-    print(f"wrote {path}")
 
 
 def main(argv=None):
@@ -163,7 +171,9 @@ def main(argv=None):
     ap.add_argument("--bytes_per_step", type=int, default=8192, help="batch = bytes_per_step // L")
     ap.add_argument("--steps", type=int, default=3, help="timed steps per measurement (median)")
     ap.add_argument("--gin", action="append", default=[], help="extra binding for every config")
-    ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks/out/throughput.json"))
+    ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks/out/throughput.json"),
+                    help="JSON, rewritten after every measurement")
+    ap.add_argument("--resume", action="store_true", help="keep the rows already in --out and skip them")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
@@ -171,18 +181,20 @@ def main(argv=None):
         print("RESULT " + json.dumps(measure(config, int(L), args.bytes_per_step, args.steps, args.gin)))
         return
     seq_lens = SCALING_LENS if args.scaling else args.seq_lens
-    rows = []
+    rows = previous_rows(args.out, args.resume)
     for config in args.configs:
         for L in seq_lens:
+            if any((r["config"], r["seq_len"]) == (config, L) for r in rows):
+                continue
             r = measure_in_subprocess(config, L, args.bytes_per_step, args.steps, args.gin)
             if r is None:
                 continue
             rows.append(r)
+            write_json(args.out, rows, bytes_per_step=args.bytes_per_step, steps=args.steps)
             print(f"{config:28s} L={L:5d} B={r['batch']:3d} params={r['params'] / 1e6:6.2f}M "
                   f"GFLOP/byte={r['flops_per_byte'] / 1e9:7.4f} compile={r['compile_s']:5.1f}s "
                   f"step={r['step_s'] * 1e3:8.1f}ms bytes/s={r['bytes_per_s']:9.0f} rss={r['peak_rss_mb']:6.0f}MB "
                   f"load={load_str(r)}", flush=True)
-    write_json(args.out, rows, bytes_per_step=args.bytes_per_step, steps=args.steps)
     if rows:
         print("\n" + markdown_table(rows))
         if len(seq_lens) > 1:

@@ -1,0 +1,63 @@
+"""benchmarks/throughput.py and benchmarks/peers.py: tables, JSON, the skip without PyTorch; the slow tests
+run each script end to end on one tiny config for one step."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+import peers  # noqa: E402
+import throughput  # noqa: E402
+
+
+def _row(config, L, bps):
+    return {"config": config, "seq_len": L, "batch": 8192 // L, "params": 1e6, "flops_per_byte": 1e7,
+            "compile_s": 5.0, "step_s": 8192 / bps, "bytes_per_s": bps, "peak_rss_mb": 900.0,
+            "load_before": (2.0, 2.0, 2.0), "load_after": (3.0, 2.0, 2.0)}
+
+
+def test_tables_and_json(tmp_path):
+    rows = [_row("a", 1024, 2000.0), _row("a", 8192, 500.0), _row("b", 1024, 1000.0)]
+    table = throughput.markdown_table(rows)
+    assert table.count("\n") == 4 and "| a | 8192 | 1 | 1.00M | 0.0100 | 5.0 | 16384 | 500 | 900 | 2.0→3.0 |" in table
+    scaling = throughput.scaling_table(rows).splitlines()
+    assert scaling[0] == "| config | L=1024 | L=8192 | 8192/1024 |"
+    assert scaling[2] == "| a | 2000 | 500 | 0.25 |" and scaling[3] == "| b | 1000 | — | — |"
+    throughput.write_json(str(tmp_path / "t.json"), rows, steps=1)
+    assert json.load(open(tmp_path / "t.json"))["rows"][2]["config"] == "b"
+
+    s = peers.summarize("transformer", 1024, [(_row("x", 1024, 3000.0), _row("y", 1024, 1000.0)),
+                                              (_row("x", 1024, 2000.0), _row("y", 1024, 1000.0))])
+    assert s["ratios"] == [3.0, 2.0] and s["ratio"] == 2.5 and s["mismatch"] == peers.PAIRS["transformer"]["mismatch"]
+    assert "**2.50×** (3.00, 2.00)" in peers.markdown_table([s])
+
+
+def test_peers_skips_cleanly_without_torch(monkeypatch, capsys):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real(name, *a))
+    assert peers.main(["--seq_lens", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "skipped, torch not installed" in out and ".[bench]" in out
+
+
+@pytest.mark.slow
+def test_throughput_end_to_end(tmp_path):
+    throughput.main(["--configs", "isotropic_tiny", "--seq_lens", "64", "--bytes_per_step", "128", "--steps", "1",
+                     "--out", str(tmp_path / "t.json")])
+    (row,) = json.load(open(tmp_path / "t.json"))["rows"]
+    assert row["batch"] == 2 and row["bytes_per_s"] > 0 and len(row["load_before"]) == 3
+
+
+@pytest.mark.slow
+def test_peers_end_to_end(tmp_path):
+    if peers.missing_modules():
+        pytest.skip(f"{peers.missing_modules()} not installed")
+    assert peers.main(["--pairs", "transformer", "--seq_lens", "64", "--bytes_per_step", "128", "--steps", "1",
+                       "--rounds", "1", "--out", str(tmp_path / "p.json")]) == 0
+    (s,) = json.load(open(tmp_path / "p.json"))["rows"]
+    assert s["ratio"] > 0 and s["peer_params"] > 0
