@@ -156,6 +156,16 @@ def markdown(rows: list[dict]) -> str:
         rob = f"{r['robustness_mean']:+.3f}" if "robustness_mean" in r else "-"
         lines.append(f"| {r['run']} | {r['params'] / 1e6:.2f}M | {r['flops_per_byte'] / 1e6:.2f}M | "
                      f"{r['train_bytes_per_s']:,.0f} | {r['bpb']:.4f} | {bpc} | {f1} | {rob} |")
+    robust = [r for r in rows if "robustness" in r]
+    if robust:
+        kinds = list(robust[0]["robustness"])
+        lines += ["", "BPB increase under each perturbation:", "", "| run | " + " | ".join(kinds) + " |",
+                  "|---|" + "---:|" * len(kinds)]
+        lines += [f"| {r['run']} | " + " | ".join(f"{r['robustness'][k]:+.3f}" for k in kinds) + " |" for r in robust]
+    for r in rows:
+        if r.get("boundary_example"):
+            lines += ["", f"{r['run']}: chunk starts ('|') on the first bytes of {r['corpus']}", "```"]
+            lines += [f"[{k}] {v}" for k, v in r["boundary_example"].items()] + ["```"]
     return "\n".join(lines) + "\n"
 
 
