@@ -5,15 +5,18 @@ causal decoder-only form (§10, a project proposal: not in the paper).
     G = k · σ(−(w·RMSNorm(h) + b))  ∈ (k, 0)                k = −30, b₀ = +1; pads G = k; doc starts G = 0
     keep = G > k/2                                          START convention: kept bytes open chunks
     train (soft):  y = backbone(h, key_bias = G)            full length, every later layer biased by G
-    eval  (hard):  y = expand-back(backbone(compact(h, keep, L), original positions))
+    eval  (hard):  y = expand-back(backbone(compact(h, keep, M), original positions))   M = L in eval;
+                   benchmarks/mrt5_inference.py buckets M to the most kept bytes of a row (the speed-up)
     u_t = y[latest kept s ≤ t]                              select_start + broadcast (hard keep in both)
     logits = lm_head(decoder(h + u))
     loss += α·mean(G over non-pad) + β·mean_layers mean(max(s, 5) − 5)   (raw backbone scores)
 
 α comes from a PI controller on the hard deleted fraction δ̂ (``PIController``): e = δ − δ̂,
-P ← 0.9P + 0.1·k_p·e, I ← I + k_i·e, α = max(0, P + I), updated in every training forward once
+P ← 0.9P + 0.1·k_p·e, I ← I + k_i·e, α = max(0, P + I) (paper; ``alpha_min = None``: unclipped, as the
+causal config uses, see ``PIController`` for why), updated in every training forward once
 ``regularizer_delay`` steps have passed. Its state is a non-param ``PIState`` (TrainState.rest,
 checkpointed). Minimising α·mean(G) pushes G → k (more deletion), so δ̂ < δ raises α: the rate rises.
+``use_gate`` False gives the same model without deletion (the baseline of the BPB comparison).
 
 In eval mode (``model.eval()``) the logits are the hard ones; the soft forward is run too and its loss
 reported in the metrics (``soft_ce``/``soft_bpb`` next to ``hard_ce``/``hard_bpb``).
@@ -58,7 +61,9 @@ class MrT5Config:
     kp: float = 0.5
     ki: float = 1e-5
     alpha_init: float = 0.0
+    alpha_min: float | None = 0.0  # α = max(alpha_min, P + I); 0 = the paper, None = two-sided (see PIController)
     regularizer_delay: int = 0  # steps before the controller starts
+    use_gate: bool = True  # False: the no-deletion baseline of the same model (G = 0, every byte kept)
     # encoder-decoder span corruption (models/mrt5_encdec.py)
     noise_density: float = 0.15
     mean_span_length: int = 3
@@ -76,10 +81,11 @@ class MrT5Config:
 
 
 class DeleteGate(nnx.Module):
-    """G = k · σ(−(w·RMSNorm(h) + b)); w Xavier-uniform, b₀ = +1; G = k at pads, G = 0 at document starts."""
+    """G = k · σ(−(w·RMSNorm(h) + b)); w Xavier-uniform, b₀ = +1; G = k at pads, G = 0 at document starts.
+    ``use_gate`` False (the no-deletion baseline): G = 0 at every real byte."""
 
     def __init__(self, cfg: MrT5Config, *, param_dtype, rngs: nnx.Rngs):
-        self.k = cfg.gate_scale
+        self.k, self.enabled = cfg.gate_scale, cfg.use_gate
         self.norm = RMSNorm(cfg.d_model, param_dtype=param_dtype)
         self.proj = nnx.Linear(
             cfg.d_model, 1, use_bias=True, dtype=jnp.float32, param_dtype=param_dtype,
@@ -87,6 +93,8 @@ class DeleteGate(nnx.Module):
             bias_init=param_init(nnx.initializers.constant(cfg.gate_bias_init), (None,)), rngs=rngs)
 
     def __call__(self, h_BxLxD, real_BxL, start_BxL):
+        if not self.enabled:
+            return jnp.where(real_BxL, 0.0, self.k)
         G = self.k * jax.nn.sigmoid(-self.proj(self.norm(h_BxLxD))[..., 0])
         return jnp.where(real_BxL, jnp.where(start_BxL, 0.0, G), self.k)
 
@@ -96,10 +104,27 @@ class PIState(nnx.Variable):
 
 
 class PIController(nnx.Module):
-    """α for the gate loss, driven by the hard deleted fraction (MrT5 trainer)."""
+    """α for the gate loss, driven by the hard deleted fraction (MrT5 trainer).
+
+    Why the paper's settings over-delete in the tiny causal runs (measured on tinyshakespeare, lr 3e-3):
+    without any regulariser the task loss lowers δ̂ (0.33 → 0.10 by step 120: the backbone prefers to see
+    every byte), so the rate must be held up by α > 0. But the deleted fraction responds to α with a gain
+    far above the paper's (lr 3e-3 vs 1e-4, and the gradient of α·mean(G) reaches the whole local encoder
+    through RMSNorm(h), not just w and b): with k_p = 0.5 the loop is unstable, δ̂ went 0.20 → 0.94 within
+    10 steps of the regulariser delay. Deletion is then absorbing: a key at G ≈ k gets attention weight ~e^k
+    and a saturated sigmoid, hence ~no task gradient, and α ≥ 0 cannot push back (δ̂ stayed at 0.90-0.99
+    for the next 60 steps with α = 0). Two departures, both configurable (defaults = the paper):
+      ``alpha_min = None``: α = P + I unclipped, so δ̂ > δ gives α < 0 and α·mean(G) pushes G → 0 (in a run
+        with the paper's gains, and the gate's own LR × 0.1, this pulled δ̂ from 0.93 to 0.71 in 10 steps,
+        then overshot to 0.00: still unstable);
+      smaller k_p and larger k_i (configs/mrt5_causal_tiny.gin: 0.05, 1e-3): the linearised loop
+        δ̂ ← δ̂ + g·α with this controller is stable for plant gains g from 0.3 to 10 per step (the range
+        seen: ~0.25 pulling back, ~3.5 pushing), and the I term removes the P term's steady-state error.
+    """
 
     def __init__(self, cfg: MrT5Config):
         self.target, self.kp, self.ki, self.delay = cfg.target_deletion, cfg.kp, cfg.ki, cfg.regularizer_delay
+        self.alpha_min = cfg.alpha_min
         self.p = PIState(jnp.zeros((), jnp.float32))
         self.i = PIState(jnp.zeros((), jnp.float32))
         self.alpha = PIState(jnp.full((), cfg.alpha_init, jnp.float32))
@@ -111,11 +136,12 @@ class PIController(nnx.Module):
         active = self.step[...] >= self.delay
         p = 0.9 * self.p[...] + 0.1 * self.kp * e
         i = self.i[...] + self.ki * e
+        alpha = p + i if self.alpha_min is None else jnp.maximum(self.alpha_min, p + i)
         # new Variables rather than in-place writes: under the trainer's jax.grad the merged state's
         # variables belong to the outer trace and refuse mutation; the module itself is rebuilt inside it
         self.p = PIState(jnp.where(active, p, self.p[...]))
         self.i = PIState(jnp.where(active, i, self.i[...]))
-        self.alpha = PIState(jnp.where(active, jnp.maximum(0.0, p + i), self.alpha[...]))
+        self.alpha = PIState(jnp.where(active, alpha, self.alpha[...]))
         self.step = PIState(self.step[...] + 1)
 
 
@@ -186,35 +212,43 @@ class MrT5CausalLM(nnx.Module):
                                   kernel_init=param_init(normal(0.02), ("embed", "vocab")), rngs=rngs)
         self.controller = PIController(config)
 
-    def _upsample_soft(self, h, G, keep, seg, pos):
-        y = self.backbone(h, seg, pos, G)
-        return chunking.expand(chunking.compact(y, keep, y.shape[1])[0], keep)
+    def encode(self, batch):
+        """(h_BxLxD, G_BxL, keep_BxL): local encoder, delete gate and hard keep."""
+        seg, pos = batch["segment_ids"], batch["positions"]
+        real = seg > 0
+        x = constrain(self.embed(batch["inputs"]).astype(jnp.float32), ("batch", "byte_len", "act_embed"))
+        h = self.encoder(x, seg, pos)
+        G = self.gate(h, real, doc_starts(seg))
+        return h, G, (G > self.config.threshold) & real
 
-    def _upsample_hard(self, h, keep, seg, pos):
-        z, _ = chunking.compact(h, keep, h.shape[1])
-        zseg, zpos = hard_gather(keep, h.shape[1], seg, pos)  # original positions, not renumbered
-        return chunking.expand(self.backbone(z, zseg, zpos), keep)
+    def soft_logits(self, h, G, keep, seg, pos):
+        """Training form: full-length backbone with key bias G, read at the latest kept byte ≤ t."""
+        y = self.backbone(h, seg, pos, G)
+        return self._logits(h, chunking.expand(chunking.compact(y, keep, y.shape[1])[0], keep), seg, pos)
+
+    def hard_logits(self, h, keep, seg, pos, M: int):
+        """Inference form: the kept bytes compacted into M static slots (original positions for RoPE), the
+        backbone run on them, expanded back. M must be ≥ the most kept bytes of a row (bytes past the M-th
+        kept one would read u = 0); M = L is always safe, a smaller M is where the speed-up comes from."""
+        z, _ = chunking.compact(h, keep, M)
+        zseg, zpos = hard_gather(keep, M, seg, pos)  # original positions, not renumbered
+        return self._logits(h, chunking.expand(self.backbone(z, zseg, zpos), keep), seg, pos)
 
     def _logits(self, h, u, seg, pos):
         out = self.decoder(h + u, seg, pos)
         return constrain(self.lm_head(out).astype(jnp.float32), ("batch", "byte_len", "act_vocab"))
 
     def __call__(self, batch) -> ModelOutput:
-        cfg = self.config
         seg, pos = batch["segment_ids"], batch["positions"]
-        real = seg > 0
-        x = constrain(self.embed(batch["inputs"]).astype(jnp.float32), ("batch", "byte_len", "act_embed"))
-        h = self.encoder(x, seg, pos)
-        G = self.gate(h, real, doc_starts(seg))
-        keep = (G > cfg.threshold) & real
+        h, G, keep = self.encode(batch)
         metrics = {}
-        if self.deterministic:
-            logits = self._logits(h, self._upsample_hard(h, keep, seg, pos), seg, pos)
-            soft = self._logits(h, self._upsample_soft(h, G, keep, seg, pos), seg, pos)
+        if self.deterministic:  # hard first: the score regulariser metric is the soft forward's, as in training
+            logits = self.hard_logits(h, keep, seg, pos, h.shape[1])
+            soft = self.soft_logits(h, G, keep, seg, pos)
             metrics.update(loss_metrics("hard", logits, None, batch), **loss_metrics("soft", soft, None, batch))
         else:
-            logits = self._logits(h, self._upsample_soft(h, G, keep, seg, pos), seg, pos)
-        aux, gm = gate_losses(cfg, self.controller, G, keep, real, score_regs(self.backbone),
+            logits = self.soft_logits(h, G, keep, seg, pos)
+        aux, gm = gate_losses(self.config, self.controller, G, keep, seg > 0, score_regs(self.backbone),
                               training=not self.deterministic)
         return ModelOutput(logits_BxLxV=logits, aux_loss=aux, metrics={**gm, **metrics},
                            boundaries={"kept": keep})
