@@ -53,6 +53,30 @@ SCRIPT_GROUPS: dict[str, tuple[str, ...]] = {
     "other": (),
 }
 
+# One group per script of NTREX-128's 22 languages (shared/data/ntrex128): the per-byte route of every
+# language's own letters is its script, so no language falls into the catch-all (jpn mixes han + kana).
+NTREX_SCRIPT_GROUPS: dict[str, tuple[str, ...]] = {
+    "latin": ("Latin",),  # eng spa fra deu vie
+    "cyrl": ("Cyrillic",),  # rus ukr bel
+    "grek": ("Greek",),
+    "arab": ("Arabic",),
+    "hebr": ("Hebrew",),
+    "deva": ("Devanagari",),  # hin
+    "beng": ("Bengali",),
+    "telu": ("Telugu",),
+    "taml": ("Tamil",),
+    "hani": ("Han",),  # zho-CN, jpn kanji
+    "kana": ("Hiragana", "Katakana"),  # jpn
+    "hang": ("Hangul",),
+    "thai": ("Thai",),
+    "ethi": ("Ethiopic",),
+    "geor": ("Georgian",),
+    "armn": ("Armenian",),
+    "other": (),
+}
+
+GROUPINGS: dict[str, dict[str, tuple[str, ...]]] = {"magnet": SCRIPT_GROUPS, "ntrex": NTREX_SCRIPT_GROUPS}
+
 _INHERIT = -1
 _MAX_CP = 0x110000
 # (n bytes per char, code-point range)
@@ -269,4 +293,31 @@ def routes_for_batch(
     return np.stack([routes_for_window(t, g, groups, default_route) for t, g in zip(tok_BxL, seg_BxL)])
 
 
-__all__ = ["SCRIPT_GROUPS", "route_names", "num_routes", "byte_routes", "routes_for_window", "routes_for_batch"]
+def route_counts(docs: Sequence[bytes], groups: Mapping[str, Sequence[str]] = SCRIPT_GROUPS) -> np.ndarray:
+    """Bytes of each route in each document. -> int64 [len(docs), R]."""
+    R = num_routes(groups)
+    return np.stack([np.bincount(byte_routes(d, groups), minlength=R) for d in docs]).astype(np.int64)
+
+
+def parity_priors(counts_LxR: np.ndarray, english_index: int, alpha_english: float = 0.2) -> np.ndarray:
+    """Per-route binomial priors α_r that equalise chunks per English-equivalent byte on parallel text.
+
+    counts_LxR: bytes of route r in language l's translation of the same content (``route_counts``), row
+    ``english_index`` the English original. With B_l = Σ_r n_lr and E = B_english, every byte of route r
+    is worth E/B_l English bytes; route r's premium is π_r = N_r / E_r, N_r = Σ_l n_lr, E_r = Σ_l n_lr E/B_l,
+    and α_r = c / π_r, with c set so that English's expected rate Σ_r α_r n_er / E is ``alpha_english``.
+    Expected chunks of language l are then Σ_r α_r n_lr ≈ c·E for every language whose routes it does not
+    share with languages of another byte premium (e.g. only vie/eng spread the Latin route). Routes absent
+    from the text get c. -> float64 [R]."""
+    n_LxR = np.asarray(counts_LxR, np.float64)
+    B_L = n_LxR.sum(1)
+    E = B_L[english_index]
+    N_R = n_LxR.sum(0)
+    E_R = (n_LxR * (E / np.maximum(B_L, 1.0))[:, None]).sum(0)
+    inv_premium_R = np.where(N_R > 0, E_R / np.maximum(N_R, 1.0), 1.0)
+    c = alpha_english * E / float(n_LxR[english_index] @ inv_premium_R)
+    return c * inv_premium_R
+
+
+__all__ = ["SCRIPT_GROUPS", "NTREX_SCRIPT_GROUPS", "GROUPINGS", "route_names", "num_routes", "byte_routes",
+           "routes_for_window", "routes_for_batch", "route_counts", "parity_priors"]

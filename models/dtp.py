@@ -4,7 +4,7 @@ Spec: shared/reference/boundaries.md §D, §E, §9-10. One model, ``DTPLM``:
 
     h = pre(embed(x))                                   byte-level layers (pre-layer output)
     ℓ_{t,r} = MLP_r(h_t)   (d -> H -> 1, GELU), one predictor per route r (R = 1: plain DTP)
-    ℓ_t = ℓ_{t, route_t}                                route_t: 0 | batch['script_routes'] | batch['doc_routes']
+    ℓ_t = ℓ_{t, route_t}                                route_t: 0 | byte t's script | document's script
     e_t  (END convention: byte t closes its chunk), decided from h_t only (lookahead 0):
         gumbel, training : e_t = 1[ℓ_t + n_t > 0],  n_t ~ Logistic from fold_in(key(step), row, t),
                            e_st = e + σ((ℓ+n)/τ) - sg(σ((ℓ+n)/τ))         (hard sample ~ Bernoulli(p) for any τ)
@@ -48,6 +48,7 @@ from hnet import chunking
 from hnet.boundary_rules import doc_starts, end_to_start
 from hnet.bytes import VOCAB_SIZE
 from hnet.layers import Stack, StackConfig, normal
+from hnet.scripts import GROUPINGS
 from hnet.sharding import constrain, param_init
 from models import dtp_targets as tg
 from models.base import ModelOutput, dtype_from_name
@@ -200,9 +201,12 @@ class NoiseStep(nnx.Variable):
 @dataclasses.dataclass(frozen=True)
 class DTPConfig:
     """``boundary``: 'gumbel' | 'entropy' | 'unigram'. ``routing``: 'single' (one predictor, plain DTP),
-    'script' (per byte by batch['script_routes'], causal; MAGNET per-byte) or 'doc' (per sequence by
-    batch['doc_routes'], the document's dominant script, MAGNET's language-label routing). ``priors``
-    has one α per route, in route-id order (hnet.scripts.SCRIPT_GROUPS order: latin, cyrl, deva, other)."""
+    'script' (per byte by the causal script route, MAGNET per-byte) or 'doc' (per sequence by the
+    document's dominant script, MAGNET's language-label routing). ``script_groups`` names the grouping in
+    ``hnet.scripts.GROUPINGS`` ('magnet': latin, cyrl, deva, other; 'ntrex': one group per script of
+    NTREX's 22 languages); routed models read batch['script_routes' | 'doc_routes'] ('magnet') or
+    batch['script_routes_<groups>' | 'doc_routes_<groups>'] (``dtp_targets`` annotations), and
+    ``route_names`` must be the grouping's names. ``priors`` has one α per route, in route-id order."""
 
     pre_layout: str = "T2"
     inner_layout: str = "T4"
@@ -213,6 +217,7 @@ class DTPConfig:
     predictor_hidden: int = 0  # 0 = d_ff (MAGNET: d_inner)
     boundary: str = "gumbel"
     routing: str = "single"
+    script_groups: str = "magnet"
     route_names: Sequence[str] = ("all",)
     priors: Sequence[float] = (0.2,)
     temperature: float = 0.5
@@ -230,6 +235,12 @@ class DTPConfig:
 _ROUTE_KEYS = {"single": None, "script": "script_routes", "doc": "doc_routes"}
 
 
+def route_key(routing: str, script_groups: str = "magnet") -> str | None:
+    """Batch key of the per-byte route ids (None for a single predictor)."""
+    key = _ROUTE_KEYS[routing]
+    return key if key is None or script_groups == "magnet" else f"{key}_{script_groups}"
+
+
 class DTPLM(nnx.Module):
     """Hourglass byte LM with DTP pooling and (routed) learned boundaries; see the module docstring."""
 
@@ -240,6 +251,9 @@ class DTPLM(nnx.Module):
             raise ValueError(f"bad boundary {cfg.boundary!r} or routing {cfg.routing!r}")
         if len(cfg.priors) != len(cfg.route_names) or (cfg.routing == "single" and len(cfg.priors) != 1):
             raise ValueError(f"priors {cfg.priors} must match route_names {cfg.route_names} (1 when single)")
+        if cfg.routing != "single" and tuple(cfg.route_names) != tuple(GROUPINGS[cfg.script_groups]):
+            raise ValueError(f"route_names {cfg.route_names} must be the {cfg.script_groups!r} groups "
+                             f"{tuple(GROUPINGS[cfg.script_groups])}")
         rngs = nnx.Rngs(seed)
         self.config, self.deterministic = cfg, False
         dtype, param_dtype = dtype_from_name(dtype), dtype_from_name(param_dtype)
@@ -258,7 +272,7 @@ class DTPLM(nnx.Module):
         self.noise_step = NoiseStep(jnp.zeros((), jnp.uint32))
 
     def routes(self, batch):
-        key = _ROUTE_KEYS[self.config.routing]
+        key = route_key(self.config.routing, self.config.script_groups)
         return jnp.zeros_like(batch["inputs"]) if key is None else batch[key].astype(jnp.int32)
 
     def decide(self, logit, t_BxL):

@@ -19,6 +19,10 @@ return one value per framed byte [BOS, doc..., EOS]:
     (``hnet.scripts``, most frequent causal byte route of the whole document), constant over the
     document. It stands in for the language label (language -> script is many-to-one); it is
     per-sequence side information, known before the document like MAGNET's prepended script token.
+    On NTREX's 22 languages the dominant group is each language's script (jpn: kana), i.e. exactly
+    MAGNET's ``language_to_script`` label, so no file-name label is needed.
+  * ``script_routes_<g>`` / ``doc_routes_<g>``: the same two under another grouping g of
+    ``hnet.scripts.GROUPINGS`` (``DTPConfig.script_groups``), e.g. ``script_routes_ntrex``.
 """
 
 from __future__ import annotations
@@ -159,22 +163,40 @@ def _unigram_annotation(doc: bytes) -> np.ndarray:
     return np.concatenate([[True], unigram_ends(doc, _active_unigram().processor()), [True]])
 
 
-def dominant_route(doc: bytes) -> int:
-    from hnet.scripts import byte_routes
+def dominant_route(doc: bytes, groups=None) -> int:
+    """Most frequent causal byte route of ``doc`` under ``groups`` (default hnet.scripts.SCRIPT_GROUPS)."""
+    from hnet.scripts import SCRIPT_GROUPS, byte_routes
 
-    r = byte_routes(doc)
+    r = byte_routes(doc, SCRIPT_GROUPS if groups is None else groups)
     return int(np.bincount(r).argmax()) if len(r) else 0
 
 
-def _doc_routes_annotation(doc: bytes) -> np.ndarray:
-    return np.full(len(doc) + 2, dominant_route(doc), np.int32)
+def _script_routes_annotation(doc: bytes, groups) -> np.ndarray:
+    """Per-byte routes framed as train.data's ``script_routes``: BOS route 0, EOS the last byte's route."""
+    from hnet.scripts import byte_routes
+
+    r = byte_routes(doc, groups).astype(np.int32)
+    return np.concatenate([[0], r, r[-1:]])
+
+
+def _doc_routes_annotation(doc: bytes, groups=None) -> np.ndarray:
+    return np.full(len(doc) + 2, dominant_route(doc, groups), np.int32)
 
 
 def register_annotations():
+    """``unigram_ends`` and ``doc_routes`` (MAGNET grouping), and for every other grouping g of
+    hnet.scripts.GROUPINGS ``script_routes_<g>`` / ``doc_routes_<g>`` (e.g. ``script_routes_ntrex``)."""
+    from hnet.scripts import GROUPINGS
     from train import data
 
     data.ANNOTATIONS.setdefault("unigram_ends", (_unigram_annotation, bool))
     data.ANNOTATIONS.setdefault("doc_routes", (_doc_routes_annotation, np.int32))
+    for name, groups in GROUPINGS.items():
+        if name != "magnet":
+            data.ANNOTATIONS.setdefault(f"script_routes_{name}",
+                                        (functools.partial(_script_routes_annotation, groups=groups), np.int32))
+            data.ANNOTATIONS.setdefault(f"doc_routes_{name}",
+                                        (functools.partial(_doc_routes_annotation, groups=groups), np.int32))
 
 
 register_annotations()

@@ -11,9 +11,10 @@ import pytest
 from flax import nnx
 
 from hnet.boundary_rules import end_to_start
-from hnet.scripts import routes_for_batch
+from hnet import sharding
+from hnet.scripts import NTREX_SCRIPT_GROUPS, byte_routes, parity_priors, route_counts, routes_for_batch
 from models import dtp_targets as tg
-from models.dtp import DTPConfig, DTPLM
+from models.dtp import DTPConfig, DTPLM, route_key
 from tests.helpers import packed_row, shared_text_path, stack_rows, to_jnp
 from tests.test_dtp import TINY, _decode_all, make_fwd
 
@@ -109,6 +110,106 @@ def test_doc_routes_annotation_is_the_dominant_script():
     s = ByteStream.from_documents(docs, ("doc_routes",))
     per_doc = [np.unique(s.extra["doc_routes"][s.doc_ids == i]).tolist() for i in range(3)]
     assert per_doc == [[0], [1], [2]]
+
+
+NTREX_NAMES = tuple(NTREX_SCRIPT_GROUPS)
+
+
+def _ntrex_lines(langs, n_lines=1):
+    out = {}
+    for lang in langs:
+        with open(shared_text_path("ntrex128", "valid", f"{lang}.txt"), "rb") as f:
+            out[lang] = b"\n".join(f.read().split(b"\n")[:n_lines])
+    return out
+
+
+def test_ntrex_grouping_annotations_and_route_key():
+    """'script_routes_ntrex' = the framed per-byte NTREX routes; 'doc_routes_ntrex' = each language's own
+    script (jpn: kana); a model with script_groups 'ntrex' reads them (forced predictors: only the
+    grek and deva routes close, so the boundaries follow the NTREX routes, not the MAGNET ones)."""
+    from train.data import ByteStream
+
+    docs = _ntrex_lines(("ell", "hin", "jpn", "eng"))
+    s = ByteStream.from_documents(list(docs.values()), ("script_routes_ntrex", "doc_routes_ntrex", "script_routes"))
+    for i, d in enumerate(docs.values()):
+        r = byte_routes(d, NTREX_SCRIPT_GROUPS)
+        np.testing.assert_array_equal(s.extra["script_routes_ntrex"][s.doc_ids == i], np.r_[0, r, r[-1]])
+    labels = [NTREX_NAMES[int(s.extra["doc_routes_ntrex"][s.doc_ids == i][0])] for i in range(4)]
+    assert labels == ["grek", "deva", "kana", "latin"]
+    assert route_key("script", "ntrex") == "script_routes_ntrex" and route_key("doc") == "doc_routes"
+
+    priors = tuple(0.1 for _ in NTREX_NAMES)
+    with pytest.raises(ValueError):  # names of the other grouping
+        DTPLM(DTPConfig(**TINY, routing="script", script_groups="ntrex", route_names=NAMES, priors=(0.1,) * 4))
+    model = DTPLM(DTPConfig(**TINY, routing="script", script_groups="ntrex", route_names=NTREX_NAMES,
+                            priors=priors), seed=5)
+    model.predictor.w2[...] = jnp.zeros_like(model.predictor.w2[...])
+    model.predictor.b2[...] = jnp.where(jnp.isin(jnp.arange(len(NTREX_NAMES)), jnp.array([2, 5])), 20.0, -20.0)
+    doc = b" ".join(d[:50] for d in docs.values())
+    batch = stack_rows([packed_row([doc], 256)])
+    batch["script_routes_ntrex"] = routes_for_batch(batch["inputs"], batch["segment_ids"],
+                                                    NTREX_SCRIPT_GROUPS).astype(np.int32)
+    _, b, _ = make_fwd(model, False)[0](nnx.split(model)[1], to_jnp(batch))
+    real = batch["segment_ids"] > 0
+    e_want = np.isin(batch["script_routes_ntrex"], [2, 5]) & real
+    assert e_want.sum() > 20
+    b_want = np.asarray(end_to_start(jnp.asarray(e_want), jnp.asarray(batch["segment_ids"]))) & real
+    np.testing.assert_array_equal(np.asarray(b), b_want)
+
+
+@pytest.mark.slow
+def test_magnet_config_priors_are_the_ntrex_parity_priors():
+    """configs/magnet_tiny.gin's priors = hnet.scripts.parity_priors on ntrex128/train (3 decimals)."""
+    import glob
+    import os
+
+    import gin
+
+    from train import config
+
+    paths = sorted(glob.glob(os.path.join(os.path.dirname(shared_text_path("ntrex128", "train", "eng.txt")), "*.txt")))
+    langs = [os.path.basename(p)[:-4] for p in paths]
+    docs = []
+    for p in paths:
+        with open(p, "rb") as f:
+            docs.append(f.read())
+    want = parity_priors(route_counts(docs, NTREX_SCRIPT_GROUPS), langs.index("eng"), 0.2)
+    config.parse(["configs/magnet_tiny.gin", "configs/runs/ntrex_multilingual.gin"], [])
+    cfg = gin.get_configurable("models.DTPConfig")()
+    assert tuple(cfg.route_names) == NTREX_NAMES and cfg.script_groups == "ntrex"
+    np.testing.assert_allclose(cfg.priors, want, atol=5e-4)
+
+
+def test_multilingual_eval_counts_chunks_per_english_byte(tmp_path):
+    """evaluate_languages on 9 parallel files (MAGNET's languages, 3 lines each): per-language chunks /
+    English bytes, parity max/min over all and over MAGNET's nine, NTREX script labels."""
+    import dataclasses as dc
+
+    from train import data as data_lib
+    from train.loop import build_state
+    from train.multilingual_eval import MAGNET_LANGUAGES, evaluate_languages
+    from train.optim import OptimizerConfig
+
+    for lang, text in _ntrex_lines(MAGNET_LANGUAGES, 3).items():
+        (tmp_path / f"{lang}.txt").write_bytes(text)
+    cfg = DTPConfig(**TINY, priors=(0.3,))
+    setup = build_state(lambda: DTPLM(cfg, seed=0), OptimizerConfig(), 10, sharding.make_mesh({"data": -1}))
+    eval_cfg = dc.replace(data_lib.DataConfig(), seq_len=64, batch_size=4)
+    res = evaluate_languages(setup, eval_cfg, str(tmp_path))
+    langs = res["languages"]
+    assert set(langs) == set(MAGNET_LANGUAGES)
+    eng_bytes = (tmp_path / "eng.txt").stat().st_size
+    for lang, m in langs.items():
+        assert m["file_bytes"] == (tmp_path / f"{lang}.txt").stat().st_size
+        assert m["chunks_per_eng_byte"] == pytest.approx(m["n_chunks"] / eng_bytes)
+        assert m["bytes_per_chunk"] == pytest.approx(m["n_positions"] / m["n_chunks"]) == 1 / m["boundary_rate"]
+        assert m["n_positions"] == m["file_bytes"] + 1  # BOS + bytes (EOS is never an input)
+        assert 0 < m["bpb"] < 12
+    cpe = [m["chunks_per_eng_byte"] for m in langs.values()]
+    assert res["parity_max_over_min"] == pytest.approx(max(cpe) / min(cpe))
+    assert res["parity_max_over_min_magnet9"] == pytest.approx(res["parity_max_over_min"])
+    assert langs["hin"]["script"] == "deva" and langs["ben"]["script"] == "beng" and langs["rus"]["script"] == "cyrl"
+    assert res["scripts"]["cyrl"]["languages"] == ["bel", "rus", "ukr"]
 
 
 @pytest.mark.slow

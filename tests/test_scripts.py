@@ -146,3 +146,43 @@ def test_speed_one_megabyte():
     dt = time.perf_counter() - t0
     assert r.shape == (len(big),) and len(big) > 900_000
     assert dt < 5.0, dt
+
+
+NTREX_SCRIPT = {"eng": "latin", "spa": "latin", "fra": "latin", "deu": "latin", "vie": "latin", "rus": "cyrl",
+                "ukr": "cyrl", "bel": "cyrl", "ell": "grek", "arb": "arab", "heb": "hebr", "hin": "deva",
+                "ben": "beng", "tel": "telu", "tam": "taml", "zho-CN": "hani", "jpn": "kana", "kor": "hang",
+                "tha": "thai", "amh": "ethi", "kat": "geor", "hye": "armn"}
+
+
+def test_ntrex_groups_route_every_language_to_its_own_script():
+    """No NTREX language falls into the catch-all: the first valid line of each is >= 90 % its script's
+    route (jpn: han + kana)."""
+    from tests.helpers import shared_text_path
+
+    g = sc.NTREX_SCRIPT_GROUPS
+    names = sc.route_names(g)
+    assert names[-1] == "other" and not g["other"] and sc.GROUPINGS["ntrex"] is g
+    for lang, want in NTREX_SCRIPT.items():
+        with open(shared_text_path("ntrex128", "valid", f"{lang}.txt"), "rb") as f:
+            line = f.read().split(b"\n")[0]
+        n_R = sc.route_counts([line], g)[0]
+        own = n_R[names.index(want)] + (n_R[names.index("hani")] if lang == "jpn" else 0)
+        assert names[int(n_R.argmax())] == want and own >= 0.9 * len(line), (lang, dict(zip(names, n_R)))
+
+
+def test_parity_priors_hand_values():
+    """eng 100 latin bytes, fra 120 latin, rus 200 cyrl (same content): π_latin = 220 / (100 + 100) = 1.1,
+    π_cyrl = 2, c = 0.2 · 1.1 = 0.22 -> α = (0.2, 0.11, c = 0.22 for the absent route)."""
+    counts = np.array([[100, 0, 0], [120, 0, 0], [0, 200, 0]])
+    a = sc.parity_priors(counts, english_index=0, alpha_english=0.2)
+    np.testing.assert_allclose(a, [0.2, 0.11, 0.22], rtol=1e-12)
+    np.testing.assert_allclose(counts @ a, [20.0, 24.0, 22.0], rtol=1e-12)  # expected chunks
+    # languages that share no route with another premium get exactly equal chunks per English byte
+    counts = np.array([[0, 100, 0], [250, 0, 0], [0, 0, 180]])
+    chunks = counts @ sc.parity_priors(counts, english_index=1, alpha_english=0.25)
+    np.testing.assert_allclose(chunks, [62.5, 62.5, 62.5], rtol=1e-12)
+
+
+def test_route_counts():
+    text = "ab мир".encode()  # a b ␣ (latin) м и р (2 bytes each)
+    np.testing.assert_array_equal(sc.route_counts([text, b"x"]), [[3, 6, 0, 0], [1, 0, 0, 0]])

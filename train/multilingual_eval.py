@@ -4,13 +4,14 @@ chunks per English-equivalent byte (MAGNET-style segmentation parity).
 For every language file ``<data_dir>/<lang>.txt`` (one document per file, windows of the eval
 DataConfig's seq_len, the model in eval mode):
   bpb                   Σ NLL over real UTF-8 target bytes / (ln 2 · #bytes)
-  bytes_per_chunk       #non-pad input positions / #chunks
+  bytes_per_chunk       #non-pad input positions / #chunks (boundary_rate: its inverse)
   chunks_per_eng_byte   #chunks / #UTF-8 bytes of the English side (eng.txt): the same content in every
                         language, so equal values mean equal segmentation cost (parity)
 Chunks are the START bits of ``out.boundaries['s0']`` over non-pad positions (document/window starts
 included); a model without boundaries counts one chunk per byte. Scripts aggregate the languages by
-their dominant ``hnet.scripts`` route (sums, then ratios). ``parity_max_over_min`` is the max/min over
-languages of chunks_per_eng_byte.
+their dominant route under ``hnet.scripts.GROUPINGS[groups]`` (default 'ntrex': one group per script;
+sums, then ratios). ``parity_max_over_min`` is the max/min over languages of chunks_per_eng_byte, and
+``parity_max_over_min_magnet9`` the same over MAGNET's nine languages (``MAGNET_LANGUAGES``).
 
     python -m train.multilingual_eval --workdir DIR --gin_file configs/magnet_tiny.gin \
         --gin_file configs/runs/ntrex_multilingual.gin [--data_dir shared:ntrex128/valid] [--out FILE]
@@ -31,9 +32,11 @@ import numpy as np
 from flax import nnx
 
 from hnet import sharding
-from hnet.scripts import route_names
+from hnet.scripts import GROUPINGS, route_names
 from train import data as data_lib
 from train.step import LN2, cross_entropy_sums
+
+MAGNET_LANGUAGES = ("eng", "spa", "fra", "rus", "ukr", "bel", "hin", "ben", "tel")  # Ahia et al. 2024
 
 
 def make_sums_fn(graphdef):
@@ -62,14 +65,14 @@ def language_files(data_dir: str) -> dict[str, str]:
 
 
 def evaluate_languages(setup, eval_cfg: data_lib.DataConfig, data_dir: str = "shared:ntrex128/valid",
-                       english: str = "eng", max_lines: int = 0) -> dict:
+                       english: str = "eng", max_lines: int = 0, groups: str = "ntrex") -> dict:
     """setup: train.loop.Setup (graphdef + state + mesh). eval_cfg gives seq_len, batch_size and the
     annotations the model needs; ``max_lines`` > 0 keeps the first lines of every file (parallel content,
     so parity stays comparable). Returns {'languages': {lang: {...}}, 'scripts': {...}, 'parity_...'}."""
     from models.dtp_targets import dominant_route
 
     sums_fn = make_sums_fn(setup.graphdef)
-    names = route_names()
+    names = route_names(GROUPINGS[groups])
     langs: dict[str, dict] = {}
     for lang, path in language_files(data_dir).items():
         cfg = dataclasses.replace(eval_cfg, sources=(path,), byte_range=(0.0, 1.0), doc_split="file", shuffle=False,
@@ -85,14 +88,16 @@ def evaluate_languages(setup, eval_cfg: data_lib.DataConfig, data_dir: str = "sh
                 batch = sharding.global_batch_from_local(setup.mesh, local)
                 for k, v in jax.device_get(sums_fn(setup.state.params, setup.state.rest, batch)).items():
                     tot[k] = tot.get(k, 0.0) + float(v)
-        langs[lang] = {"script": names[dominant_route(text)], "file_bytes": len(text), **tot}
+        langs[lang] = {"script": names[dominant_route(text, GROUPINGS[groups])], "file_bytes": len(text), **tot}
     eng_bytes = langs[english]["file_bytes"] if english in langs else None
     out = {"languages": {}, "scripts": {}}
 
     def metrics(t: dict, ref_bytes) -> dict:
         m = {"bpb": t["byte_nll_sum"] / (LN2 * max(t["n_bytes"], 1.0)),
              "bytes_per_chunk": t["n_positions"] / max(t["n_chunks"], 1.0),
-             "n_bytes": t["n_bytes"], "n_chunks": t["n_chunks"], "file_bytes": t["file_bytes"]}
+             "boundary_rate": t["n_chunks"] / max(t["n_positions"], 1.0),
+             "n_bytes": t["n_bytes"], "n_positions": t["n_positions"], "n_chunks": t["n_chunks"],
+             "file_bytes": t["file_bytes"]}
         if ref_bytes:
             m["chunks_per_eng_byte"] = t["n_chunks"] / ref_bytes
         return m
@@ -106,8 +111,11 @@ def evaluate_languages(setup, eval_cfg: data_lib.DataConfig, data_dir: str = "sh
         out["scripts"][script] = {"languages": sorted(k for k, t in langs.items() if t["script"] == script),
                                   **metrics(agg, eng_bytes and eng_bytes * len(members))}
     if eng_bytes:
-        cpe = [m["chunks_per_eng_byte"] for m in out["languages"].values()]
-        out["parity_max_over_min"] = max(cpe) / max(min(cpe), 1e-9)
+        cpe = {lang: m["chunks_per_eng_byte"] for lang, m in out["languages"].items()}
+        out["parity_max_over_min"] = max(cpe.values()) / max(min(cpe.values()), 1e-9)
+        sub = [cpe[lang] for lang in MAGNET_LANGUAGES if lang in cpe]
+        if len(sub) == len(MAGNET_LANGUAGES):
+            out["parity_max_over_min_magnet9"] = max(sub) / max(min(sub), 1e-9)
     bpbs = [m["bpb"] for m in out["languages"].values()]
     out["bpb_mean_over_languages"] = float(np.mean(bpbs))
     return out
@@ -127,6 +135,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--gin_file", action="append", default=[])
     parser.add_argument("--data_dir", default="shared:ntrex128/valid")
     parser.add_argument("--max_lines", type=int, default=0, help="first lines of every file (0 = all)")
+    parser.add_argument("--groups", default="ntrex", choices=sorted(GROUPINGS), help="script labels of languages")
     parser.add_argument("--out", default=None)
     bindings, rest = config.split_gin_args(list(sys.argv[1:] if argv is None else argv))
     args = parser.parse_args(rest)
@@ -144,7 +153,7 @@ def main(argv=None) -> dict:
         raise SystemExit(f"no checkpoint in {args.workdir}/checkpoints")
     setup.state = state
     res = {"workdir": args.workdir, "step": int(step),
-           **evaluate_languages(setup, eval_cfg, args.data_dir, max_lines=args.max_lines)}
+           **evaluate_languages(setup, eval_cfg, args.data_dir, max_lines=args.max_lines, groups=args.groups)}
     path = args.out or os.path.join(args.workdir, "multilingual_eval.json")
     with open(path, "w") as f:
         json.dump(res, f, indent=1)
@@ -154,8 +163,10 @@ def main(argv=None) -> dict:
         w = MetricWriter(os.path.join(args.workdir, "tb"))
         for lang, m in res["languages"].items():
             w.scalars(int(step), {k: v for k, v in m.items() if isinstance(v, float)}, f"multilingual/{lang}/")
-        w.scalars(int(step), {"parity_max_over_min": res.get("parity_max_over_min", float("nan")),
-                              "bpb_mean_over_languages": res["bpb_mean_over_languages"]}, "multilingual/")
+        for script, m in res["scripts"].items():
+            w.scalars(int(step), {k: v for k, v in m.items() if isinstance(v, float)}, f"multilingual/script_{script}/")
+        w.scalars(int(step), {k: res[k] for k in ("parity_max_over_min", "parity_max_over_min_magnet9",
+                                                  "bpb_mean_over_languages") if k in res}, "multilingual/")
         w.close()
     except ImportError:
         pass
