@@ -32,19 +32,21 @@ import throughput  # noqa: E402  (same directory)
 
 PEER_MODULES = ("torch", "h_net_dynamic_chunking", "MEGABYTE_pytorch")
 SKIP_MSG = ("peers.py: skipped, {missing} not installed. Install the benchmark extra: "
-            ".venv/bin/pip install -e '.[bench]' (torch CPU wheel: --extra-index-url https://download.pytorch.org/whl/cpu)")
+            ".venv/bin/pip install -e '.[bench]' "
+            "(torch CPU wheel: --extra-index-url https://download.pytorch.org/whl/cpu)")
 
 # ours: config name; peer: what is built; mismatch: every known difference between the two models.
 PAIRS = {
     "hnet": dict(ours="hnet_1stage_tiny", peer="h-net-dynamic-chunking HNet", mismatch=[
         "encoder/decoder: 2 causal attention layers each (x-transformers, d128, 4 heads, no FFN) instead of "
         "our 2 Mamba-2 layers each (the package ships no Mamba-2; mamba-ssm needs CUDA)",
-        "main network: x-transformers Decoder T4 d256, 4 heads, SwiGLU ff_mult 3 (= our d_ff 768), RoPE, RMSNorm: matched",
+        "main network: x-transformers Decoder T4 d256, 4 heads, SwiGLU ff_mult 3 (= our d_ff 768), RoPE, RMSNorm: "
+        "matched",
         "chunker: the package's DynamicSequenceChunker (target N = 6, ratio loss 0.03) pads the inner sequence to "
         "the longest chunk count in the batch; ours has a static capacity M = L/2",
         "attention through torch SDPA (attn_flash=True); no document masking (ours resets at BOS)"]),
     "megabyte": dict(ours="fixed_tiny", peer="megabyte-pytorch MEGABYTE (2 stages, patch 4)", mismatch=[
-        "global model: T2 d128 over L/4 patches (ours: backbone T2 d128 over groups of 4: matched)",
+        "global model: T2 d128 over L/4 patches (ours: backbone T2 d128 over groups of 4): matched",
         "byte level: MEGABYTE's local T4 attends only within each 4-byte patch; ours runs pre T2 + post T2 "
         "with causal attention over the whole window (more FLOPs on our side)",
         "patch embedding: concat of 4 byte embeddings + LayerNorm + Linear (ours: mean of the pre stack's outputs)",
@@ -74,10 +76,10 @@ def build_peer(name: str, seq_len: int):
 
         common = dict(heads=4, rotary_pos_emb=True, use_rmsnorm=True, attn_flash=True)
         enc = dict(dim=128, attn_dim_head=32, rotary_emb_dim=32, custom_layers=("a", "a"), **common)
-        main = dict(dim=256, depth=4, attn_dim_head=64, rotary_emb_dim=64, ff_mult=3, ff_glu=True, ff_swish=True, **common)
-        model = nn.ModuleDict(dict(emb=nn.Embedding(256, 128), net=HNet(Decoder(**enc), Decoder(**main), Decoder(**enc),
-                                                                       dim=128, dim_inner=256, target_avg_token_length=6.0),
-                                   head=nn.Linear(128, 256)))
+        main = dict(dim=256, depth=4, attn_dim_head=64, rotary_emb_dim=64, ff_mult=3, ff_glu=True, ff_swish=True,
+                    **common)
+        net = HNet(Decoder(**enc), Decoder(**main), Decoder(**enc), dim=128, dim_inner=256, target_avg_token_length=6.0)
+        model = nn.ModuleDict(dict(emb=nn.Embedding(256, 128), net=net, head=nn.Linear(128, 256)))
 
         def loss(ids):
             out = model["net"](model["emb"](ids[:, :-1]))
