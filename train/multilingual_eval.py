@@ -14,7 +14,7 @@ sums, then ratios). ``parity_max_over_min`` is the max/min over languages of chu
 ``parity_max_over_min_magnet9`` the same over MAGNET's nine languages (``MAGNET_LANGUAGES``).
 
     python -m train.multilingual_eval --workdir DIR --gin_file configs/magnet_tiny.gin \
-        --gin_file configs/runs/ntrex_multilingual.gin [--data_dir shared:ntrex128/valid] [--out FILE]
+        --gin_file configs/runs/ntrex_multilingual.gin [--data_dir shared:ntrex128/valid] [--groups ntrex] [--out FILE]
 loads the latest checkpoint of DIR and writes DIR/multilingual_eval.json (and TensorBoard scalars).
 """
 
