@@ -34,6 +34,7 @@ from flax import nnx
 from hnet import sharding
 from hnet.scripts import GROUPINGS, route_names
 from train import data as data_lib
+from train.metrics import parity
 from train.step import LN2, cross_entropy_sums
 
 MAGNET_LANGUAGES = ("eng", "spa", "fra", "rus", "ukr", "bel", "hin", "ben", "tel")  # Ahia et al. 2024
@@ -111,11 +112,11 @@ def evaluate_languages(setup, eval_cfg: data_lib.DataConfig, data_dir: str = "sh
         out["scripts"][script] = {"languages": sorted(k for k, t in langs.items() if t["script"] == script),
                                   **metrics(agg, eng_bytes and eng_bytes * len(members))}
     if eng_bytes:
-        cpe = {lang: m["chunks_per_eng_byte"] for lang, m in out["languages"].items()}
-        out["parity_max_over_min"] = max(cpe.values()) / max(min(cpe.values()), 1e-9)
-        sub = [cpe[lang] for lang in MAGNET_LANGUAGES if lang in cpe]
-        if len(sub) == len(MAGNET_LANGUAGES):
-            out["parity_max_over_min_magnet9"] = max(sub) / max(min(sub), 1e-9)
+        chunks = {lang: m["n_chunks"] for lang, m in out["languages"].items()}
+        out["parity_max_over_min"] = parity(chunks, eng_bytes)["max_over_min"]
+        if all(lang in chunks for lang in MAGNET_LANGUAGES):
+            out["parity_max_over_min_magnet9"] = parity({k: chunks[k] for k in MAGNET_LANGUAGES},
+                                                        eng_bytes)["max_over_min"]
     bpbs = [m["bpb"] for m in out["languages"].values()]
     out["bpb_mean_over_languages"] = float(np.mean(bpbs))
     return out
