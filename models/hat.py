@@ -14,8 +14,8 @@ Static capacity M = ceil(capacity · L) words per row; bytes of words past M get
 Decoding: ``decode_step(tokens_B, cache, reset_B, word_start_B)`` takes the decided start bit of each fed
 byte (what ``causal_word_starts`` gives in the full forward; at generation time the host splitter's
 ``hat_is_word_start_incremental``, pending -> False). On a start the finished word goes through the
-connector (online softmax accumulated byte by byte) and one backbone step. ``models.pooling.generate_words``
-runs batched sampling with the host splitter; ``train.generate.generate`` cannot (it has no splitter).
+connector (online softmax accumulated byte by byte) and one backbone step. ``train.generate.generate``
+sees ``decode_needs_word_starts`` and runs batched sampling with the host splitter (``generate_words``).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from models.pooling import (causal_word_starts, chunk_layout, chunk_metrics, gat
                             segment_sum, shift_chunks)
 
 NEED_WORD_STARTS = ("{} needs the per-byte word-start flag: decode_step(tokens_B, cache, reset_B, word_start_B); "
-                    "use models.pooling.generate_words for sampling")
+                    "use train.generate.generate for sampling")
 
 
 def _dense(d_in, d_out, std, dtype, param_dtype, rngs, names=("embed", "mlp")):
@@ -43,6 +43,8 @@ def _dense(d_in, d_out, std, dtype, param_dtype, rngs, names=("embed", "mlp")):
 
 
 class HATLM(nnx.Module):
+    decode_needs_word_starts = True  # train.generate feeds the host splitter's word-start bits
+
     def __init__(self, encoder: StackConfig, backbone: StackConfig, decoder: StackConfig, *, connector_heads: int = 4,
                  capacity: float = 0.5, dtype="float32", param_dtype="float32", remat: bool = False, seed: int = 0):
         assert encoder.d_model == decoder.d_model, "the decoder's residual stream starts from the encoder states"

@@ -33,6 +33,8 @@ from models.pooling import (causal_word_starts, chunk_layout, chunk_metrics, gat
 
 
 class LYTLM(nnx.Module):
+    decode_needs_word_starts = True  # train.generate feeds the host splitter's word-start bits
+
     def __init__(self, word_encoder: StackConfig, backbone: StackConfig, word_decoder: StackConfig, *,
                  num_prefix: int = 1, max_word_bytes: int = 12, capacity: float = 0.5, dtype="float32",
                  param_dtype="float32", remat: bool = False, seed: int = 0):

@@ -34,9 +34,8 @@ from hnet import chunking
 from hnet.bytes import VOCAB_SIZE
 from hnet.layers import RMSNorm, Stack, StackConfig, normal
 from hnet.sharding import constrain, param_init
-from models.base import ModelOutput, dtype_from_name
+from models.base import LN2, ModelOutput, cross_entropy_sums, dtype_from_name
 from models.hnet import doc_starts
-from train.step import LN2, cross_entropy_sums
 
 
 @dataclasses.dataclass(frozen=True)

@@ -156,34 +156,3 @@ class WordStartTracker:
             while self.last_start > 0 and 0x80 <= self.content[self.last_start] < 0xC0:
                 self.last_start -= 1
         return bool(d)
-
-
-def generate_words(model, prompts: list[bytes], *, max_new_bytes: int = 64, temperature: float = 0.0,
-                   top_p: float = 1.0, seed: int = 0, max_word_bytes: int = 100):
-    """Batched sampling for models whose ``decode_step`` takes a per-row word-start flag (HAT, LYT).
-
-    Rows advance together one byte per call; the host splitter decides each fed byte's (decided) start bit
-    incrementally. Returns (continuations as bytes, fed tokens [B, T], logits [B, T, V])."""
-    from train.generate import sample_logits
-
-    rows = [bytes([BOS]) + p for p in prompts]
-    lens = [len(r) for r in rows]
-    B, T = len(rows), max(lens) + max_new_bytes
-    graphdef, state = nnx.split(model)
-    step = make_word_decode_fn(graphdef)
-    cache = jax.jit(lambda s: nnx.merge(graphdef, s).init_cache(B, T))(state)
-    trackers = [WordStartTracker(max_word_bytes) for _ in range(B)]
-    key = jax.random.key(seed)
-    fed = np.zeros((B, T), np.int32)
-    all_logits = []
-    prev = np.zeros(B, np.int32)
-    for t in range(T):
-        tok = np.array([rows[b][t] if t < lens[b] else prev[b] for b in range(B)], np.int32)
-        ws = np.array([trackers[b].push(int(tok[b])) for b in range(B)])
-        fed[:, t] = tok
-        logits, cache = step(state, jnp.asarray(tok), cache, jnp.full((B,), t == 0), jnp.asarray(ws))
-        key, sub = jax.random.split(key)
-        prev = np.asarray(sample_logits(sub, logits, temperature, top_p))
-        all_logits.append(np.asarray(logits))
-    outs = [bytes(fed[b, lens[b]:].astype(np.uint8).tolist()) + bytes([int(prev[b])]) for b in range(B)]
-    return outs, fed, np.stack(all_logits, 1)

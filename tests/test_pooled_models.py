@@ -16,7 +16,8 @@ from hnet.boundary_rules import doc_starts, hat_word_starts
 from models.hat import HATLM
 from models.lyt import LYTLM
 from models.pooled import MeanPooledLM, SpaceByteLM
-from models.pooling import WordStartTracker, causal_word_starts, generate_words
+from models.pooling import WordStartTracker, causal_word_starts
+from train.generate import generate, generate_words
 from tests.helpers import REPO_ROOT, packed_row, pydoc_bytes, stack_rows, tiny_stack, to_jnp
 from train.step import cross_entropy_sums
 
@@ -206,6 +207,9 @@ def test_generate_words_matches_full_forward(name):
     outs, fed, logits = generate_words(model, prompts, max_new_bytes=10)
     T = 31 + 10  # longest row (BOS + 30 bytes) + new bytes
     assert len(outs) == 2 and fed.shape == (2, T) and logits.shape == (2, T, 256)
+    # the generic entry point (train.sample, the trainer's samples) dispatches to the word sampler
+    texts = generate(model, prompts, max_new_bytes=10, temperature=0.0)
+    assert texts == [o.split(b"\xff")[0].replace(b"\xfe", b"").decode("utf-8", errors="replace") for o in outs]
     rows = []
     for b in range(2):
         r = {"inputs": fed[b], "segment_ids": np.ones(T, np.int32), "positions": np.arange(T, dtype=np.int32)}

@@ -1,7 +1,9 @@
 """Batched byte sampling (temperature, top-p) with per-row caches: every model's ``decode_step``.
 
 Prompts of different lengths run in one batch: at position t row b is fed its prompt byte while
-t < len_b, then its own previous sample. Output is decoded with errors='replace'.
+t < len_b, then its own previous sample. Output is decoded with errors='replace'. Word-pooled models
+(``decode_needs_word_starts``: HAT, LYT) go through ``generate_words``, whose host-side splitter decides
+each fed byte's word-start bit incrementally.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from hnet.bytes import BOS, EOS
+from models.pooling import WordStartTracker, make_word_decode_fn
 
 
 def sample_logits(key, logits_BxV, temperature: float, top_p: float):
@@ -55,6 +58,10 @@ def make_generate_fn(graphdef, total_len: int, temperature: float, top_p: float)
 def generate(model, prompts: list[bytes], *, max_new_bytes: int = 128, temperature: float = 0.8,
              top_p: float = 0.95, seed: int = 0) -> list[str]:
     """Continue each prompt (BOS is prepended) by up to ``max_new_bytes``; stops a row at EOS."""
+    if getattr(model, "decode_needs_word_starts", False):
+        outs, _, _ = generate_words(model, prompts, max_new_bytes=max_new_bytes, temperature=temperature,
+                                    top_p=top_p, seed=seed)
+        return [o.split(bytes([EOS]))[0].replace(bytes([BOS]), b"").decode("utf-8", errors="replace") for o in outs]
     rows = [bytes([BOS]) + p for p in prompts]
     lens = np.array([len(r) for r in rows], np.int32)
     T = int(lens.max()) + max_new_bytes
@@ -72,3 +79,33 @@ def generate(model, prompts: list[bytes], *, max_new_bytes: int = 128, temperatu
             new = new[:new.index(EOS)]
         outs.append(bytes(b for b in new if b != BOS).decode("utf-8", errors="replace"))
     return outs
+
+
+def generate_words(model, prompts: list[bytes], *, max_new_bytes: int = 64, temperature: float = 0.0,
+                   top_p: float = 1.0, seed: int = 0, max_word_bytes: int = 100):
+    """Batched sampling for models whose ``decode_step`` takes a per-row word-start flag (HAT, LYT;
+    ``decode_needs_word_starts = True``).
+
+    Rows advance together one byte per call; the host splitter decides each fed byte's (decided) start bit
+    incrementally. Returns (continuations as bytes, fed tokens [B, T], logits [B, T, V])."""
+    rows = [bytes([BOS]) + p for p in prompts]
+    lens = [len(r) for r in rows]
+    B, T = len(rows), max(lens) + max_new_bytes
+    graphdef, state = nnx.split(model)
+    step = make_word_decode_fn(graphdef)
+    cache = jax.jit(lambda s: nnx.merge(graphdef, s).init_cache(B, T))(state)
+    trackers = [WordStartTracker(max_word_bytes) for _ in range(B)]
+    key = jax.random.key(seed)
+    fed = np.zeros((B, T), np.int32)
+    all_logits = []
+    prev = np.zeros(B, np.int32)
+    for t in range(T):
+        tok = np.array([rows[b][t] if t < lens[b] else prev[b] for b in range(B)], np.int32)
+        ws = np.array([trackers[b].push(int(tok[b])) for b in range(B)])
+        fed[:, t] = tok
+        logits, cache = step(state, jnp.asarray(tok), cache, jnp.full((B,), t == 0), jnp.asarray(ws))
+        key, sub = jax.random.split(key)
+        prev = np.asarray(sample_logits(sub, logits, temperature, top_p))
+        all_logits.append(np.asarray(logits))
+    outs = [bytes(fed[b, lens[b]:].astype(np.uint8).tolist()) + bytes([int(prev[b])]) for b in range(B)]
+    return outs, fed, np.stack(all_logits, 1)

@@ -7,7 +7,6 @@ back inside ``jax.jit`` (lowest dispatch overhead, explicit shardings and donati
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Callable
 
 import jax
@@ -15,9 +14,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from models.base import ModelOutput
-
-LN2 = math.log(2.0)
+from models.base import LN2, cross_entropy_sums, token_nll  # noqa: F401  (re-exported)
 
 
 @jax.tree_util.register_dataclass
@@ -29,29 +26,6 @@ class TrainState:
     opt_state: Any
     bad_steps: jax.Array  # consecutive non-finite steps (numerical guard)
     skipped_steps: jax.Array  # total skipped steps
-
-
-def token_nll(out: ModelOutput, batch) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Next-byte NLL [B, L] (fp32), scored-target weights [B, L] and real-UTF-8-byte weights [B, L]."""
-    logits = out.logits_BxLxV.astype(jnp.float32)
-    nll_BxL = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, batch["targets"][..., None], -1)[..., 0]
-    w_BxL = batch["loss_mask"]
-    if out.target_mask_BxL is not None:
-        w_BxL = w_BxL & out.target_mask_BxL
-    return nll_BxL, w_BxL, batch["byte_mask"] & w_BxL
-
-
-def cross_entropy_sums(out: ModelOutput, batch) -> dict[str, jax.Array]:
-    """Summed next-byte NLL over scored targets, and over real UTF-8 bytes (the BPB numerator)."""
-    nll_BxL, w, byte_w = token_nll(out, batch)
-    return {
-        "nll_sum": jnp.sum(nll_BxL * w),
-        "n_targets": jnp.sum(w).astype(jnp.float32),
-        "byte_nll_sum": jnp.sum(nll_BxL * byte_w),
-        "n_bytes": jnp.sum(byte_w).astype(jnp.float32),
-        # bytes whose targets had to be dropped (capacity overflow): counted, never silently scored
-        "n_masked_by_model": jnp.sum(batch["byte_mask"] & ~w).astype(jnp.float32),
-    }
 
 
 def loss_and_metrics(params, rest, graphdef, batch):
