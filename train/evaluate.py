@@ -31,7 +31,6 @@ import sys
 import jax
 import numpy as np
 from absl import flags
-from flax import nnx
 
 from hnet import sharding
 from hnet.bytes import BOS
@@ -39,7 +38,7 @@ from hnet.scripts import route_names
 from train import data as data_lib
 from train import metrics as M
 from train.loop import mark_boundaries
-from train.step import token_nll
+from train.step import eval_forward, token_nll
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "training workdir (operative_config.gin + checkpoints/)")
@@ -63,9 +62,7 @@ def make_detail_fn(graphdef):
 
     @jax.jit
     def detail(params, rest, batch):
-        model = nnx.merge(graphdef, params, rest)
-        model.eval()
-        out = model(batch)
+        out = eval_forward(graphdef, params, rest, batch)
         nll_BxL, _, byte_w_BxL = token_nll(out, batch)
         return {"nll": nll_BxL, "byte_w": byte_w_BxL, "boundaries": out.boundaries}
 

@@ -25,7 +25,7 @@ from train.checkpoint import Checkpointer, abstract_like
 from train.generate import generate
 from train.logger import MetricWriter, Progress, log
 from train.optim import OptimizerConfig, make_optimizer
-from train.step import LN2, TrainState, make_eval_step, make_train_step
+from train.step import LN2, TrainState, eval_forward, make_eval_step, make_train_step
 
 # gin registrations for the dataclasses the .gin files bind
 DataConfig = gin.external_configurable(data_lib.DataConfig, module="train")
@@ -114,9 +114,7 @@ def log_boundaries(setup: Setup, writer: MetricWriter, step: int, local_batch: d
 
     @jax.jit
     def boundaries(params, rest, batch):
-        model = nnx.merge(setup.graphdef, params, rest)
-        model.eval()
-        return model(batch).boundaries
+        return eval_forward(setup.graphdef, params, rest, batch).boundaries
 
     with sharding.mesh_context(setup.mesh):
         marks = jax.device_get(boundaries(setup.state.params, setup.state.rest, batch))

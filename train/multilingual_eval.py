@@ -29,13 +29,12 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from hnet import sharding
 from hnet.scripts import GROUPINGS, route_names
 from train import data as data_lib
 from train.metrics import parity
-from train.step import LN2, cross_entropy_sums
+from train.step import LN2, cross_entropy_sums, eval_forward
 
 MAGNET_LANGUAGES = ("eng", "spa", "fra", "rus", "ukr", "bel", "hin", "ben", "tel")  # Ahia et al. 2024
 
@@ -43,9 +42,7 @@ MAGNET_LANGUAGES = ("eng", "spa", "fra", "rus", "ukr", "bel", "hin", "ben", "tel
 def make_sums_fn(graphdef):
     @jax.jit
     def sums_fn(params, rest, batch):
-        model = nnx.merge(graphdef, params, rest)
-        model.eval()
-        out = model(batch)
+        out = eval_forward(graphdef, params, rest, batch)
         sums = cross_entropy_sums(out, batch)
         real = batch["segment_ids"] > 0
         b = out.boundaries.get("s0", real)

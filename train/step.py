@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from models.base import LN2, cross_entropy_sums, token_nll  # noqa: F401  (re-exported)
+from models.base import LN2, ModelOutput, cross_entropy_sums, token_nll  # noqa: F401  (re-exported)
 
 
 @jax.tree_util.register_dataclass
@@ -85,13 +85,19 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, *, gra
     return train_step
 
 
+def eval_forward(graphdef, params, rest, batch) -> ModelOutput:
+    """The model in eval mode on one batch (``model.eval()`` sets ``deterministic = True`` on every
+    submodule that has it: hard decisions, no noise). Call inside jit."""
+    model = nnx.merge(graphdef, params, rest)
+    model.eval()
+    return model(batch)
+
+
 def make_eval_step(graphdef) -> Callable:
     """``eval_step(params, rest, batch) -> sums`` of NLL and counts (exact BPB = byte_nll_sum/(ln2 n_bytes))."""
 
     def eval_step(params, rest, batch):
-        model = nnx.merge(graphdef, params, rest)
-        model.eval()  # sets `deterministic = True` on every submodule that has it (hard decisions, no noise)
-        out = model(batch)
+        out = eval_forward(graphdef, params, rest, batch)
         sums = cross_entropy_sums(out, batch)
         extra = {k: v for k, v in out.metrics.items()}
         return sums, extra
