@@ -58,7 +58,7 @@ def measure(config: str, seq_len: int, bytes_per_step: int, steps: int, bindings
     from train import data as data_lib
     from train.loop import build_state
     from train.optim import OptimizerConfig
-    from train.step import make_train_step
+    from train.step import flops_per_byte, make_train_step
 
     cfg_lib.parse([os.path.join(ROOT, "configs", f"{config}.gin"), os.path.join(ROOT, "configs/runs/default.gin")],
                   bindings)
@@ -79,8 +79,6 @@ def measure(config: str, seq_len: int, bytes_per_step: int, steps: int, bindings
         t0 = time.perf_counter()
         compiled = step.lower(setup.state, b).compile()
         compile_s = time.perf_counter() - t0
-        cost = compiled.cost_analysis()
-        cost = cost[0] if isinstance(cost, list) else cost
         box = {"state": setup.state}
 
         def one_step():
@@ -92,7 +90,7 @@ def measure(config: str, seq_len: int, bytes_per_step: int, steps: int, bindings
     step_s = float(np.median(times))
     return {"config": config, "seq_len": seq_len, "batch": batch, "params": n_params,
             "compile_s": compile_s, "step_s": step_s, "step_times_s": times, "bytes_per_s": batch * seq_len / step_s,
-            "flops_per_byte": float(cost.get("flops", float("nan"))) / (batch * seq_len),
+            "flops_per_byte": flops_per_byte(compiled, batch * seq_len),
             "peak_rss_mb": peak_rss_mb(), "loss": float(box["m"]["loss"]), "bindings": bindings,
             "threads": len(os.sched_getaffinity(0))}
 

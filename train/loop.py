@@ -25,7 +25,7 @@ from train.checkpoint import Checkpointer, abstract_like
 from train.generate import generate
 from train.logger import MetricWriter, Progress, log
 from train.optim import OptimizerConfig, make_optimizer
-from train.step import LN2, TrainState, eval_forward, make_eval_step, make_train_step
+from train.step import LN2, TrainState, eval_forward, flops_per_byte, make_eval_step, make_train_step
 
 # gin registrations for the dataclasses the .gin files bind
 DataConfig = gin.external_configurable(data_lib.DataConfig, module="train")
@@ -224,9 +224,7 @@ def train(
             t0 = time.time()
             if compiled is None:  # ahead-of-time, for XLA's FLOP count of the whole step
                 compiled = train_step.lower(setup.state, batch).compile()
-                cost = compiled.cost_analysis()
-                cost = cost[0] if isinstance(cost, list) else cost
-                results["flops_per_byte"] = float((cost or {}).get("flops", float("nan"))) / bytes_per_step
+                results["flops_per_byte"] = flops_per_byte(compiled, bytes_per_step)
             setup.state, metrics = compiled(setup.state, batch)
             step += 1
             steps_since += 1

@@ -85,6 +85,14 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, *, gra
     return train_step
 
 
+def flops_per_byte(compiled, n_bytes: int) -> float:
+    """XLA's FLOP count of a compiled step (forward + backward + update) / the bytes it consumes (nan if
+    the backend reports none)."""
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    return float((cost or {}).get("flops", float("nan"))) / n_bytes
+
+
 def eval_forward(graphdef, params, rest, batch) -> ModelOutput:
     """The model in eval mode on one batch (``model.eval()`` sets ``deterministic = True`` on every
     submodule that has it: hard decisions, no noise). Call inside jit."""
