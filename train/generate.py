@@ -55,13 +55,18 @@ def make_generate_fn(graphdef, total_len: int, temperature: float, top_p: float)
     return run
 
 
+def continuation_text(new: bytes) -> str:
+    """Sampled bytes -> text: cut at the first EOS, BOS dropped, invalid UTF-8 shown as U+FFFD."""
+    return new.split(bytes([EOS]))[0].replace(bytes([BOS]), b"").decode("utf-8", errors="replace")
+
+
 def generate(model, prompts: list[bytes], *, max_new_bytes: int = 128, temperature: float = 0.8,
              top_p: float = 0.95, seed: int = 0) -> list[str]:
     """Continue each prompt (BOS is prepended) by up to ``max_new_bytes``; stops a row at EOS."""
     if getattr(model, "decode_needs_word_starts", False):
         outs, _, _ = generate_words(model, prompts, max_new_bytes=max_new_bytes, temperature=temperature,
                                     top_p=top_p, seed=seed)
-        return [o.split(bytes([EOS]))[0].replace(bytes([BOS]), b"").decode("utf-8", errors="replace") for o in outs]
+        return [continuation_text(o) for o in outs]
     rows = [bytes([BOS]) + p for p in prompts]
     lens = np.array([len(r) for r in rows], np.int32)
     T = int(lens.max()) + max_new_bytes
@@ -72,13 +77,7 @@ def generate(model, prompts: list[bytes], *, max_new_bytes: int = 128, temperatu
     run = make_generate_fn(graphdef, T, temperature, top_p)
     samples, _ = run(state, jnp.asarray(arr), jnp.asarray(lens), jax.random.key(seed))
     samples = np.asarray(multihost_utils.process_allgather(samples, tiled=True))
-    outs = []
-    for i, n in enumerate(lens):
-        new = samples[i, n - 1:n - 1 + max_new_bytes].tolist()
-        if EOS in new:
-            new = new[:new.index(EOS)]
-        outs.append(bytes(b for b in new if b != BOS).decode("utf-8", errors="replace"))
-    return outs
+    return [continuation_text(bytes(samples[i, n - 1:n - 1 + max_new_bytes].tolist())) for i, n in enumerate(lens)]
 
 
 def generate_words(model, prompts: list[bytes], *, max_new_bytes: int = 64, temperature: float = 0.0,
