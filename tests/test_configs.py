@@ -61,14 +61,22 @@ def test_run_file_composes_with_tiny_model(run_file, gin_clean):
 def test_sweep_file_names_existing_configs_and_composes(sweep_file, gin_clean):
     from train.sweep import expand, load_sweep
 
+    if "sweep.Sweep.name" not in open(sweep_file).read():  # a shared fragment: some sweep must include it
+        includers = [f for f in SWEEP_FILES if f"include '{_rel(sweep_file)}'" in open(f).read()]
+        assert includers, f"{_rel(sweep_file)} binds no sweep name and no sweep file includes it"
+        return
     sw = load_sweep(sweep_file)
     runs = expand(sw, "/tmp/unused")
     assert len(runs) == len(sw.models) * len(sw.variants) * len(sw.seeds) > 0
     for model in sw.models:
         gin.clear_config()
+        own = list(sw.model_bindings.get(model, ()))
         parse([os.path.join(REPO_ROOT, model), *(os.path.join(REPO_ROOT, f) for f in sw.run_files)],
-              [b for bindings in sw.variants.values() for b in bindings])
+              own + [b for bindings in sw.variants.values() for b in bindings])
         assert gin.query_parameter("train.train.model") is not None
+        for b in own:  # a model's own bindings (FLOPs matching) name parameters of that model
+            key, value = (x.strip() for x in b.split("=", 1))
+            assert gin.query_parameter(key) == gin.config.parse_value(value)
 
 
 def test_cli_style_overrides_take_effect(gin_clean):

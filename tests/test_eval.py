@@ -161,6 +161,7 @@ sweep.Sweep.models = ['configs/isotropic_tiny.gin']
 sweep.Sweep.run_files = ['configs/runs/default.gin']
 sweep.Sweep.variants = {{'': ['TRAIN_STEPS=2', 'SEQ_LEN=32', 'BATCH=2', 'train.train.sample_prompts=()',
                               'train.train.log_every=1', 'eval/train.DataConfig.max_windows=4']}}
+sweep.Sweep.model_bindings = {{'configs/isotropic_tiny.gin': ['hnet.StackConfig.d_ff=128']}}
 sweep.Sweep.seeds = [0, 1]
 sweep.Sweep.eval_args = ['--robustness_bytes=64', '--corpus=pass={corpus}']
 """
@@ -210,3 +211,11 @@ def test_sweep_launcher_prints_commands_and_runs_nothing(tiny_sweep, monkeypatch
     assert len(lines) == 2 and "--gin.train.train.seed=1" in lines[1]
     assert f"--workdir={os.path.abspath(root)}/tiny/isotropic_tiny-s1" in lines[1]
     assert "--gin_file=configs/isotropic_tiny.gin" in lines[0]
+    args = lines[0].split()
+    assert args.index("--gin.hnet.StackConfig.d_ff=128") < args.index("--gin.TRAIN_STEPS=2")  # model's, then variant's
+
+
+def test_sweep_rejects_bindings_for_unlisted_models():
+    sw = sweep.Sweep(name="x", models=("a.gin",), model_bindings={"b.gin": ("K=1",)})
+    with pytest.raises(ValueError, match="b.gin"):
+        sweep.expand(sw, "/tmp/unused")

@@ -6,7 +6,8 @@ or print the launcher commands for a pod / cluster; then evaluate and collect on
 
 A sweep file binds ``sweep.Sweep`` (see its fields). Run ``<model stem>[-<variant>]-s<seed>`` lives in
 ``ROOT/<sweep name>/<run>/`` and is trained with ``python -m train.main --gin_file=<model>
---gin_file=<run files...> --gin.train.train.seed=<seed> --gin.<variant bindings> --workdir=<dir>``, then
+--gin_file=<run files...> --gin.train.train.seed=<seed> --gin.<model's bindings> --gin.<variant bindings>
+--workdir=<dir>``, then
 evaluated with ``python -m train.evaluate --workdir=<dir> <eval_args>``. Re-running skips every finished
 step: training when ``results.json`` reports ``final_step >= steps``, evaluation when ``eval/eval.json``
 exists. ``--launcher`` prints ``<launcher> -- <train.main args>`` for unfinished runs instead of running
@@ -39,6 +40,8 @@ class Sweep:
     models: tuple[str, ...] = gin.REQUIRED  # model .gin files (repo-relative or absolute)
     run_files: tuple[str, ...] = ()  # run .gin files composed after each model file
     variants: dict = dataclasses.field(default_factory=lambda: {"": ()})  # tag -> gin bindings 'KEY=value'
+    model_bindings: dict = dataclasses.field(default_factory=dict)  # model file -> its own bindings (e.g. widths
+    # that match FLOPs per byte); applied before the variant's bindings
     seeds: tuple[int, ...] = (0,)
     eval_args: tuple[str, ...] = ()  # extra train.evaluate flags (--corpus, --robustness_bytes, --ntrex_dir ...)
 
@@ -60,6 +63,9 @@ def load_sweep(path: str) -> Sweep:
 
 
 def expand(sweep: Sweep, root: str) -> list[Run]:
+    unknown = set(sweep.model_bindings) - set(sweep.models)
+    if unknown:
+        raise ValueError(f"sweep.Sweep.model_bindings names models not in sweep.Sweep.models: {sorted(unknown)}")
     runs = []
     for model in sweep.models:
         stem = os.path.splitext(os.path.basename(model))[0]
@@ -68,7 +74,8 @@ def expand(sweep: Sweep, root: str) -> list[Run]:
                 name = f"{stem}{'-' + tag if tag else ''}-s{seed}"
                 wd = os.path.abspath(os.path.join(root, sweep.name, name))
                 train_args = ([f"--gin_file={model}"] + [f"--gin_file={f}" for f in sweep.run_files]
-                              + [f"--gin.train.train.seed={seed}"] + [f"--gin.{b}" for b in bindings]
+                              + [f"--gin.train.train.seed={seed}"]
+                              + [f"--gin.{b}" for b in (*sweep.model_bindings.get(model, ()), *bindings)]
                               + [f"--workdir={wd}"])
                 runs.append(Run(name, stem, tag, seed, wd, train_args, [f"--workdir={wd}", *sweep.eval_args]))
     return runs
