@@ -6,6 +6,8 @@ model configs at several sequence lengths (one subprocess per measurement, so pe
     # length scaling 1k -> 8k at a fixed 8192 bytes per step (B = 8, 4, 2, 1)
     .venv/bin/python benchmarks/throughput.py --scaling --configs isotropic_tiny hnet_1stage_tiny
     # --resume keeps the rows already in --out (written after every measurement) and measures the rest
+    # the families at matched FLOPs per byte: configs and per-model bindings of a sweep file
+    .venv/bin/python benchmarks/throughput.py --models_from configs/sweeps/matched_models.gin
 
 Each config is trained on its run's data pipeline (configs/runs/default.gin), so models that need per-byte
 annotations (HAT/LYT word starts, MAGNET script routes) get them. FLOPs are XLA's own count for the
@@ -45,6 +47,22 @@ def peak_rss_mb() -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def sweep_models(path: str) -> dict[str, list[str]]:
+    """{config name: its bindings} from a sweep file's ``sweep.Sweep.models`` / ``model_bindings``."""
+    import gin
+
+    from train import sweep  # noqa: F401 - registers sweep.Sweep
+
+    gin.clear_config()
+    gin.parse_config_file(path, skip_unknown=False)
+    models = gin.query_parameter("sweep.Sweep.models")
+    try:
+        own = gin.query_parameter("sweep.Sweep.model_bindings")
+    except ValueError:
+        own = {}
+    return {os.path.splitext(os.path.basename(m))[0]: list(own.get(m, ())) for m in models}
 
 
 def measure(config: str, seq_len: int, bytes_per_step: int, steps: int, bindings: list[str]) -> dict:
@@ -169,6 +187,7 @@ def main(argv=None):
     ap.add_argument("--bytes_per_step", type=int, default=8192, help="batch = bytes_per_step // L")
     ap.add_argument("--steps", type=int, default=3, help="timed steps per measurement (median)")
     ap.add_argument("--gin", action="append", default=[], help="extra binding for every config")
+    ap.add_argument("--models_from", help="sweep .gin file: its models and model_bindings replace --configs")
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks/out/throughput.json"),
                     help="JSON, rewritten after every measurement")
     ap.add_argument("--resume", action="store_true", help="keep the rows already in --out and skip them")
@@ -179,12 +198,13 @@ def main(argv=None):
         print("RESULT " + json.dumps(measure(config, int(L), args.bytes_per_step, args.steps, args.gin)))
         return
     seq_lens = SCALING_LENS if args.scaling else args.seq_lens
+    configs = sweep_models(args.models_from) if args.models_from else {c: [] for c in args.configs}
     rows = previous_rows(args.out, args.resume)
-    for config in args.configs:
+    for config, own in configs.items():
         for L in seq_lens:
             if any((r["config"], r["seq_len"]) == (config, L) for r in rows):
                 continue
-            r = measure_in_subprocess(config, L, args.bytes_per_step, args.steps, args.gin)
+            r = measure_in_subprocess(config, L, args.bytes_per_step, args.steps, own + args.gin)
             if r is None:
                 continue
             rows.append(r)

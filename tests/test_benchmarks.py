@@ -11,7 +11,9 @@ import sys
 
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+from tests.conftest import REPO_ROOT as REPO
+
+sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 import peers  # noqa: E402
 import throughput  # noqa: E402
 
@@ -62,3 +64,9 @@ def test_peers_end_to_end(tmp_path):
                        "--rounds", "1", "--out", str(tmp_path / "p.json")]) == 0
     (s,) = json.load(open(tmp_path / "p.json"))["rows"]
     assert s["ratio"] > 0 and s["peer_params"] > 0
+
+
+def test_models_from_a_sweep_file_carry_their_own_bindings(gin_clean):
+    models = throughput.sweep_models(os.path.join(REPO, "configs/sweeps/matched_models.gin"))
+    assert "main/hnet.StackConfig.d_model=224" in models["hat_tiny"] and models["hnet_1stage_tiny"] == []
+    assert all(os.path.exists(os.path.join(REPO, "configs", f"{m}.gin")) for m in models)
