@@ -331,7 +331,9 @@ class DTPLM(nnx.Module):
         if cfg.routing != "single":
             for r, name in enumerate(cfg.route_names):
                 m = real & (route == r)
-                metrics[f"bytes_per_chunk_{name}"] = jnp.sum(m) / jnp.maximum(jnp.sum(e & m), 1)
+                # nan when the batch has no byte of this route (not 0: that would read as "no chunks")
+                metrics[f"bytes_per_chunk_{name}"] = jnp.where(jnp.any(m), jnp.sum(m) / jnp.maximum(jnp.sum(e & m), 1),
+                                                               jnp.nan)
                 if cfg.boundary == "gumbel":
                     metrics[f"prior_loss_{name}"] = loss_R[r]
         ok = pooled.byte_ok_BxL | ~real

@@ -17,6 +17,7 @@ from models import dtp_targets as tg
 from models.dtp import DTPConfig, DTPLM, route_key
 from tests.helpers import packed_row, shared_text_path, stack_rows, to_jnp
 from tests.test_dtp import TINY, _decode_all, make_fwd
+from train.loop import mean_of_defined
 
 NAMES = ("latin", "cyrl", "deva", "other")
 
@@ -58,6 +59,21 @@ def test_script_router_selects_per_byte(routed):
     e_want = np.isin(routes, [0, 2]) & real
     b_want = np.asarray(end_to_start(jnp.asarray(e_want), jnp.asarray(batch["segment_ids"]))) & real
     np.testing.assert_array_equal(np.asarray(b), b_want)
+
+
+def test_per_route_bytes_per_chunk_is_nan_for_a_route_absent_from_the_batch(routed):
+    """English-only rows have no Cyrillic/Devanagari bytes: those routes' bytes_per_chunk is undefined (nan,
+    never 0), and the eval average skips it."""
+    doc = _mixed_doc()
+    eng = doc[:doc.index(b"\n")]
+    batch = stack_rows([packed_row([eng], 64), packed_row([eng[10:]], 64)])
+    batch["script_routes"] = routes_for_batch(batch["inputs"], batch["segment_ids"]).astype(np.int32)
+    graphdef, _ = nnx.split(routed["model"])
+    metrics = jax.jit(lambda st, b: nnx.merge(graphdef, st)(b).metrics)(routed["forced_state"], to_jnp(batch))
+    assert float(metrics["bytes_per_chunk_latin"]) >= 1.0
+    assert np.isnan(float(metrics["bytes_per_chunk_cyrl"])) and np.isnan(float(metrics["bytes_per_chunk_deva"]))
+    assert mean_of_defined([float(metrics["bytes_per_chunk_cyrl"]), 4.0, 6.0]) == 5.0
+    assert np.isnan(mean_of_defined([float(metrics["bytes_per_chunk_cyrl"])]))
 
 
 def test_per_route_prior_counts_only_that_routes_bytes():

@@ -88,8 +88,16 @@ def evaluate(setup: Setup, eval_cfg: data_lib.DataConfig, docs: list[bytes], eva
         "n_bytes": totals["n_bytes"],
         "n_masked_by_model": totals["n_masked_by_model"],
     }
-    out.update({k: float(np.mean(v)) for k, v in extras.items()})
+    out.update({k: mean_of_defined(v) for k, v in extras.items()})
     return out
+
+
+def mean_of_defined(values: list[float]) -> float:
+    """Mean of a per-batch model metric over the batches where it is defined (nan marks a batch where it is
+    not, e.g. a script route with no bytes); nan if it never is."""
+    v = np.asarray(values, np.float64)
+    v = v[~np.isnan(v)]
+    return float(v.mean()) if v.size else float("nan")
 
 
 def make_eval_fn(setup: Setup):
