@@ -20,7 +20,7 @@ Aux losses (all already weighted):
               L_r = mean_rows -log Binom(k; n, α_r)/n, k = Σ e_st (straight-through counts), n = non-pad
               bytes of route r (gammaln, non-integer k); total = mean over the routes present (MAGNET).
     entropy : BCE on logits ℓ vs spikes of the model's own next-byte entropy (stop-gradient).
-    unigram : BCE on logits ℓ vs batch['unigram_ends'] (SentencePiece unigram piece ends, ``dtp_targets``).
+    unigram : BCE on logits ℓ vs batch['unigram_ends'] (SentencePiece unigram piece ends, ``train.annotations``).
 
 Deterministic evaluation rule (``model.eval()`` sets ``deterministic=True``; ``DTPConfig.eval_rule``):
   * 'noise' (default): the training rule with a *fixed* key (step ``EVAL_NOISE_STEP``), i.e. e_t =
@@ -205,7 +205,7 @@ class DTPConfig:
     document's dominant script, MAGNET's language-label routing). ``script_groups`` names the grouping in
     ``hnet.scripts.GROUPINGS`` ('magnet': latin, cyrl, deva, other; 'ntrex': one group per script of
     NTREX's 22 languages); routed models read batch['script_routes' | 'doc_routes'] ('magnet') or
-    batch['script_routes_<groups>' | 'doc_routes_<groups>'] (``dtp_targets`` annotations), and
+    batch['script_routes_<groups>' | 'doc_routes_<groups>'] (``train.annotations``), and
     ``route_names`` must be the grouping's names. ``priors`` has one α per route, in route-id order."""
 
     pre_layout: str = "T2"

@@ -13,6 +13,7 @@ import pytest
 from flax import nnx
 
 from models import dtp_targets as tg
+from train.annotations import UnigramTargets, unigram_ends
 from models.dtp import DTPConfig, DTPLM, DTPPooling
 from tests.helpers import packed_row, pydoc_bytes, pydoc_docs, stack_rows, to_jnp
 
@@ -62,12 +63,12 @@ def test_entropy_spike_targets():
 
 @pytest.fixture(scope="module")
 def unigram_proc():
-    return tg.UnigramTargets(sources=("builtin:pydoc_topics",), byte_range=(0.0, 0.2), vocab_size=300).processor()
+    return UnigramTargets(sources=("builtin:pydoc_topics",), byte_range=(0.0, 0.2), vocab_size=300).processor()
 
 
 def test_unigram_targets_attach_space_to_word_final_piece(unigram_proc):
     doc = pydoc_bytes("assignment", 2000)
-    e = tg.unigram_ends(doc, unigram_proc)
+    e = unigram_ends(doc, unigram_proc)
     assert e.shape == (len(doc),) and e.dtype == bool and e[-1]
     is_alpha = np.array([chr(c).isalpha() for c in doc])
     spaces = [i for i in range(1, len(doc) - 1) if doc[i] == 0x20 and is_alpha[i - 1] and is_alpha[i + 1]]

@@ -36,6 +36,7 @@ import jax
 import numpy as np
 
 from hnet.bytes import BOS, EOS
+from train.annotations import ANNOTATIONS
 
 SHARED_DATA = os.environ.get(
     "HNET_SHARED_DATA", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data"))
@@ -58,7 +59,7 @@ class DataConfig:
     shuffle: bool = True
     seed: int = 0
     max_windows: int = 0  # >0: keep only the first N windows (quick evals)
-    annotations: tuple[str, ...] = ()  # per-byte document annotations: see ANNOTATIONS
+    annotations: tuple[str, ...] = ()  # per-byte document annotations: see train.annotations.ANNOTATIONS
 
 
 @dataclasses.dataclass
@@ -188,32 +189,6 @@ def load_documents(cfg: DataConfig) -> tuple[list[bytes], DataStats]:
     if not docs:
         raise DataError(f"no non-empty document in sources {list(cfg.sources)} (range {cfg.byte_range}): {stats}")
     return docs, stats
-
-
-# ------------------------------------------------------------------------------------------------
-# Per-document annotations (host-side rules that need the whole document)
-# ------------------------------------------------------------------------------------------------
-
-def _hat_word_starts(doc: bytes) -> np.ndarray:
-    from hnet.boundary_rules import hat_word_starts
-
-    return np.concatenate([[True], hat_word_starts(doc), [True]])
-
-
-def _script_routes(doc: bytes) -> np.ndarray:
-    from hnet.scripts import byte_routes
-
-    r = byte_routes(doc).astype(np.int32)
-    return np.concatenate([[0], r, r[-1:]])
-
-
-def _target_script_routes(doc: bytes) -> np.ndarray:
-    """``script_routes`` of each position's *target* byte (evaluation: BPB per script)."""
-    return np.concatenate([_script_routes(doc)[1:], [0]]).astype(np.int32)
-
-
-ANNOTATIONS = {"word_starts": (_hat_word_starts, bool), "script_routes": (_script_routes, np.int32),
-               "target_script_routes": (_target_script_routes, np.int32)}
 
 
 # ------------------------------------------------------------------------------------------------

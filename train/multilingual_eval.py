@@ -67,7 +67,7 @@ def evaluate_languages(setup, eval_cfg: data_lib.DataConfig, data_dir: str = "sh
     """setup: train.loop.Setup (graphdef + state + mesh). eval_cfg gives seq_len, batch_size and the
     annotations the model needs; ``max_lines`` > 0 keeps the first lines of every file (parallel content,
     so parity stays comparable). Returns {'languages': {lang: {...}}, 'scripts': {...}, 'parity_...'}."""
-    from models.dtp_targets import dominant_route
+    from train.annotations import dominant_route
 
     sums_fn = make_sums_fn(setup.graphdef)
     names = route_names(GROUPINGS[groups])

@@ -21,11 +21,11 @@ gin.external_configurable(MrT5CausalLM, module="models")
 gin.external_configurable(MrT5EncDec, module="models")
 
 from models.dtp import DTPConfig, DTPLM  # noqa: E402
-from models.dtp_targets import UnigramTargets  # noqa: E402
+from train.annotations import UnigramTargets  # noqa: E402
 
 gin.external_configurable(DTPConfig, module="models")
 gin.external_configurable(DTPLM, module="models")
-gin.external_configurable(UnigramTargets, module="models")
+gin.external_configurable(UnigramTargets, module="train")
 
 from models.hat import HATLM  # noqa: E402
 from models.lyt import LYTLM  # noqa: E402
