@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from hnet.bytes import BOS, EOS
+from hnet.bytes import BOS, EOS, segment_spans
 
 SPACE = 0x20
 
@@ -187,19 +187,12 @@ def hat_starts_for_window(tokens_L, segment_ids_L, max_word_bytes: int = DEFAULT
     first position. A segment that continues a document from an earlier window is split without that
     context: for masks identical to the document-level ones, run ``hat_word_starts`` per document
     before windowing and slice."""
-    tok_L = np.asarray(tokens_L).astype(np.int64)
-    seg_L = np.asarray(segment_ids_L)
-    L = tok_L.shape[0]
-    out_L = np.zeros(L, dtype=bool)
-    if L == 0:
-        return out_L
-    change_L = np.ones(L, dtype=bool)
-    change_L[1:] = seg_L[1:] != seg_L[:-1]
-    bounds = np.concatenate([np.flatnonzero(change_L), [L]])
-    for a, b in zip(bounds[:-1], bounds[1:]):
+    tok_L = np.asarray(tokens_L).astype(np.uint8)
+    out_L = np.zeros(tok_L.shape[0], dtype=bool)
+    for a, b, seg in segment_spans(segment_ids_L):
         out_L[a] = True
-        if seg_L[a] != 0:
-            out_L[a:b] |= hat_word_starts(tok_L[a:b].astype(np.uint8).tobytes(), max_word_bytes)
+        if seg != 0:
+            out_L[a:b] |= hat_word_starts(tok_L[a:b].tobytes(), max_word_bytes)
     return out_L
 
 

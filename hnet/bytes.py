@@ -36,3 +36,17 @@ def decode_bytes(ids) -> str:
     ids_N = np.asarray(ids).reshape(-1).astype(np.int64)
     keep_N = (ids_N != BOS) & (ids_N != EOS)
     return ids_N[keep_N].astype(np.uint8).tobytes().decode("utf-8", errors="replace")
+
+
+def segment_spans(segment_ids_L) -> list[tuple[int, int, int]]:
+    """Runs of equal segment id in one packed window: [(start, end, segment id)] covering [0, L)
+    (padding, id 0, is a run too). Host-side rules that need a whole segment (HAT words, script routes)
+    run once per span."""
+    seg_L = np.asarray(segment_ids_L)
+    if seg_L.shape[0] == 0:
+        return []
+    change_L = np.ones(seg_L.shape[0], dtype=bool)
+    change_L[1:] = seg_L[1:] != seg_L[:-1]
+    starts = np.flatnonzero(change_L)
+    ends = np.append(starts[1:], seg_L.shape[0])
+    return [(int(a), int(b), int(seg_L[a])) for a, b in zip(starts, ends)]

@@ -34,6 +34,8 @@ from typing import Mapping, Sequence
 import numpy as np
 import regex
 
+from hnet.bytes import segment_spans
+
 SCRIPT_GROUPS: dict[str, tuple[str, ...]] = {
     "latin": ("Latin",),
     "cyrl": ("Cyrillic",),
@@ -267,18 +269,11 @@ def routes_for_window(
     from ``default_route``; padding gets ``default_route``. A segment that continues a document from an
     earlier window has lost its left context: for exact document-level routes, run ``byte_routes`` per
     document before windowing and slice."""
-    tok_L = np.asarray(tokens_L).astype(np.int64)
-    seg_L = np.asarray(segment_ids_L)
-    L = tok_L.shape[0]
-    out_L = np.full(L, default_route, dtype=np.int32)
-    if L == 0:
-        return out_L
-    change_L = np.ones(L, dtype=bool)
-    change_L[1:] = seg_L[1:] != seg_L[:-1]
-    bounds = np.concatenate([np.flatnonzero(change_L), [L]])
-    for a, b in zip(bounds[:-1], bounds[1:]):
-        if seg_L[a] != 0:
-            out_L[a:b] = byte_routes(tok_L[a:b].astype(np.uint8).tobytes(), groups, default_route)
+    tok_L = np.asarray(tokens_L).astype(np.uint8)
+    out_L = np.full(tok_L.shape[0], default_route, dtype=np.int32)
+    for a, b, seg in segment_spans(segment_ids_L):
+        if seg != 0:
+            out_L[a:b] = byte_routes(tok_L[a:b].tobytes(), groups, default_route)
     return out_L
 
 

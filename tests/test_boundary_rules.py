@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from hnet import boundary_rules as br
-from hnet.bytes import BOS, EOS, VOCAB_SIZE, decode_bytes, encode_document
+from hnet.bytes import BOS, EOS, VOCAB_SIZE, decode_bytes, encode_document, segment_spans
 
 
 def _words(data: bytes, starts) -> list[bytes]:
@@ -228,3 +228,8 @@ def test_whitespace_end_to_start_and_converter():
     seg1 = jnp.array([[1, 1, 1, 2, 2, 2, 0]])
     e = jnp.array([[0, 1, 1, 0, 0, 1, 1]], bool)
     np.testing.assert_array_equal(br.end_to_start(e, seg1), [[1, 0, 1, 1, 0, 0, 1]])
+
+
+def test_segment_spans_cover_the_window_once():
+    assert segment_spans([1, 1, 2, 2, 2, 0, 0]) == [(0, 2, 1), (2, 5, 2), (5, 7, 0)]
+    assert segment_spans([3]) == [(0, 1, 3)] and segment_spans([]) == []
