@@ -222,17 +222,22 @@ def test_gradients_reach_every_parameter(gm):
     assert not zero, zero
 
 
-def test_config_trains_with_falling_loss(tmp_path):
+def train_shrunk(model_file: str, run_file: str, workdir: str) -> dict:
+    """train.train on a DTP-family config shrunk to d 32, one layer per stack, 12 steps of 4 x 64 bytes."""
     from train import config
     from train.loop import train
 
-    config.parse(["configs/dtp_gumbel_tiny.gin", "configs/runs/default.gin"],
+    config.parse([model_file, run_file],
                  ["TRAIN_STEPS=12", "SEQ_LEN=64", "BATCH=4", "models.DTPConfig.d_model=32",
                   "models.DTPConfig.d_ff=64", "models.DTPConfig.num_heads=2", "models.DTPConfig.pre_layout='T1'",
                   "models.DTPConfig.inner_layout='T1'", "models.DTPConfig.post_layout='T1'",
                   "train.OptimizerConfig.warmup_steps=2", "train.train.log_every=1",
                   "train.train.sample_prompts=()", "eval/train.DataConfig.max_windows=4"])
-    res = train(workdir=str(tmp_path))
+    return train(workdir=workdir)
+
+
+def test_config_trains_with_falling_loss(tmp_path):
+    res = train_shrunk("configs/dtp_gumbel_tiny.gin", "configs/runs/default.gin", str(tmp_path))
     losses = [h["ce"] for h in res["history"]]
     assert np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.2, losses
     assert np.isfinite(res["eval"]["bpb"]) and "bytes_per_chunk_s0" in res["eval"]

@@ -16,7 +16,7 @@ from hnet.scripts import NTREX_SCRIPT_GROUPS, byte_routes, parity_priors, route_
 from models import dtp_targets as tg
 from models.dtp import DTPConfig, DTPLM, route_key
 from tests.helpers import packed_row, shared_text_path, stack_rows, to_jnp
-from tests.test_dtp import TINY, _decode_all, make_fwd
+from tests.test_dtp import TINY, _decode_all, make_fwd, train_shrunk
 from train.loop import mean_of_defined
 
 NAMES = ("latin", "cyrl", "deva", "other")
@@ -230,16 +230,7 @@ def test_multilingual_eval_counts_chunks_per_english_byte(tmp_path):
 
 @pytest.mark.slow
 def test_magnet_config_trains_with_falling_loss(tmp_path):
-    from train import config
-    from train.loop import train
-
-    config.parse(["configs/magnet_tiny.gin", "configs/runs/ntrex_multilingual.gin"],
-                 ["TRAIN_STEPS=12", "SEQ_LEN=64", "BATCH=4", "models.DTPConfig.d_model=32",
-                  "models.DTPConfig.d_ff=64", "models.DTPConfig.num_heads=2", "models.DTPConfig.pre_layout='T1'",
-                  "models.DTPConfig.inner_layout='T1'", "models.DTPConfig.post_layout='T1'",
-                  "train.OptimizerConfig.warmup_steps=2", "train.train.log_every=1",
-                  "train.train.sample_prompts=()", "eval/train.DataConfig.max_windows=4"])
-    res = train(workdir=str(tmp_path))
+    res = train_shrunk("configs/magnet_tiny.gin", "configs/runs/ntrex_multilingual.gin", str(tmp_path))
     losses = [h["ce"] for h in res["history"]]
     assert np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.03, losses  # 22 languages: slower than pydoc
     assert "bytes_per_chunk_latin" in res["history"][-1]
