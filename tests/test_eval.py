@@ -69,6 +69,20 @@ def test_unknown_perturbation_is_an_error():
 # ------------------------------------------------------------------------------- simple metrics
 
 
+def test_skip_leading_whitespace_makes_word_conventions_agree():
+    tok = np.frombuffer(b"ab  cd\nef", np.uint8).astype(np.int32)[None]
+    seg = np.array([[1, 1, 1, 1, 1, 1, 1, 2, 2]])
+    hat = np.zeros_like(tok, bool)
+    hat[0, [0, 2, 6, 7]] = True  # "ab", "  cd", "\n" (its own segment's end), "ef"
+    dtp = np.zeros_like(tok, bool)
+    dtp[0, [0, 4, 7]] = True  # "ab  ", "cd\n", "ef"
+    assert M.boundary_alignment(dtp, hat)["f1"] == pytest.approx(2 * (2 / 3 * 2 / 4) / (2 / 3 + 2 / 4))
+    h, d = M.skip_leading_whitespace(hat, tok, seg), M.skip_leading_whitespace(dtp, tok, seg)
+    assert np.flatnonzero(h[0]).tolist() == [0, 4, 7]  # "\n" ends segment 1: no non-space left there
+    assert M.boundary_alignment(d, h)["f1"] == 1.0
+    assert M.skip_leading_whitespace(hat[0], tok[0], seg[0]).shape == (9,)
+
+
 def test_boundary_alignment_by_hand():
     pred = np.array([1, 0, 1, 1, 0, 0], bool)
     gold = np.array([1, 0, 0, 1, 1, 0], bool)
@@ -133,6 +147,8 @@ def test_suite_by_script_and_alignment_by_hand():
     # HAT words: 'abc', ' где', ' xyz' -> gold starts a, ␠, ␠; predicted starts ␠, ␠
     wa = res["word_alignment"]["s0"]
     assert (wa["precision"], wa["recall"]) == (1.0, pytest.approx(2 / 3))
+    # moved off the spaces (pred г, x; gold a, г, x): the same counts
+    assert (wa["skip_ws"]["precision"], wa["skip_ws"]["recall"]) == (1.0, pytest.approx(2 / 3))
     assert res["chunk_rate_by_script"]["s0"] == {"latin": pytest.approx(1 / 7), "cyrl": pytest.approx(1 / 7)}
     assert res["boundary_example"] == {"s0": "abc| где| xyz"}
 

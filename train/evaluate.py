@@ -11,7 +11,8 @@ Per corpus (default: the run's own eval split, named ``eval``):
   bytes_per_chunk      per boundary stage of the model (``out.boundaries``: s0, s1, ... / kept): real input
                        bytes (BOS/EOS excluded) / chunk starts among them
   chunk_rate_by_script chunk starts per input byte, per script group
-  word_alignment       precision / recall / F1 of each stage's starts against the HAT splitter's word starts
+  word_alignment       precision / recall / F1 of each stage's starts against the HAT splitter's word starts,
+                       exact and (``skip_ws``) with starts on whitespace moved to the next non-space byte
                        (meaningful on English and other space-separated text)
   boundary_example     the first ``EXAMPLE_BYTES`` bytes of the corpus with '|' before each chunk start, per stage
 On the first corpus, robustness: BPB of its first ``robustness_bytes`` bytes, clean and under each of
@@ -96,11 +97,14 @@ def evaluate_corpus(setup, cfg: data_lib.DataConfig, docs: list[bytes], detail_f
             bytes_G += M.group_sums(1.0, local["target_script_routes"], d["byte_w"], G)
             real = (local["segment_ids"] > 0) & (local["inputs"] < BOS)  # input bytes, frames excluded
             for name, starts in d["boundaries"].items():
-                s = stage.setdefault(name, {"starts_G": np.zeros(G), "real_G": np.zeros(G), "pred": [], "gold": []})
+                s = stage.setdefault(name, {"starts_G": np.zeros(G), "real_G": np.zeros(G), "pred": [], "gold": [],
+                                            "pred_ws": [], "gold_ws": []})
                 s["starts_G"] += M.group_sums(np.asarray(starts), local["script_routes"], real, G)
                 s["real_G"] += M.group_sums(1.0, local["script_routes"], real, G)
                 s["pred"].append(np.asarray(starts)[real])
                 s["gold"].append(local["word_starts"][real])
+                for key, st in (("pred_ws", starts), ("gold_ws", local["word_starts"])):
+                    s[key].append(M.skip_leading_whitespace(st, local["inputs"], local["segment_ids"])[real])
                 if name not in example:  # first window, after its BOS
                     n = min(EXAMPLE_BYTES, int(real[0].sum()))
                     example[name] = mark_boundaries(local["inputs"][0, 1:1 + n], np.asarray(starts)[0, 1:1 + n])
@@ -112,7 +116,9 @@ def evaluate_corpus(setup, cfg: data_lib.DataConfig, docs: list[bytes], detail_f
         out["bytes_per_chunk"][name] = float(s["real_G"].sum() / max(s["starts_G"].sum(), 1.0))
         out["chunk_rate_by_script"][name] = {n: float(a / c) for n, a, c in zip(names, s["starts_G"], s["real_G"])
                                              if c > 0}
-        out["word_alignment"][name] = M.boundary_alignment(np.concatenate(s["pred"]), np.concatenate(s["gold"]))
+        out["word_alignment"][name] = dict(
+            M.boundary_alignment(np.concatenate(s["pred"]), np.concatenate(s["gold"])),
+            skip_ws=M.boundary_alignment(np.concatenate(s["pred_ws"]), np.concatenate(s["gold_ws"])))
     return out
 
 

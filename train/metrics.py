@@ -60,6 +60,30 @@ def boundary_alignment(pred_N: np.ndarray, gold_N: np.ndarray, mask_N: np.ndarra
             "n_pred": n_pred, "n_gold": n_gold}
 
 
+_WHITESPACE = np.zeros(256, bool)
+_WHITESPACE[list(b" \t\n\r\x0b\x0c")] = True
+
+
+def skip_leading_whitespace(starts_BxL: np.ndarray, tokens_BxL: np.ndarray, segment_ids_BxL: np.ndarray) -> np.ndarray:
+    """Starts moved off ASCII whitespace: a start on a whitespace byte moves to the first non-whitespace
+    position after it in the same segment (starts that land together count once). This makes the two word
+    conventions comparable: HAT and H-Net put the space at the start of the next word ("␣word"), DTP
+    whitespace and SpaceByte at the end of the previous one ("word␣"). bool [B, L]."""
+    starts, tok, seg = (np.atleast_2d(np.asarray(a)) for a in (starts_BxL, tokens_BxL, segment_ids_BxL))
+    B, L = tok.shape
+    ws = (tok < 256) & _WHITESPACE[np.minimum(tok, 255)]
+    idx = np.where(ws, L, np.arange(L))
+    nxt = np.minimum.accumulate(idx[:, ::-1], axis=1)[:, ::-1]  # next non-whitespace position at or after t
+    b, t = np.nonzero(np.asarray(starts, bool))
+    to = nxt[b, t]
+    keep = to < L
+    b, t, to = b[keep], t[keep], to[keep]
+    keep = seg[b, to] == seg[b, t]
+    out = np.zeros((B, L), bool)
+    out[b[keep], to[keep]] = True
+    return out.reshape(np.shape(starts_BxL))
+
+
 def group_sums(values_N: np.ndarray, groups_N: np.ndarray, weight_N: np.ndarray, n_groups: int) -> np.ndarray:
     """Σ values·weight per group id -> float64 [n_groups] (the accumulator of per-group BPB / rates)."""
     w = np.asarray(weight_N, np.float64).ravel()

@@ -145,6 +145,7 @@ def row(run: Run) -> dict | None:
          "corpus": corpus, "bpb": c["bpb"], "bytes_per_chunk": c["bytes_per_chunk"],
          "chunk_rate_by_script": c["chunk_rate_by_script"], "bpb_by_script": c["bpb_by_script"],
          "word_f1": {k: v["f1"] for k, v in c["word_alignment"].items()},
+         "word_f1_skip_ws": {k: v["skip_ws"]["f1"] for k, v in c["word_alignment"].items() if "skip_ws" in v},
          "boundary_example": c.get("boundary_example", {})}
     if "robustness" in last:
         r["robustness"] = {k: v["bpb_increase"] for k, v in last["robustness"]["perturbed"].items()}
@@ -155,11 +156,13 @@ def row(run: Run) -> dict | None:
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| run | params | FLOPs/byte | train bytes/s | BPB | bytes/chunk | word F1 | robustness Δ BPB |",
+    lines = ["| run | params | FLOPs/byte | train bytes/s | BPB | bytes/chunk | word F1 (exact / skip-ws) | "
+             "robustness Δ BPB |",
              "|---|---:|---:|---:|---:|---|---|---:|"]
     for r in rows:
         bpc = ", ".join(f"{k} {v:.2f}" for k, v in r["bytes_per_chunk"].items()) or "1 (bytes)"
-        f1 = ", ".join(f"{k} {v:.2f}" for k, v in r["word_f1"].items()) or "-"
+        ws = r.get("word_f1_skip_ws", {})
+        f1 = ", ".join(f"{k} {v:.2f}" + (f" / {ws[k]:.2f}" if k in ws else "") for k, v in r["word_f1"].items()) or "-"
         rob = f"{r['robustness_mean']:+.3f}" if "robustness_mean" in r else "-"
         lines.append(f"| {r['run']} | {r['params'] / 1e6:.2f}M | {r['flops_per_byte'] / 1e6:.2f}M | "
                      f"{r['train_bytes_per_s']:,.0f} | {r['bpb']:.4f} | {bpc} | {f1} | {rob} |")
