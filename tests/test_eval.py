@@ -227,6 +227,10 @@ def test_sweep_launcher_prints_commands_and_runs_nothing(tiny_sweep, monkeypatch
     assert len(lines) == 2 and "--gin.train.train.seed=1" in lines[1]
     assert f"--workdir={os.path.abspath(root)}/tiny/isotropic_tiny-s1" in lines[1]
     assert "--gin_file=configs/isotropic_tiny.gin" in lines[0]
+    only = sweep.main([f"--sweep={path}", f"--root={root}", "--dry_run", "--only", "isotropic_tiny-s1"])
+    assert only == [] and capsys.readouterr().out.count("python -m train.main") == 1
+    with pytest.raises(SystemExit, match="matches no run"):
+        sweep.main([f"--sweep={path}", f"--root={root}", "--dry_run", "--only", "hat"])
     args = lines[0].split()
     assert args.index("--gin.hnet.StackConfig.d_ff=128") < args.index("--gin.TRAIN_STEPS=2")  # model's, then variant's
 

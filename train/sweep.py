@@ -3,6 +3,7 @@ or print the launcher commands for a pod / cluster; then evaluate and collect on
 
     python -m train.sweep --sweep=configs/sweeps/compare_tinyshakespeare.gin [--root=runs/sweeps]
         [--launcher="python -m launch.slurm --nodes 1 --partition gpu"] [--collect_only] [--dry_run]
+        [--only <run name prefix> ...]
 
 A sweep file binds ``sweep.Sweep`` (see its fields). Run ``<model stem>[-<variant>]-s<seed>`` lives in
 ``ROOT/<sweep name>/<run>/`` and is trained with ``python -m train.main --gin_file=<model>
@@ -234,11 +235,17 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--launcher", default=None, help="print '<launcher> -- <train args>' instead of training here")
     ap.add_argument("--collect_only", action="store_true", help="only rebuild the table and plots")
     ap.add_argument("--dry_run", action="store_true", help="print the commands of unfinished steps, run nothing")
+    ap.add_argument("--only", nargs="+", default=None,
+                    help="run only the runs whose name starts with one of these (e.g. a model stem); the table "
+                         "still collects every finished run")
     args = ap.parse_args(argv)
     sweep = load_sweep(args.sweep)
     runs = expand(sweep, args.root)
     if not args.collect_only:
-        for name, st in execute(runs, args.launcher, args.dry_run).items():
+        chosen = [r for r in runs if args.only is None or r.name.startswith(tuple(args.only))]
+        if not chosen:
+            raise SystemExit(f"--only {args.only} matches no run of {[r.name for r in runs]}")
+        for name, st in execute(chosen, args.launcher, args.dry_run).items():
             print(f"{name}: {st}", flush=True)
     rows = collect(runs, os.path.join(os.path.abspath(args.root), sweep.name))
     print(markdown(rows))
