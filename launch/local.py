@@ -71,7 +71,7 @@ def split_argv(argv: Sequence[str]) -> tuple[list[str], list[str]]:
     return argv, []
 
 
-def _xla_flags(devices_per_process: int, base: str | None) -> str:
+def xla_flags(devices_per_process: int, base: str | None) -> str:
     """Keeps unrelated XLA flags from ``base``; replaces any existing device-count flag."""
     kept = [f for f in (base or "").split() if not f.startswith(DEVICE_COUNT_FLAG)]
     return " ".join([f"{DEVICE_COUNT_FLAG}={devices_per_process}", *kept])
@@ -91,7 +91,7 @@ def build_process_specs(
         raise ValueError("num_processes and devices_per_process must be >= 1")
     base_env = os.environ if base_env is None else base_env
     env = {
-        "XLA_FLAGS": _xla_flags(devices_per_process, base_env.get("XLA_FLAGS")),
+        "XLA_FLAGS": xla_flags(devices_per_process, base_env.get("XLA_FLAGS")),
         "JAX_PLATFORMS": "cpu",
     }
     specs = []

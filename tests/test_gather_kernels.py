@@ -14,6 +14,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from hnet import chunking
 from hnet.kernels import gather_rows, reference_gather_rows
+from launch.local import xla_flags
 
 L, M = 24, 8
 
@@ -169,7 +170,7 @@ _CHILD = textwrap.dedent(
 
 def test_gather_rows_sharded_8_devices_subprocess():
     env = dict(os.environ)
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+    env["XLA_FLAGS"] = xla_flags(8, env.get("XLA_FLAGS"))
     env["JAX_PLATFORMS"] = "cpu"
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")

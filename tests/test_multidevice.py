@@ -13,6 +13,7 @@ import textwrap
 
 import pytest
 
+from launch.local import xla_flags
 from tests.conftest import REPO_ROOT
 
 CHILD_8_DEVICES = textwrap.dedent("""
@@ -57,13 +58,8 @@ CHILD_8_DEVICES = textwrap.dedent("""
 """)
 
 
-def _xla_flags(n_devices: int) -> str:
-    """The session's XLA flags (tests/conftest.py) plus ``n_devices`` simulated CPU devices."""
-    return f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={n_devices}".strip()
-
-
 def _run_child(code: str, n_devices: int, timeout: int = 600) -> dict:
-    env = dict(os.environ, XLA_FLAGS=_xla_flags(n_devices), JAX_PLATFORMS="cpu", PYTHONPATH=REPO_ROOT)
+    env = dict(os.environ, XLA_FLAGS=xla_flags(n_devices, os.environ.get("XLA_FLAGS")), JAX_PLATFORMS="cpu", PYTHONPATH=REPO_ROOT)
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT, env=env,
                        timeout=timeout)
     lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -103,7 +99,7 @@ def test_two_processes_train_checkpoint_resume_match_single_process(tmp_path):
 
     single = str(tmp_path / "single")
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO_ROOT,
-               XLA_FLAGS=_xla_flags(8))
+               XLA_FLAGS=xla_flags(8, os.environ.get("XLA_FLAGS")))
     p = subprocess.run([sys.executable, "-m", "train.main", *TRAIN_ARGS, f"--workdir={single}"], cwd=REPO_ROOT,
                        env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
