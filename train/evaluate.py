@@ -96,6 +96,7 @@ def evaluate_corpus(setup, cfg: data_lib.DataConfig, docs: list[bytes], detail_f
             nll_G += M.group_sums(d["nll"], local["target_script_routes"], d["byte_w"], G)
             bytes_G += M.group_sums(1.0, local["target_script_routes"], d["byte_w"], G)
             real = (local["segment_ids"] > 0) & (local["inputs"] < BOS)  # input bytes, frames excluded
+            gold_ws = M.skip_leading_whitespace(local["word_starts"], local["inputs"], local["segment_ids"])[real]
             for name, starts in d["boundaries"].items():
                 s = stage.setdefault(name, {"starts_G": np.zeros(G), "real_G": np.zeros(G), "pred": [], "gold": [],
                                             "pred_ws": [], "gold_ws": []})
@@ -103,8 +104,8 @@ def evaluate_corpus(setup, cfg: data_lib.DataConfig, docs: list[bytes], detail_f
                 s["real_G"] += M.group_sums(1.0, local["script_routes"], real, G)
                 s["pred"].append(np.asarray(starts)[real])
                 s["gold"].append(local["word_starts"][real])
-                for key, st in (("pred_ws", starts), ("gold_ws", local["word_starts"])):
-                    s[key].append(M.skip_leading_whitespace(st, local["inputs"], local["segment_ids"])[real])
+                s["pred_ws"].append(M.skip_leading_whitespace(starts, local["inputs"], local["segment_ids"])[real])
+                s["gold_ws"].append(gold_ws)
                 if name not in example:  # first window, after its BOS
                     n = min(EXAMPLE_BYTES, int(real[0].sum()))
                     example[name] = mark_boundaries(local["inputs"][0, 1:1 + n], np.asarray(starts)[0, 1:1 + n])

@@ -71,7 +71,7 @@ def skip_leading_whitespace(starts_BxL: np.ndarray, tokens_BxL: np.ndarray, segm
     whitespace and SpaceByte at the end of the previous one ("word␣"). bool [B, L]."""
     starts, tok, seg = (np.atleast_2d(np.asarray(a)) for a in (starts_BxL, tokens_BxL, segment_ids_BxL))
     B, L = tok.shape
-    ws = (tok < 256) & _WHITESPACE[np.minimum(tok, 255)]
+    ws = _WHITESPACE[tok]  # byte ids 0..255 (BOS/EOS are the invalid-UTF-8 bytes 254/255)
     idx = np.where(ws, L, np.arange(L))
     nxt = np.minimum.accumulate(idx[:, ::-1], axis=1)[:, ::-1]  # next non-whitespace position at or after t
     b, t = np.nonzero(np.asarray(starts, bool))
