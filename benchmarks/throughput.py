@@ -53,16 +53,12 @@ def sweep_models(path: str) -> dict[str, list[str]]:
     """{config name: its bindings} from a sweep file's ``sweep.Sweep.models`` / ``model_bindings``."""
     import gin
 
-    from train import sweep  # noqa: F401 - registers sweep.Sweep
+    from train.sweep import Sweep
 
     gin.clear_config()
-    gin.parse_config_file(path, skip_unknown=False)
-    models = gin.query_parameter("sweep.Sweep.models")
-    try:
-        own = gin.query_parameter("sweep.Sweep.model_bindings")
-    except ValueError:
-        own = {}
-    return {os.path.splitext(os.path.basename(m))[0]: list(own.get(m, ())) for m in models}
+    gin.parse_config_file(path)
+    sw = Sweep(name=os.path.basename(path))  # the file may be a fragment without a sweep name
+    return {os.path.splitext(os.path.basename(m))[0]: list(sw.model_bindings.get(m, ())) for m in sw.models}
 
 
 def measure(config: str, seq_len: int, bytes_per_step: int, steps: int, bindings: list[str]) -> dict:
