@@ -79,6 +79,13 @@ NTREX_SCRIPT_GROUPS: dict[str, tuple[str, ...]] = {
 
 GROUPINGS: dict[str, dict[str, tuple[str, ...]]] = {"magnet": SCRIPT_GROUPS, "ntrex": NTREX_SCRIPT_GROUPS}
 
+# Language sets for per-document routing by a language label (MAGNET's per-sequence mode with one
+# route, and one prior, per language): the label of a document is its file's stem (ntrex128/*/<lang>.txt).
+LANGUAGE_SETS: dict[str, tuple[str, ...]] = {
+    "ntrex": ("amh", "arb", "bel", "ben", "deu", "ell", "eng", "fra", "heb", "hin", "hye", "jpn", "kat", "kor",
+              "rus", "spa", "tam", "tel", "tha", "ukr", "vie", "zho-CN"),
+}
+
 _INHERIT = -1
 _MAX_CP = 0x110000
 # (n bytes per char, code-point range)
@@ -314,5 +321,5 @@ def parity_priors(counts_LxR: np.ndarray, english_index: int, alpha_english: flo
     return c * inv_premium_R
 
 
-__all__ = ["SCRIPT_GROUPS", "NTREX_SCRIPT_GROUPS", "GROUPINGS", "route_names", "num_routes", "byte_routes",
+__all__ = ["SCRIPT_GROUPS", "NTREX_SCRIPT_GROUPS", "GROUPINGS", "LANGUAGE_SETS", "route_names", "num_routes", "byte_routes",
            "routes_for_window", "routes_for_batch", "route_counts", "parity_priors"]

@@ -4,7 +4,7 @@ Spec: shared/reference/boundaries.md §D, §E, §9-10. One model, ``DTPLM``:
 
     h = pre(embed(x))                                   byte-level layers (pre-layer output)
     ℓ_{t,r} = MLP_r(h_t)   (d -> H -> 1, GELU), one predictor per route r (R = 1: plain DTP)
-    ℓ_t = ℓ_{t, route_t}                                route_t: 0 | byte t's script | document's script
+    ℓ_t = ℓ_{t, route_t}                                route_t: 0 | byte t's script | document's script | language
     e_t  (END convention: byte t closes its chunk), decided from h_t only (lookahead 0):
         gumbel, training : e_t = 1[ℓ_t + n_t > 0],  n_t ~ Logistic from fold_in(key(step), row, t),
                            e_st = e + σ((ℓ+n)/τ) - sg(σ((ℓ+n)/τ))         (hard sample ~ Bernoulli(p) for any τ)
@@ -48,7 +48,7 @@ from hnet import chunking
 from hnet.boundary_rules import doc_starts, end_to_start
 from hnet.bytes import VOCAB_SIZE
 from hnet.layers import Stack, StackConfig, normal
-from hnet.scripts import GROUPINGS
+from hnet.scripts import GROUPINGS, LANGUAGE_SETS
 from hnet.sharding import constrain, param_init
 from models import dtp_targets as tg
 from models.base import ModelOutput, dtype_from_name
@@ -201,12 +201,14 @@ class NoiseStep(nnx.Variable):
 @dataclasses.dataclass(frozen=True)
 class DTPConfig:
     """``boundary``: 'gumbel' | 'entropy' | 'unigram'. ``routing``: 'single' (one predictor, plain DTP),
-    'script' (per byte by the causal script route, MAGNET per-byte) or 'doc' (per sequence by the
-    document's dominant script, MAGNET's language-label routing). ``script_groups`` names the grouping in
+    'script' (per byte by the causal script route, MAGNET per-byte), 'doc' (per sequence by the
+    document's dominant script, MAGNET's script-label routing) or 'lang' (per sequence by the document's
+    language label, one route per language). ``script_groups`` names the grouping in
     ``hnet.scripts.GROUPINGS`` ('magnet': latin, cyrl, deva, other; 'ntrex': one group per script of
-    NTREX's 22 languages); routed models read batch['script_routes' | 'doc_routes'] ('magnet') or
-    batch['script_routes_<groups>' | 'doc_routes_<groups>'] (``train.annotations``), and
-    ``route_names`` must be the grouping's names. ``priors`` has one α per route, in route-id order."""
+    NTREX's 22 languages), or for 'lang' the language set in ``hnet.scripts.LANGUAGE_SETS``; routed
+    models read batch['script_routes' | 'doc_routes'] ('magnet') or batch['script_routes_<groups>' |
+    'doc_routes_<groups>' | 'lang_routes_<groups>'] (``train.annotations``), and ``route_names`` must be
+    the grouping's names. ``priors`` has one α per route, in route-id order."""
 
     pre_layout: str = "T2"
     inner_layout: str = "T4"
@@ -232,7 +234,7 @@ class DTPConfig:
         return StackConfig(layout=layout, d_model=self.d_model, d_ff=self.d_ff, num_heads=self.num_heads)
 
 
-_ROUTE_KEYS = {"single": None, "script": "script_routes", "doc": "doc_routes"}
+_ROUTE_KEYS = {"single": None, "script": "script_routes", "doc": "doc_routes", "lang": "lang_routes"}
 
 
 def route_key(routing: str, script_groups: str = "magnet") -> str | None:
@@ -251,9 +253,10 @@ class DTPLM(nnx.Module):
             raise ValueError(f"bad boundary {cfg.boundary!r} or routing {cfg.routing!r}")
         if len(cfg.priors) != len(cfg.route_names) or (cfg.routing == "single" and len(cfg.priors) != 1):
             raise ValueError(f"priors {cfg.priors} must match route_names {cfg.route_names} (1 when single)")
-        if cfg.routing != "single" and tuple(cfg.route_names) != tuple(GROUPINGS[cfg.script_groups]):
-            raise ValueError(f"route_names {cfg.route_names} must be the {cfg.script_groups!r} groups "
-                             f"{tuple(GROUPINGS[cfg.script_groups])}")
+        names = tuple(LANGUAGE_SETS[cfg.script_groups] if cfg.routing == "lang" else
+                      GROUPINGS[cfg.script_groups] if cfg.routing != "single" else cfg.route_names)
+        if tuple(cfg.route_names) != names:
+            raise ValueError(f"route_names {cfg.route_names} must be the {cfg.script_groups!r} routes {names}")
         rngs = nnx.Rngs(seed)
         self.config, self.deterministic = cfg, False
         dtype, param_dtype = dtype_from_name(dtype), dtype_from_name(param_dtype)

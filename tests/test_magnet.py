@@ -1,4 +1,4 @@
-"""MAGNET routing (models/dtp.py with routing 'script' / 'doc'): per-byte selection among all route
+"""MAGNET routing (models/dtp.py with routing 'script' / 'doc' / 'lang'): per-byte selection among all route
 predictors on real mixed-script text, per-route priors, prefix causality of per-byte routing in
 training mode, decode ≡ forward with routes, and the config training a few steps."""
 
@@ -12,7 +12,7 @@ from flax import nnx
 
 from hnet.boundary_rules import end_to_start
 from hnet import sharding
-from hnet.scripts import NTREX_SCRIPT_GROUPS, byte_routes, parity_priors, route_counts, routes_for_batch
+from hnet.scripts import LANGUAGE_SETS, NTREX_SCRIPT_GROUPS, byte_routes, parity_priors, route_counts, routes_for_batch
 from models import dtp_targets as tg
 from models.dtp import DTPConfig, DTPLM, route_key
 from tests.helpers import packed_row, shared_text_path, stack_rows, to_jnp
@@ -174,8 +174,10 @@ def test_ntrex_grouping_annotations_and_route_key():
 
 
 @pytest.mark.slow
-def test_magnet_config_priors_are_the_ntrex_parity_priors():
-    """configs/magnet_tiny.gin's priors = hnet.scripts.parity_priors on ntrex128/train (3 decimals)."""
+@pytest.mark.parametrize("gin_file", ["configs/magnet_tiny.gin", "configs/magnet_lang_tiny.gin"])
+def test_magnet_config_priors_are_the_ntrex_parity_priors(gin_file):
+    """The configs' priors = hnet.scripts.parity_priors on ntrex128/train (3 decimals): per script route
+    (magnet_tiny) and per language (magnet_lang_tiny: one route per language, α_l = 0.2 B_eng / B_l)."""
     import glob
     import os
 
@@ -189,11 +191,55 @@ def test_magnet_config_priors_are_the_ntrex_parity_priors():
     for p in paths:
         with open(p, "rb") as f:
             docs.append(f.read())
-    want = parity_priors(route_counts(docs, NTREX_SCRIPT_GROUPS), langs.index("eng"), 0.2)
-    config.parse(["configs/magnet_tiny.gin", "configs/runs/ntrex_multilingual.gin"], [])
+    config.parse([gin_file, "configs/runs/ntrex_multilingual.gin"], [])
     cfg = gin.get_configurable("models.DTPConfig")()
-    assert tuple(cfg.route_names) == NTREX_NAMES and cfg.script_groups == "ntrex"
-    np.testing.assert_allclose(cfg.priors, want, atol=5e-4)
+    if cfg.routing == "lang":
+        assert tuple(cfg.route_names) == LANGUAGE_SETS["ntrex"] == tuple(langs)
+        counts = np.diag([len(d) for d in docs])
+    else:
+        assert tuple(cfg.route_names) == NTREX_NAMES and cfg.script_groups == "ntrex"
+        counts = route_counts(docs, NTREX_SCRIPT_GROUPS)
+    np.testing.assert_allclose(cfg.priors, parity_priors(counts, langs.index("eng"), 0.2), atol=5e-4)
+
+
+def test_lang_routing_follows_the_file_label_not_the_script(tmp_path):
+    """'lang_routes_ntrex' = the index of the source file's stem, for every document of the file; a
+    file named otherwise is an error. A 'lang'-routed model whose 'hin' predictor always closes and all
+    others never: evaluated through train.multilingual_eval (which must pass each file's path), the
+    same English line closes every byte when stored as hin.txt and none when stored as eng.txt."""
+    import dataclasses as dc
+
+    from train import data as data_lib
+    from train.loop import build_state
+    from train.multilingual_eval import evaluate_languages
+    from train.optim import OptimizerConfig
+
+    langs = LANGUAGE_SETS["ntrex"]
+    eng = _ntrex_lines(("eng",), 4)["eng"]
+    (tmp_path / "eng.txt").write_bytes(eng)
+    (tmp_path / "hin.txt").write_bytes(eng)
+    docs, _ = data_lib.load_documents(data_lib.DataConfig(sources=(str(tmp_path / "*.txt"),), byte_range=(0.0, 1.0),
+                                                          doc_split="line"))
+    assert len(docs) == 8 and [d.source for d in docs] == [str(tmp_path / "eng.txt")] * 4 + [str(tmp_path / "hin.txt")] * 4
+    s = data_lib.ByteStream.from_documents(docs, ("lang_routes_ntrex",))
+    per_doc = [np.unique(s.extra["lang_routes_ntrex"][s.doc_ids == i]).tolist() for i in range(8)]
+    assert per_doc == [[langs.index("eng")]] * 4 + [[langs.index("hin")]] * 4
+    (tmp_path / "english.txt").write_bytes(eng)
+    with pytest.raises(ValueError, match="english.txt"):
+        data_lib.ByteStream.from_documents(data_lib.load_documents(dc.replace(
+            data_lib.DataConfig(), sources=(str(tmp_path / "english.txt"),), byte_range=(0.0, 1.0)))[0],
+            ("lang_routes_ntrex",))
+    (tmp_path / "english.txt").unlink()
+
+    assert route_key("lang", "ntrex") == "lang_routes_ntrex"
+    cfg = DTPConfig(**TINY, routing="lang", script_groups="ntrex", route_names=langs, priors=(0.1,) * len(langs))
+    model = DTPLM(cfg, seed=0)
+    model.predictor.w2[...] = jnp.zeros_like(model.predictor.w2[...])
+    model.predictor.b2[...] = jnp.where(jnp.arange(len(langs)) == langs.index("hin"), 20.0, -20.0)
+    setup = build_state(lambda: model, OptimizerConfig(), 10, sharding.make_mesh({"data": -1}))
+    eval_cfg = dc.replace(data_lib.DataConfig(), seq_len=64, batch_size=4, annotations=("lang_routes_ntrex",))
+    res = evaluate_languages(setup, eval_cfg, str(tmp_path))["languages"]
+    assert res["hin"]["boundary_rate"] > 0.95 and res["eng"]["boundary_rate"] < 0.1, res
 
 
 def test_multilingual_eval_counts_chunks_per_english_byte(tmp_path):

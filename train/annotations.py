@@ -18,17 +18,21 @@
     language's script (jpn: kana), i.e. exactly MAGNET's ``language_to_script`` label.
   * ``script_routes_<g>`` / ``doc_routes_<g>``: the same two under another grouping g of
     ``hnet.scripts.GROUPINGS`` (``DTPConfig.script_groups``), e.g. ``script_routes_ntrex``.
+  * ``lang_routes_<s>`` int32: the document's language label, constant over the document: the index in
+    ``hnet.scripts.LANGUAGE_SETS[s]`` of the stem of the file it came from (``train.data.Document.source``;
+    ntrex128/*/<lang>.txt). MAGNET's per-sequence routing with one route per language.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 
 import numpy as np
 
 from hnet.boundary_rules import hat_word_starts
-from hnet.scripts import GROUPINGS, SCRIPT_GROUPS, byte_routes
+from hnet.scripts import GROUPINGS, LANGUAGE_SETS, SCRIPT_GROUPS, byte_routes
 
 
 def _framed_word_starts(doc: bytes) -> np.ndarray:
@@ -136,6 +140,19 @@ def _doc_routes(doc: bytes, groups=SCRIPT_GROUPS) -> np.ndarray:
     return np.full(len(doc) + 2, dominant_route(doc, groups), np.int32)
 
 
+def language_label(source: str, languages) -> int:
+    """Index in ``languages`` of the stem of ``source`` ('.../valid/zho-CN.txt' -> 'zho-CN')."""
+    stem = os.path.splitext(os.path.basename(source))[0]
+    if stem not in languages:
+        raise ValueError(f"language routing needs documents from files named <lang>.txt with lang in "
+                         f"{list(languages)}; got source {source!r}")
+    return languages.index(stem)
+
+
+def _lang_routes(doc: bytes, languages) -> np.ndarray:
+    return np.full(len(doc) + 2, language_label(getattr(doc, "source", ""), languages), np.int32)
+
+
 ANNOTATIONS = {
     "word_starts": (_framed_word_starts, bool),
     "script_routes": (_script_routes, np.int32),
@@ -147,3 +164,5 @@ for _name, _groups in GROUPINGS.items():
     if _name != "magnet":  # the default grouping: script_routes / doc_routes
         ANNOTATIONS[f"script_routes_{_name}"] = (functools.partial(_script_routes, groups=_groups), np.int32)
         ANNOTATIONS[f"doc_routes_{_name}"] = (functools.partial(_doc_routes, groups=_groups), np.int32)
+for _name, _languages in LANGUAGE_SETS.items():
+    ANNOTATIONS[f"lang_routes_{_name}"] = (functools.partial(_lang_routes, languages=_languages), np.int32)

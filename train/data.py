@@ -112,6 +112,19 @@ def _read_bytes(path: str) -> bytes:
         raise DataError(f"cannot read data source {path!r}: {e.strerror or e}") from e
 
 
+class Document(bytes):
+    """A document's bytes tagged with where they came from: ``source`` is the file path (or
+    ``builtin:<name>``). Annotations that need a per-document label read it (``lang_routes_<set>``);
+    everything else treats a Document as plain bytes."""
+
+    source: str
+
+    def __new__(cls, data: bytes, source: str = ""):
+        doc = super().__new__(cls, data)
+        doc.source = source
+        return doc
+
+
 def _builtin_documents(name: str) -> list[bytes]:
     if name == "pydoc_topics":
         from pydoc_data.topics import topics
@@ -169,8 +182,9 @@ def _select_range(docs: list[bytes], lo: float, hi: float) -> list[bytes]:
     return out
 
 
-def load_documents(cfg: DataConfig) -> tuple[list[bytes], DataStats]:
-    """All non-empty documents of the split; raises DataError when nothing usable is found."""
+def load_documents(cfg: DataConfig) -> tuple[list[Document], DataStats]:
+    """All non-empty documents of the split, each tagged with its source path; raises DataError when
+    nothing usable is found."""
     stats = DataStats()
     docs: list[bytes] = []
     for src in cfg.sources:
@@ -183,7 +197,7 @@ def load_documents(cfg: DataConfig) -> tuple[list[bytes], DataStats]:
                     d.decode("utf-8")
                 except UnicodeDecodeError:
                     stats.invalid_utf8 += 1
-                docs.append(d)
+                docs.append(Document(d, path))
     stats.documents = len(docs)
     stats.bytes = sum(len(d) for d in docs)
     if not docs:

@@ -79,7 +79,7 @@ def evaluate_languages(setup, eval_cfg: data_lib.DataConfig, data_dir: str = "sh
             text = f.read()
         if max_lines:
             text = b"\n".join(text.split(b"\n")[:max_lines])
-        docs = [text]
+        docs = [data_lib.Document(text, path)]
         tot: dict[str, float] = {}
         with sharding.mesh_context(setup.mesh):
             for local in data_lib.iterate_eval_batches(cfg, docs):
