@@ -431,3 +431,20 @@ def test_checkpointer_accepts_a_relative_directory(tmp_path, monkeypatch):
     ck.close()
     assert step == 1 and float(restored["w"][3]) == 3.0
     assert (tmp_path / "runs/rel/checkpoints/1").is_dir()
+
+
+def test_metric_writer_skips_undefined_scalars(tmp_path):
+    """NaN scalars (undefined in the window, e.g. a MAGNET route absent from the batch) are not written;
+    finite ones are, readable with TensorBoard's own event reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from train.logger import MetricWriter
+
+    w = MetricWriter(str(tmp_path))
+    w.scalars(1, {"a": 1.5, "b": float("nan")}, prefix="train/")
+    w.scalars(2, {"a": 2.5, "b": 0.25}, prefix="train/")
+    w.close()
+    acc = EventAccumulator(str(tmp_path))
+    acc.Reload()
+    assert [(e.step, e.value) for e in acc.Scalars("train/a")] == [(1, 1.5), (2, 2.5)]
+    assert [(e.step, e.value) for e in acc.Scalars("train/b")] == [(2, 0.25)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 import time
@@ -32,9 +33,12 @@ class MetricWriter:
             self.tb = SummaryWriter(logdir, flush_secs=10)
 
     def scalars(self, step: int, values: dict, prefix: str = ""):
+        """NaN means "undefined in this window" (e.g. a MAGNET route with no byte in the batch) and is not
+        written; a non-finite loss is counted by the train step's ``skipped_steps`` scalar instead."""
         if self.tb:
             for k, v in values.items():
-                self.tb.add_scalar(f"{prefix}{k}", float(v), step)
+                if not math.isnan(float(v)):
+                    self.tb.add_scalar(f"{prefix}{k}", float(v), step)
 
     def text(self, step: int, tag: str, text: str):
         if self.tb:
