@@ -226,3 +226,49 @@ def test_lr_modulation_eq11():
     m = nnx.eval_shape(lambda: HNetLM(TWO))
     assert m.lr_multiplier(("backbone", "encoder", "kernel")) == TWO.lr_multipliers()[0]
     assert m.lr_multiplier(("backbone", "inner", "inner", "main", "kernel")) == TWO.lr_multipliers()[2]
+
+
+def test_training_compiles_nothing_after_the_first_step_and_eval(tmp_path):
+    """Issue #3: no recompilation after the first step. A 6-step H-Net run with an eval every 2 steps
+    (steps 2 and 4, plus the final eval and a checkpoint at step 4 and at the end): every jit compilation
+    happens before step 3 is logged (train step at step 1, eval and boundary visualisation at step 2)."""
+    import logging
+
+    from train import data as data_lib
+    from train.loop import train
+    from train.optim import OptimizerConfig
+
+    events: list[str] = []
+
+    class Recorder(logging.Handler):
+        def emit(self, record):
+            msg = record.getMessage()
+            if msg.startswith("step "):
+                events.append("step")
+            elif msg.startswith("Compiling "):
+                events.append(msg[:120])
+
+    data = data_lib.DataConfig(sources=("builtin:pydoc_topics",), byte_range=(0.0, 0.9), seq_len=64, batch_size=2)
+    ev = data_lib.DataConfig(sources=("builtin:pydoc_topics",), byte_range=(0.9, 1.0), seq_len=64, batch_size=2,
+                             shuffle=False, max_windows=3)
+    rec = Recorder()
+    loggers = [logging.getLogger("jax"), logging.getLogger("hnet")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.addHandler(rec)
+        lg.setLevel(logging.INFO)
+    jax.config.update("jax_log_compiles", True)
+    try:
+        train(str(tmp_path), model=lambda: HNetLM(ONE, seed=0), train_data=data, eval_data=ev,
+              optimizer=OptimizerConfig(learning_rate=1e-3, warmup_steps=1), steps=6, log_every=1, eval_every=2,
+              checkpoint_every=4, sample_prompts=())
+    finally:
+        jax.config.update("jax_log_compiles", False)
+        for lg, level in zip(loggers, levels):
+            lg.removeHandler(rec)
+            lg.setLevel(level)
+    assert events.count("step") == 6, events
+    third = [i for i, e in enumerate(events) if e == "step"][2]
+    assert any(e != "step" for e in events[:third]), "no compilation was recorded at all"
+    late = [e for e in events[third:] if e != "step"]
+    assert not late, late

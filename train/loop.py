@@ -116,16 +116,18 @@ def mark_boundaries(tokens: np.ndarray, starts: np.ndarray) -> str:
     return "|".join(out)
 
 
-def log_boundaries(setup: Setup, writer: MetricWriter, step: int, local_batch: dict, n_bytes: int = 400):
-    """TensorBoard: one validation text with each stage's chunk starts marked, and chunk-length histograms."""
+def make_boundaries_fn(setup: Setup):
+    """jit (params, rest, batch) -> {stage: chunk starts [B, L]}; built once per run (no recompilation)."""
+    return jax.jit(lambda params, rest, batch: eval_forward(setup.graphdef, params, rest, batch).boundaries)
+
+
+def log_boundaries(setup: Setup, writer: MetricWriter, step: int, local_batch: dict, boundaries_fn,
+                   n_bytes: int = 400):
+    """TensorBoard: one validation text with each stage's chunk starts marked, and chunk-length histograms.
+    ``boundaries_fn``: ``make_boundaries_fn(setup)``."""
     batch = sharding.global_batch_from_local(setup.mesh, local_batch)
-
-    @jax.jit
-    def boundaries(params, rest, batch):
-        return eval_forward(setup.graphdef, params, rest, batch).boundaries
-
     with sharding.mesh_context(setup.mesh):
-        marks = jax.device_get(boundaries(setup.state.params, setup.state.rest, batch))
+        marks = jax.device_get(boundaries_fn(setup.state.params, setup.state.rest, batch))
     real = local_batch["segment_ids"] > 0
     lines = []
     for name, starts in sorted(marks.items()):
@@ -214,7 +216,7 @@ def train(
     batch_shard = sharding.batch_sharding(mesh)
     train_step = jax.jit(step_fn, in_shardings=(setup.state_shardings, batch_shard),
                          out_shardings=(setup.state_shardings, None), donate_argnums=(0,))
-    eval_fn = make_eval_fn(setup)
+    eval_fn, boundaries_fn = make_eval_fn(setup), make_boundaries_fn(setup)
     viz_batch = next(data_lib.iterate_eval_batches(eval_data, eval_docs)) if eval_docs is not None else None
 
     bytes_per_step = train_data.batch_size * train_data.seq_len
@@ -259,7 +261,7 @@ def train(
             if eval_docs is not None and eval_every and step % eval_every == 0 and step != steps:
                 ev = evaluate(setup, eval_data, eval_docs, eval_fn)
                 writer.scalars(step, ev, "eval/")
-                log_boundaries(setup, writer, step, viz_batch)
+                log_boundaries(setup, writer, step, viz_batch, boundaries_fn)
                 log.info("eval step %d: bpb %.4f", step, ev["bpb"])
             if sample_every and step % sample_every == 0 and setup.supports_decoding:  # all processes run it
                 for i, s in enumerate(sample_texts(setup, list(sample_prompts), sample_bytes, seed=step)):
@@ -273,7 +275,7 @@ def train(
     if step >= steps and eval_docs is not None:
         ev = evaluate(setup, eval_data, eval_docs, eval_fn)
         writer.scalars(step, ev, "eval/")
-        log_boundaries(setup, writer, step, viz_batch)
+        log_boundaries(setup, writer, step, viz_batch, boundaries_fn)
         results["eval"] = ev
         log.info("final eval at step %d: bpb %.4f over %d bytes", step, ev["bpb"], ev["n_bytes"])
     if step >= steps and sample_prompts and setup.supports_decoding:
