@@ -8,8 +8,8 @@
             directions, a tile sweep for the kernel, and chunking.compact/expand fwd+bwd.
             Bandwidth counts each gathered row once read and once written:
             bytes = 2 * B * N * D * itemsize + idx bytes (N = M for compaction, L for expansion).
-    (c) ``time_hnet_train_step()``: HOOK that times a bf16 H-Net train step if ``models.hnet``
-            exists (skipped otherwise), with chunk_impl 'jnp' vs 'pallas'.
+    (c) ``time_hnet_train_step()``: the project's bf16 H-Net train step with chunk_impl 'jnp' vs
+            'pallas': step time, compile time, tokens/s and MFU against --peak-tflops.
 
 Prints a table and writes JSON to --out (default benchmarks/out/device_check.json).
 
@@ -175,67 +175,25 @@ def time_gathers(backend, interpret, small, iters, peak_tbps, tiles) -> list[dic
 # ----------------------------------------------------------------------------------
 
 
-def time_hnet_train_step(small: bool, iters: int) -> list[dict]:
-    """HOOK: times a bf16 H-Net train step (loss + grad + AdamW) with chunk_impl 'jnp' vs 'pallas'.
-
-    Uses ``models.hnet.HNetLM(HNetConfig(...), dtype='bfloat16')`` and the ``ModelOutput``
-    contract of ``models/base.py``; returns [{'status': 'skipped', ...}] if the module is
-    absent and records the error if its API differs from what is assumed here.
-    """
-    try:
-        import dataclasses
-
-        import optax
-        from flax import nnx
-
-        from models import hnet as hnet_model  # noqa: F401
-    except ImportError as e:
-        return [{"op": "hnet train step", "status": "skipped", "reason": f"{type(e).__name__}: {e}"}]
+def time_hnet_train_step(small: bool, iters: int, peak_tflops: float) -> list[dict]:
+    """The project's own bf16 H-Net train step (``benchmarks/throughput.measure``: gin config, data pipeline,
+    ``train.step.make_train_step`` with AdamW, donation), chunk_impl 'jnp' vs 'pallas'. MFU = XLA's FLOP
+    count of the compiled step / step time / ``peak_tflops``. Small: hnet_1stage_tiny at B2 L64; full: the
+    tiny layout widened to d (512, 768), d_ff 2048, heads (8, 12) at B16 L4096."""
+    import throughput
 
     B, L = (2, 64) if small else (16, 4096)
-    base = hnet_model.HNetConfig()
-    if not small:
-        base = dataclasses.replace(base, d_model=(512, 768), d_ff=(0, 2048), num_heads=(8, 12))
+    widths = [] if small else ["models.HNetConfig.d_model=[512, 768]", "models.HNetConfig.d_ff=[0, 2048]",
+                               "models.HNetConfig.num_heads=[8, 12]"]
     rows = []
     for impl in ("jnp", "pallas"):
         row = {"op": "hnet train step", "impl": impl, "shape": f"B{B} L{L} bf16"}
         try:
-            model = hnet_model.HNetLM(dataclasses.replace(base, chunk_impl=impl), dtype="bfloat16")
-            graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-            tx = optax.adamw(1e-4)
-            opt_state = tx.init(params)
-            key = jax.random.key(0)
-            toks = jax.random.randint(key, (B, L + 1), 0, 256)
-            batch = {
-                "inputs": toks[:, :-1],
-                "targets": toks[:, 1:],
-                "segment_ids": jnp.ones((B, L), jnp.int32),
-                "positions": jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L)),
-            }
-
-            def loss_fn(params, rest, batch):
-                out = nnx.merge(graphdef, params, rest)(batch)
-                logits = out.logits_BxLxV.astype(jnp.float32)
-                nll = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, batch["targets"][..., None], -1)[..., 0]
-                w = jnp.ones_like(nll) if out.target_mask_BxL is None else out.target_mask_BxL.astype(jnp.float32)
-                return jnp.sum(nll * w) / jnp.maximum(jnp.sum(w), 1.0) + out.aux_loss
-
-            @functools.partial(jax.jit, donate_argnums=(0, 1))
-            def step(params, opt_state, rest, batch):
-                loss, grads = jax.value_and_grad(loss_fn)(params, rest, batch)
-                updates, opt_state = tx.update(grads, opt_state, params)
-                return optax.apply_updates(params, updates), opt_state, loss
-
-            state = [params, opt_state]
-
-            def run():
-                state[0], state[1], loss = step(state[0], state[1], rest, batch)
-                return loss
-
-            row.update(_time(run, iters=iters))
-            row["tokens/s"] = B * L / (row["ms_median"] * 1e-3)
-            row["loss"] = float(run())
-            row["status"] = "ok"
+            r = throughput.measure("hnet_1stage_tiny", L, B * L, iters, widths + [
+                "models.HNetLM.dtype='bfloat16'", f"models.HNetConfig.chunk_impl='{impl}'"])
+            row.update(status="ok", ms_median=1e3 * r["step_s"], compile_s=r["compile_s"], params=r["params"],
+                       loss=r["loss"], **{"tokens/s": r["bytes_per_s"],
+                                          "MFU": r["flops_per_byte"] * r["bytes_per_s"] / (peak_tflops * 1e12)})
         except Exception as e:
             row.update(status="error", error=f"{type(e).__name__}: {e}"[:2000])
             traceback.print_exc()
@@ -265,6 +223,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "out", "device_check.json"))
     ap.add_argument("--iters", type=int, default=None, help="timed iterations (default 20, 2 with --small)")
     ap.add_argument("--peak-tbps", type=float, default=4.8, help="HBM peak for frac_peak (H200: 4.8 TB/s)")
+    ap.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 dense peak for MFU (H200: 989 TFLOP/s)")
     ap.add_argument("--tiles", default=None, help="comma list of kernel tile_rows (default 16,32,64; 8 small)")
     ap.add_argument("--skip-train", action="store_true", help="skip the H-Net train step hook")
     args = ap.parse_args(argv)
@@ -291,10 +250,10 @@ def main(argv=None) -> int:
     timings = time_gathers(backend, interpret, args.small, iters, args.peak_tbps, tiles)
     print("\n(b) timing\n" + _table(
         timings, ["op", "impl", "tile_rows", "shape", "ms_median", "ms_min", "GB/s", "frac_peak", "error"]))
-    train = [] if args.skip_train else time_hnet_train_step(args.small, max(2, iters // 4))
+    train = [] if args.skip_train else time_hnet_train_step(args.small, max(2, iters // 4), args.peak_tflops)
     if train:
-        print("\n(c) H-Net train step (hook)\n" + _table(
-            train, ["op", "impl", "shape", "status", "ms_median", "tokens/s", "loss", "reason", "error"]))
+        print("\n(c) H-Net train step\n" + _table(
+            train, ["op", "impl", "shape", "status", "compile_s", "ms_median", "tokens/s", "MFU", "loss", "error"]))
 
     result = {"info": info, "correctness": correctness, "timings": timings, "train_step": train}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

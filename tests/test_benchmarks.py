@@ -1,5 +1,5 @@
-"""benchmarks/throughput.py and benchmarks/peers.py: tables, JSON, the skip without PyTorch; the slow tests
-run each script end to end on one tiny config for one step."""
+"""benchmarks/throughput.py, peers.py and device_check.py: tables, JSON, the skip without PyTorch, the device
+check's CPU smoke run (interpret mode); the slow tests run each script end to end on one tiny config."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import importlib.util
 import json
 import os
 import re
+import subprocess
 import sys
 
 import pytest
@@ -70,3 +71,22 @@ def test_models_from_a_sweep_file_carry_their_own_bindings(gin_clean):
     models = throughput.sweep_models(os.path.join(REPO, "configs/sweeps/matched_models.gin"))
     assert "main/hnet.StackConfig.d_model=224" in models["hat_tiny"] and models["hnet_1stage_tiny"] == []
     assert all(os.path.exists(os.path.join(REPO, "configs", f"{m}.gin")) for m in models)
+
+
+@pytest.mark.parametrize("train_step", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_device_check_smoke_on_cpu(tmp_path, train_step):
+    """The GPU device check (run once when a device is lent) keeps working: --small on CPU runs the Triton
+    kernel in interpret mode; every correctness check passes and every timing row has a time (the slow
+    variant also times the bf16 H-Net train step with chunk_impl jnp and pallas, equal losses)."""
+    out = tmp_path / "dc.json"
+    args = [sys.executable, os.path.join(REPO, "benchmarks", "device_check.py"), "--small", "--iters", "1",
+            "--tiles", "8", "--out", str(out)] + ([] if train_step else ["--skip-train"])
+    proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.load(open(out))
+    assert len(res["correctness"]) >= 5 and all(r["ok"] for r in res["correctness"]), res["correctness"]
+    assert res["timings"] and all(r.get("ms_median", 0) > 0 and not r.get("error") for r in res["timings"])
+    if train_step:
+        steps = {r["impl"]: r for r in res["train_step"]}
+        assert steps["jnp"]["status"] == steps["pallas"]["status"] == "ok"
+        assert steps["jnp"]["loss"] == pytest.approx(steps["pallas"]["loss"], rel=1e-3)
