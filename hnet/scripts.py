@@ -321,5 +321,5 @@ def parity_priors(counts_LxR: np.ndarray, english_index: int, alpha_english: flo
     return c * inv_premium_R
 
 
-__all__ = ["SCRIPT_GROUPS", "NTREX_SCRIPT_GROUPS", "GROUPINGS", "LANGUAGE_SETS", "route_names", "num_routes", "byte_routes",
-           "routes_for_window", "routes_for_batch", "route_counts", "parity_priors"]
+__all__ = ["SCRIPT_GROUPS", "NTREX_SCRIPT_GROUPS", "GROUPINGS", "LANGUAGE_SETS", "route_names", "num_routes",
+           "byte_routes", "routes_for_window", "routes_for_batch", "route_counts", "parity_priors"]
