@@ -348,6 +348,7 @@ def _saturating_batch(data_cfg):
     from train import data as data_lib
 
     texts = [pydoc_text("assignment").encode()[:4 * GUARD_L], b" " * (4 * GUARD_L), b"e" * (4 * GUARD_L)]
+    texts = [data_lib.Document(t, "eng.txt") for t in texts]  # a language label for 'lang'-routed models
     rows = []
     for t in texts:
         src = data_lib.WindowSource(data_lib.ByteStream.from_documents([t], data_cfg.annotations), GUARD_L,
@@ -373,12 +374,17 @@ def _capacity_overrides(fraction: float) -> list[str]:
 
 def _loss_and_grads(model_file: str, extra_bindings=(), params_fns=(None,)):
     """Build the config's model; for each ``params_fn(params) -> params`` (None: as initialised) return
-    (loss, metrics, grad global norm, number of non-finite gradient entries) on the saturating batch."""
+    (loss, metrics, grad global norm, number of non-finite gradient entries) on the saturating batch. The
+    per-route ``bytes_per_chunk_<route>`` of a routed model is left out for routes with no byte in the
+    batch: it is NaN by definition there (undefined, models/dtp.py)."""
     import gin
     import jax
     import jax.numpy as jnp
 
+    from flax import nnx
+
     from hnet.sharding import make_mesh
+    from models.dtp import route_key
     from train.config import parse
     from train.loop import build_state
     from train.optim import OptimizerConfig
@@ -397,11 +403,16 @@ def _loss_and_grads(model_file: str, extra_bindings=(), params_fns=(None,)):
         bad = sum(jnp.sum(~jnp.isfinite(x)) for x in jax.tree.leaves(g))
         return loss, m, jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(g))), bad
 
+    cfg = getattr(nnx.merge(setup.graphdef, setup.state.params, setup.state.rest), "config", None)
+    undefined = set()
+    if getattr(cfg, "routing", "single") != "single":
+        present = np.unique(np.asarray(batch[route_key(cfg.routing, cfg.script_groups)])[batch["segment_ids"] > 0])
+        undefined = {f"bytes_per_chunk_{n}" for i, n in enumerate(cfg.route_names) if i not in present}
     out = []
     for fn in params_fns:
         params = setup.state.params if fn is None else fn(setup.state.params)
         loss, m, gnorm, bad = jax.device_get(f(params, setup.state.rest, batch))
-        out.append((float(loss), {k: float(v) for k, v in m.items()}, float(gnorm), int(bad)))
+        out.append((float(loss), {k: float(v) for k, v in m.items() if k not in undefined}, float(gnorm), int(bad)))
     return out
 
 
