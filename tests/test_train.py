@@ -199,12 +199,13 @@ CLI_RUNS = {
 def cli_runs(tmp_path_factory):
     """The CLI subprocesses start when this module starts and run alongside the in-process tests."""
     root = tmp_path_factory.mktemp("cli")
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
     procs = {}
     for name, extra in CLI_RUNS.items():
         wd = root / name
         cmd = [sys.executable, "-m", "train.main", "--gin_file=configs/isotropic_tiny.gin",
-               "--gin_file=configs/runs/default.gin", f"--workdir={wd}", *extra]
+               "--gin_file=configs/runs/default.gin", f"--workdir={wd}", f"--compilation_cache_dir={wd}/jax_cache",
+               *extra]
         procs[name] = (wd, subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
                                             stderr=subprocess.PIPE, text=True))
     yield procs
@@ -234,6 +235,7 @@ def test_cli_end_to_end(cli_runs):
     op = (wd / "operative_config.gin").read_text()
     assert "StackConfig.d_model = 32" in op and "TRAIN_STEPS = 4" in op
     assert "bits per byte" in out
+    assert os.listdir(wd / "jax_cache")  # --compilation_cache_dir: the compiled steps were stored
 
 
 def test_cli_misspelled_binding_fails_before_compiling(cli_runs):

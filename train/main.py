@@ -18,6 +18,9 @@ flags.DEFINE_string("coordinator_address", None, "jax.distributed coordinator ho
 flags.DEFINE_integer("num_processes", None, "number of processes (multi-host)")
 flags.DEFINE_integer("process_id", None, "this process' index (multi-host)")
 flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() with auto-detection (TPU VMs, SLURM)")
+flags.DEFINE_string("compilation_cache_dir", os.path.join(os.path.expanduser("~"), ".cache", "hnet", "jax"),
+                    "persistent XLA compilation cache: a restarted or repeated run loads its compiled steps instead "
+                    "of compiling them again ('' disables)")
 
 def _init_distributed():
     import jax
@@ -43,6 +46,9 @@ def main(argv):
         sys.exit(2)
     _init_distributed()
     import jax
+
+    if FLAGS.compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", FLAGS.compilation_cache_dir)
 
     from train import data as data_lib
     from train.checkpoint import CheckpointError
