@@ -225,7 +225,7 @@ def test_lang_routing_follows_the_file_label_not_the_script(tmp_path):
     per_doc = [np.unique(s.extra["lang_routes_ntrex"][s.doc_ids == i]).tolist() for i in range(8)]
     assert per_doc == [[langs.index("eng")]] * 4 + [[langs.index("hin")]] * 4
     (tmp_path / "english.txt").write_bytes(eng)
-    with pytest.raises(ValueError, match="english.txt"):
+    with pytest.raises(data_lib.DataError, match="english.txt"):
         data_lib.ByteStream.from_documents(data_lib.load_documents(dc.replace(
             data_lib.DataConfig(), sources=(str(tmp_path / "english.txt"),), byte_range=(0.0, 1.0)))[0],
             ("lang_routes_ntrex",))

@@ -231,8 +231,12 @@ class ByteStream:
         unknown = set(annotations) - set(ANNOTATIONS)
         if unknown:
             raise DataError(f"unknown annotations {sorted(unknown)} (known: {sorted(ANNOTATIONS)})")
-        extra = {name: np.concatenate([ANNOTATIONS[name][0](d) for d in docs]).astype(ANNOTATIONS[name][1])
-                 for name in annotations}
+        extra = {}
+        for name in annotations:
+            try:
+                extra[name] = np.concatenate([ANNOTATIONS[name][0](d) for d in docs]).astype(ANNOTATIONS[name][1])
+            except ValueError as e:  # e.g. a language label the documents' file names do not give
+                raise DataError(f"annotation {name!r}: {e}") from e
         return cls(tokens, doc_ids, positions, is_frame, extra)
 
 
