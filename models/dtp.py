@@ -253,10 +253,10 @@ class DTPLM(nnx.Module):
             raise ValueError(f"bad boundary {cfg.boundary!r} or routing {cfg.routing!r}")
         if len(cfg.priors) != len(cfg.route_names) or (cfg.routing == "single" and len(cfg.priors) != 1):
             raise ValueError(f"priors {cfg.priors} must match route_names {cfg.route_names} (1 when single)")
-        names = tuple(LANGUAGE_SETS[cfg.script_groups] if cfg.routing == "lang" else
-                      GROUPINGS[cfg.script_groups] if cfg.routing != "single" else cfg.route_names)
-        if tuple(cfg.route_names) != names:
-            raise ValueError(f"route_names {cfg.route_names} must be the {cfg.script_groups!r} routes {names}")
+        if cfg.routing != "single":
+            names = tuple((LANGUAGE_SETS if cfg.routing == "lang" else GROUPINGS)[cfg.script_groups])
+            if tuple(cfg.route_names) != names:
+                raise ValueError(f"route_names {cfg.route_names} must be the {cfg.script_groups!r} routes {names}")
         rngs = nnx.Rngs(seed)
         self.config, self.deterministic = cfg, False
         dtype, param_dtype = dtype_from_name(dtype), dtype_from_name(param_dtype)

@@ -142,10 +142,12 @@ def _doc_routes(doc: bytes, groups=SCRIPT_GROUPS) -> np.ndarray:
 
 def language_label(source: str, languages) -> int:
     """Index in ``languages`` of the stem of ``source`` ('.../valid/zho-CN.txt' -> 'zho-CN')."""
+    from train.data import DataError  # train.data imports this module
+
     stem = os.path.splitext(os.path.basename(source))[0]
     if stem not in languages:
-        raise ValueError(f"language routing needs documents from files named <lang>.txt with lang in "
-                         f"{list(languages)}; got source {source!r}")
+        raise DataError(f"language routing needs documents from files named <lang>.txt with lang in "
+                        f"{list(languages)}; got source {source!r}")
     return languages.index(stem)
 
 

@@ -186,7 +186,7 @@ def load_documents(cfg: DataConfig) -> tuple[list[Document], DataStats]:
     """All non-empty documents of the split, each tagged with its source path; raises DataError when
     nothing usable is found."""
     stats = DataStats()
-    docs: list[bytes] = []
+    docs: list[Document] = []
     for src in cfg.sources:
         for path in _expand_source(src):
             for d in _select_range(_source_documents(path, cfg, stats), *cfg.byte_range):
@@ -231,12 +231,8 @@ class ByteStream:
         unknown = set(annotations) - set(ANNOTATIONS)
         if unknown:
             raise DataError(f"unknown annotations {sorted(unknown)} (known: {sorted(ANNOTATIONS)})")
-        extra = {}
-        for name in annotations:
-            try:
-                extra[name] = np.concatenate([ANNOTATIONS[name][0](d) for d in docs]).astype(ANNOTATIONS[name][1])
-            except ValueError as e:  # e.g. a language label the documents' file names do not give
-                raise DataError(f"annotation {name!r}: {e}") from e
+        extra = {name: np.concatenate([ANNOTATIONS[name][0](d) for d in docs]).astype(ANNOTATIONS[name][1])
+                 for name in annotations}
         return cls(tokens, doc_ids, positions, is_frame, extra)
 
 

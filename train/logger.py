@@ -37,8 +37,8 @@ class MetricWriter:
         written; a non-finite loss is counted by the train step's ``skipped_steps`` scalar instead."""
         if self.tb:
             for k, v in values.items():
-                if not math.isnan(float(v)):
-                    self.tb.add_scalar(f"{prefix}{k}", float(v), step)
+                if not math.isnan(v := float(v)):
+                    self.tb.add_scalar(f"{prefix}{k}", v, step)
 
     def text(self, step: int, tag: str, text: str):
         if self.tb:
