@@ -66,7 +66,7 @@ def unigram_proc():
     return UnigramTargets(sources=("builtin:pydoc_topics",), byte_range=(0.0, 0.2), vocab_size=300).processor()
 
 
-def test_unigram_targets_attach_space_to_word_final_piece(unigram_proc):
+def test_unigram_targets_attach_space_to_word_final_piece(unigram_proc, gin_clean):
     doc = pydoc_bytes("assignment", 2000)
     e = unigram_ends(doc, unigram_proc)
     assert e.shape == (len(doc),) and e.dtype == bool and e[-1]

@@ -175,7 +175,7 @@ def test_ntrex_grouping_annotations_and_route_key():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("gin_file", ["configs/magnet_tiny.gin", "configs/magnet_lang_tiny.gin"])
-def test_magnet_config_priors_are_the_ntrex_parity_priors(gin_file):
+def test_magnet_config_priors_are_the_ntrex_parity_priors(gin_file, gin_clean):
     """The configs' priors = hnet.scripts.parity_priors on ntrex128/train (3 decimals): per script route
     (magnet_tiny) and per language (magnet_lang_tiny: one route per language, α_l = 0.2 B_eng / B_l)."""
     import glob
