@@ -295,6 +295,12 @@ def routes_for_batch(
     return np.stack([routes_for_window(t, g, groups, default_route) for t, g in zip(tok_BxL, seg_BxL)])
 
 
+def dominant_route(doc: bytes, groups: Mapping[str, Sequence[str]] = SCRIPT_GROUPS) -> int:
+    """Most frequent causal byte route of ``doc`` under ``groups`` (MAGNET's per-document script route)."""
+    r = byte_routes(doc, groups)
+    return int(np.bincount(r).argmax()) if len(r) else 0
+
+
 def route_counts(docs: Sequence[bytes], groups: Mapping[str, Sequence[str]] = SCRIPT_GROUPS) -> np.ndarray:
     """Bytes of each route in each document. -> int64 [len(docs), R]."""
     R = num_routes(groups)

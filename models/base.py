@@ -3,7 +3,8 @@
     out = model(batch)                      # batch: inputs/segment_ids/positions [B, L]
     out.logits_BxLxV                        # next-byte logits (fp32)
     out.aux_loss                            # scalar, already weighted (ratio loss, priors, ...)
-    out.target_mask_BxL                     # False where a target must not be scored (capacity overflow)
+    out.target_mask_BxL                     # False where a target must not be scored (capacity overflow in
+                                            # training; in eval mode, ``capacity_slots``, chunks never overflow)
     out.metrics                             # scalars for logging (boundary rate, bytes/chunk, ...)
     out.boundaries                          # {stage name: bool[B, L]} chunk starts, for visualisation
 
@@ -11,6 +12,8 @@
     logits_BxV, cache = model.decode_step(tokens_B, cache, reset_B)   # one byte per row
 
 ``decode_step`` must reproduce the full forward's logits position by position (tested for every model).
+A model without byte-LM decoding sets the class attribute ``supports_decoding = False`` (the trainer then
+skips sampling; default True).
 """
 
 from __future__ import annotations
@@ -33,6 +36,12 @@ class ModelOutput:
     target_mask_BxL: jax.Array | None = None
     metrics: dict[str, jax.Array] = dataclasses.field(default_factory=dict)
     boundaries: dict[str, jax.Array] = dataclasses.field(default_factory=dict)
+
+
+def capacity_slots(capacity: float, L: int, evaluation: bool = False) -> int:
+    """Static chunk slots of a row of L positions: M = ceil(capacity · L) in training; M = L in evaluation
+    (``model.eval()``: no chunk can overflow, so every byte is scored)."""
+    return L if evaluation else max(1, math.ceil(capacity * L))
 
 
 def dtype_from_name(name: str | Any):

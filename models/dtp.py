@@ -46,12 +46,12 @@ from flax import nnx
 
 from hnet import chunking
 from hnet.boundary_rules import doc_starts, end_to_start
-from hnet.bytes import VOCAB_SIZE
+from hnet.bytes import BOS, VOCAB_SIZE
 from hnet.layers import Stack, StackConfig, normal
-from hnet.scripts import GROUPINGS, LANGUAGE_SETS
+from hnet.scripts import GROUPINGS, LANGUAGE_SETS, byte_routes, dominant_route
 from hnet.sharding import constrain, param_init
 from models import dtp_targets as tg
-from models.base import ModelOutput, dtype_from_name
+from models.base import ModelOutput, capacity_slots, dtype_from_name
 from models.hnet import positions_within_docs, ste_one
 
 
@@ -243,6 +243,23 @@ def route_key(routing: str, script_groups: str = "magnet") -> str | None:
     return key if key is None or script_groups == "magnet" else f"{key}_{script_groups}"
 
 
+class RouteTracker:
+    """Host-side route of each fed byte of one row (generation): a fixed document route, or with ``groups`` the
+    causal script route of the bytes so far, as the ``script_routes`` annotation gives it (BOS: route 0; then
+    ``hnet.scripts.byte_routes``, prefix-stable). O(row length) per byte."""
+
+    def __init__(self, groups=None, route: int = 0):
+        self.groups, self.route, self.content = groups, route, bytearray()
+
+    def push(self, byte: int) -> int:
+        if self.groups is None:
+            return self.route
+        if byte == BOS and not self.content:
+            return 0
+        self.content.append(byte)
+        return int(byte_routes(bytes(self.content), self.groups)[-1])
+
+
 class DTPLM(nnx.Module):
     """Hourglass byte LM with DTP pooling and (routed) learned boundaries; see the module docstring."""
 
@@ -306,7 +323,7 @@ class DTPLM(nnx.Module):
         e, e_st = self.decide(logit, jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L)))
         e, e_st = e & real, e_st * real
 
-        M = max(1, math.ceil(cfg.capacity * L))
+        M = capacity_slots(cfg.capacity, L, self.deterministic)
         pooled = self.pooling.pool(h, e, seg, M, e_st)
         o = self.inner(pooled.z_BxMxD, pooled.segment_ids_BxM, pooled.positions_BxM)
         y = self.post(h + self.pooling.broadcast(o, pooled), seg, pos)
@@ -359,12 +376,28 @@ class DTPLM(nnx.Module):
                              new, cache["inner"])
         return dict(cache, inner=inner, last_o=jnp.where(cond_B[:, None], o, cache["last_o"]))
 
+    def decode_trackers(self, prompts: list[bytes], langs: list[str] | None = None) -> list[RouteTracker] | None:
+        """The host-side route of every fed byte, one tracker per row (train.generate; None for one predictor):
+        'script': the causal script route of the row so far; 'doc': the prompt's dominant script group (the
+        forward's is the whole document's); 'lang': the index of the row's language in ``langs``."""
+        cfg = self.config
+        if cfg.routing == "single":
+            return None
+        if cfg.routing == "lang":
+            if not langs or len(langs) != len(prompts) or any(g not in cfg.route_names for g in langs):
+                raise ValueError(f"a language-routed model samples with one language per prompt from "
+                                 f"{list(cfg.route_names)}; got {langs!r} for {len(prompts)} prompts")
+            return [RouteTracker(route=list(cfg.route_names).index(g)) for g in langs]
+        groups = GROUPINGS[cfg.script_groups]
+        if cfg.routing == "doc":
+            return [RouteTracker(route=dominant_route(p, groups)) for p in prompts]
+        return [RouteTracker(groups=groups) for _ in prompts]
+
     def decode_step(self, tokens_B, cache, reset_B, routes_B=None):
-        """One byte per row. ``routes_B``: the byte's route (script / document route) for routed models;
-        None keeps the row's previous route (route 0 from the start). Decisions follow ``decide``; the
-        'noise' rule keys the noise by the row index and the row position t counted from ``init_cache``.
-        Generation from train.generate passes no routes: per-byte script routes then need the host-side
-        hnet.scripts.byte_routes (not in-graph yet), so a script-routed model generates with route 0."""
+        """One byte per row. ``routes_B``: the byte's route (script / document route) for routed models, from
+        ``decode_trackers``; None keeps the row's previous route (route 0 from the start). Decisions follow
+        ``decide``; the 'noise' rule keys the noise by the row index and the row position t counted from
+        ``init_cache``."""
         B = tokens_B.shape[0]
         h, pre = self.pre.step(self.embed(tokens_B).astype(jnp.float32), cache["pre"], reset_B)
         route = cache["route"] if routes_B is None else routes_B.astype(jnp.int32)

@@ -12,10 +12,10 @@
 Static capacity M = ceil(capacity · L) words per row; bytes of words past M get target_mask False.
 
 Decoding: ``decode_step(tokens_B, cache, reset_B, word_start_B)`` takes the decided start bit of each fed
-byte (what ``causal_word_starts`` gives in the full forward; at generation time the host splitter's
-``hat_is_word_start_incremental``, pending -> False). On a start the finished word goes through the
-connector (online softmax accumulated byte by byte) and one backbone step. ``train.generate.generate``
-sees ``decode_needs_word_starts`` and runs batched sampling with the host splitter (``generate_words``).
+byte (``causal_word_starts``, in the full forward in-graph; at generation time the same function on the host,
+``models.pooling.WordStartTracker``). On a start the finished word goes through the connector (online softmax
+accumulated byte by byte) and one backbone step. ``train.generate.generate`` sees ``decode_trackers`` and feeds
+each row's tracker bits.
 """
 
 from __future__ import annotations
@@ -28,10 +28,10 @@ from flax import nnx
 
 from hnet.layers import RMSNorm, Stack, StackConfig, normal
 from hnet.sharding import constrain, param_init
-from models.base import ModelOutput, dtype_from_name
-from models.pooled import byte_embed, capacity_slots, lm_head
+from models.base import ModelOutput, capacity_slots, dtype_from_name
+from models.pooled import byte_embed, lm_head
 from models.pooling import (causal_word_starts, chunk_layout, chunk_metrics, gather_chunks, masked_update,
-                            segment_sum, shift_chunks)
+                            segment_sum, shift_chunks, word_start_trackers)
 
 NEED_WORD_STARTS = ("{} needs the per-byte word-start flag: decode_step(tokens_B, cache, reset_B, word_start_B); "
                     "use train.generate.generate for sampling")
@@ -43,13 +43,13 @@ def _dense(d_in, d_out, std, dtype, param_dtype, rngs, names=("embed", "mlp")):
 
 
 class HATLM(nnx.Module):
-    decode_needs_word_starts = True  # train.generate feeds the host splitter's word-start bits
+    decode_trackers = staticmethod(word_start_trackers)  # train.generate feeds the decided word-start bits
 
     def __init__(self, encoder: StackConfig, backbone: StackConfig, decoder: StackConfig, *, connector_heads: int = 4,
                  capacity: float = 0.5, dtype="float32", param_dtype="float32", remat: bool = False, seed: int = 0):
         assert encoder.d_model == decoder.d_model, "the decoder's residual stream starts from the encoder states"
         rngs = nnx.Rngs(seed)
-        self.capacity, self.remat = capacity, remat
+        self.capacity, self.remat, self.deterministic = capacity, remat, False
         De, Db = encoder.d_model, backbone.d_model
         self.heads, self.head_dim = connector_heads, Db // connector_heads
         dtype, param_dtype = dtype_from_name(dtype), dtype_from_name(param_dtype)
@@ -100,7 +100,7 @@ class HATLM(nnx.Module):
 
     def __call__(self, batch) -> ModelOutput:
         x, seg, pos = batch["inputs"], batch["segment_ids"], batch["positions"]
-        M = capacity_slots(self.capacity, x.shape[1])
+        M = capacity_slots(self.capacity, x.shape[1], self.deterministic)
         e = self.encoder(constrain(self.embed(x).astype(jnp.float32), ("batch", "byte_len", "act_embed")), seg, pos)
         ws = causal_word_starts(batch["word_starts"], x, seg)
         lay = chunk_layout(ws, seg, M)
@@ -120,7 +120,7 @@ class HATLM(nnx.Module):
 
     # ----- incremental decoding -----
     def init_cache(self, batch_size: int, max_len: int):
-        B, M = batch_size, capacity_slots(self.capacity, max_len)
+        B, M = batch_size, capacity_slots(self.capacity, max_len, self.deterministic)
         zi = jnp.zeros((B,), jnp.int32)
         return {"encoder": self.encoder.init_cache(B, max_len), "decoder": self.decoder.init_cache(B, max_len),
                 "backbone": self.backbone.init_cache(B, M),

@@ -6,9 +6,9 @@ Stage s (outer):  x -> [pad to D_s] -> encoder -> x̂ ; r = residual_proj(x̂) (
                   z̃ = expand(z̄, b) ; decoder(z̃ · STE(c) + r) -> truncate to D_{s-1}
 Innermost stage:  [pad] -> main isotropic stack -> truncate.
 
-Static shapes: each outer stage has a capacity M_s = ceil(capacity_s · L_s). Chunks past M_s are
-dropped; the bytes that would read them get ``target_mask`` False (never silently scored) and the
-overflow is counted in the metrics.
+Static shapes: each outer stage has a capacity M_s = ceil(capacity_s · L_s) in training (M_s = L_s in
+eval mode: no overflow, every byte scored). Chunks past M_s are dropped; the bytes that would read them
+get ``target_mask`` False (never silently scored) and the overflow is counted in the metrics.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from hnet import chunking
 from hnet.bytes import VOCAB_SIZE
 from hnet.layers import Stack, StackConfig, layout_height, normal
 from hnet.sharding import constrain, param_init
-from models.base import ModelOutput, dtype_from_name
+from models.base import ModelOutput, capacity_slots, dtype_from_name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,7 +152,7 @@ class Router(nnx.Module):
 class HNetStage(nnx.Module):
     def __init__(self, cfg: HNetConfig, s: int, *, d_prev: int | None, n_res_offset: int, dtype, param_dtype,
                  remat: bool, rngs: nnx.Rngs):
-        self.cfg, self.s = cfg, s
+        self.cfg, self.s, self.deterministic = cfg, s, False  # model.eval(): no capacity overflow
         D = cfg.d_model[s]
         self.d_prev = d_prev
         self.impl = cfg.chunk_impl
@@ -195,7 +195,7 @@ class HNetStage(nnx.Module):
             return self._truncate(self.main(x, segment_ids_BxL, positions_BxL)), jnp.ones(x.shape[:2], bool), []
         cfg, s = self.cfg, self.s
         L = x.shape[1]
-        M = max(1, math.ceil(cfg.capacity[s] * L))
+        M = capacity_slots(cfg.capacity[s], L, self.deterministic)
         xh = self.encoder(x, segment_ids_BxL, positions_BxL)
         r = self.residual_proj(xh.astype(jnp.float32))
         p, b = self.router(xh, segment_ids_BxL)

@@ -25,22 +25,22 @@ from flax import nnx
 
 from hnet.layers import Stack, StackConfig, normal
 from hnet.sharding import constrain, param_init
-from models.base import ModelOutput, dtype_from_name
+from models.base import ModelOutput, capacity_slots, dtype_from_name
 from models.hat import NEED_WORD_STARTS, _dense
-from models.pooled import byte_embed, capacity_slots, lm_head
+from models.pooled import byte_embed, lm_head
 from models.pooling import (causal_word_starts, chunk_layout, chunk_metrics, gather_chunks, masked_update,
-                            offsets_in_chunk, segment_sum, shift_chunks)
+                            offsets_in_chunk, segment_sum, shift_chunks, word_start_trackers)
 
 
 class LYTLM(nnx.Module):
-    decode_needs_word_starts = True  # train.generate feeds the host splitter's word-start bits
+    decode_trackers = staticmethod(word_start_trackers)  # train.generate feeds the decided word-start bits
 
     def __init__(self, word_encoder: StackConfig, backbone: StackConfig, word_decoder: StackConfig, *,
                  num_prefix: int = 1, max_word_bytes: int = 12, capacity: float = 0.5, dtype="float32",
                  param_dtype="float32", remat: bool = False, seed: int = 0):
         assert word_encoder.d_model == word_decoder.d_model
         rngs = nnx.Rngs(seed)
-        self.p, self.C, self.capacity = num_prefix, max_word_bytes, capacity
+        self.p, self.C, self.capacity, self.deterministic = num_prefix, max_word_bytes, capacity, False
         Dw, Db = word_encoder.d_model, backbone.d_model
         dtype, param_dtype = dtype_from_name(dtype), dtype_from_name(param_dtype)
         kw = dict(dtype=dtype, param_dtype=param_dtype, remat=remat, rngs=rngs)
@@ -83,7 +83,7 @@ class LYTLM(nnx.Module):
     def __call__(self, batch) -> ModelOutput:
         x, seg = batch["inputs"], batch["segment_ids"]
         B, L = x.shape
-        M, C, p = capacity_slots(self.capacity, L), self.C, self.p
+        M, C, p = capacity_slots(self.capacity, L, self.deterministic), self.C, self.p
         ws = self.word_starts(batch)
         lay = chunk_layout(ws, seg, M)
         n_bytes = segment_sum(jnp.ones((B, L, 1), jnp.int32), lay.cid_BxL, M)
@@ -103,7 +103,7 @@ class LYTLM(nnx.Module):
 
     # ----- incremental decoding -----
     def init_cache(self, batch_size: int, max_len: int):
-        B, M = batch_size, capacity_slots(self.capacity, max_len)
+        B, M = batch_size, capacity_slots(self.capacity, max_len, self.deterministic)
         zi = jnp.zeros((B,), jnp.int32)
         return {"backbone": self.backbone.init_cache(B, M * self.p),
                 "decoder": self.decoder.init_cache(B, self.p + self.C),

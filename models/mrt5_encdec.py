@@ -118,6 +118,8 @@ class DecoderBlock(nnx.Module):
 class MrT5EncDec(nnx.Module):
     """ByT5-style MrT5 trained on byte span corruption (see the module docstring for the output semantics)."""
 
+    supports_decoding = False  # no byte-LM decoding: the trainer skips sampling, train.sample refuses
+
     def __init__(self, config: MrT5Config = MrT5Config(), *, dtype="float32", param_dtype="float32",
                  remat: bool = False, seed: int = 0):
         rngs = nnx.Rngs(seed)

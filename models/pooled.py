@@ -21,7 +21,6 @@ with per-row masked backbone steps (``decode_step`` ≡ full forward).
 
 from __future__ import annotations
 
-import math
 
 import jax
 import jax.numpy as jnp
@@ -32,7 +31,7 @@ from hnet.boundary_rules import SPACE, doc_starts, end_to_start, spacebyte_start
 from hnet.bytes import VOCAB_SIZE
 from hnet.layers import Stack, StackConfig, normal
 from hnet.sharding import constrain, param_init
-from models.base import ModelOutput, dtype_from_name
+from models.base import ModelOutput, capacity_slots, dtype_from_name
 from models.pooling import chunk_layout, chunk_metrics, gather_chunks, masked_update, offsets_in_chunk, segment_sum
 
 
@@ -46,10 +45,6 @@ def lm_head(d: int, dtype, param_dtype, rngs):
                       kernel_init=param_init(normal(0.02), ("embed", "vocab")), rngs=rngs)
 
 
-def capacity_slots(capacity: float, L: int) -> int:
-    return max(1, math.ceil(capacity * L))
-
-
 class MeanPooledLM(nnx.Module):
     """DTP-style mean pooling with rule boundaries: ``rule`` = 'whitespace' (DTP) or 'fixed' (``stride``)."""
 
@@ -60,7 +55,7 @@ class MeanPooledLM(nnx.Module):
             raise ValueError(f"rule must be 'whitespace' or 'fixed', got {rule!r}")
         assert pre.d_model == backbone.d_model == post.d_model, "DTP keeps one width"
         rngs = nnx.Rngs(seed)
-        self.rule, self.stride, self.capacity = rule, stride, capacity
+        self.rule, self.stride, self.capacity, self.deterministic = rule, stride, capacity, False
         dtype, param_dtype = dtype_from_name(dtype), dtype_from_name(param_dtype)
         d = pre.d_model
         self.embed = byte_embed(d, param_dtype, rngs)
@@ -82,7 +77,7 @@ class MeanPooledLM(nnx.Module):
     def __call__(self, batch) -> ModelOutput:
         x, seg = batch["inputs"], batch["segment_ids"]
         L = x.shape[1]
-        M = capacity_slots(self.capacity, L)
+        M = capacity_slots(self.capacity, L, self.deterministic)
         h = self.pre(constrain(self.embed(x).astype(jnp.float32), ("batch", "byte_len", "act_embed")), seg,
                      batch["positions"])
         ds = doc_starts(seg)
@@ -108,7 +103,7 @@ class MeanPooledLM(nnx.Module):
                            metrics=chunk_metrics(b, seg, dropped), boundaries={"s0": b})
 
     def init_cache(self, batch_size: int, max_len: int):
-        B, M = batch_size, capacity_slots(self.capacity, max_len)
+        B, M = batch_size, capacity_slots(self.capacity, max_len, self.deterministic)
         d = self.null.shape[0]
         zi = jnp.zeros((B,), jnp.int32)
         return {"pre": self.pre.init_cache(B, max_len), "post": self.post.init_cache(B, max_len),
@@ -145,7 +140,7 @@ class SpaceByteLM(nnx.Module):
                  capacity: float = 0.25, dtype="float32", param_dtype="float32", remat: bool = False, seed: int = 0):
         assert local_in.d_model == local_out.d_model <= backbone.d_model
         rngs = nnx.Rngs(seed)
-        self.capacity = capacity
+        self.capacity, self.deterministic = capacity, False
         self.d, self.D = local_in.d_model, backbone.d_model
         dtype, param_dtype = dtype_from_name(dtype), dtype_from_name(param_dtype)
         kw = dict(dtype=dtype, param_dtype=param_dtype, remat=remat, rngs=rngs)
@@ -160,7 +155,7 @@ class SpaceByteLM(nnx.Module):
 
     def __call__(self, batch) -> ModelOutput:
         x, seg, pos = batch["inputs"], batch["segment_ids"], batch["positions"]
-        M = capacity_slots(self.capacity, x.shape[1])
+        M = capacity_slots(self.capacity, x.shape[1], self.deterministic)
         h = self.local_in(constrain(self.embed(x).astype(jnp.float32), ("batch", "byte_len", "act_embed")), seg, pos)
         g = spacebyte_starts(x, seg)
         lay = chunk_layout(g, seg, M)
@@ -173,7 +168,7 @@ class SpaceByteLM(nnx.Module):
                            metrics=chunk_metrics(g, seg, lay.dropped_B), boundaries={"s0": g})
 
     def init_cache(self, batch_size: int, max_len: int):
-        B, M = batch_size, capacity_slots(self.capacity, max_len)
+        B, M = batch_size, capacity_slots(self.capacity, max_len, self.deterministic)
         return {"local_in": self.local_in.init_cache(B, max_len), "local_out": self.local_out.init_cache(B, max_len),
                 "backbone": self.backbone.init_cache(B, M), "prev_spacelike": jnp.ones((B,), bool),
                 "count": jnp.zeros((B,), jnp.int32), "cap": jnp.full((B,), M, jnp.int32)}

@@ -9,7 +9,7 @@ Word rules with lookahead (HAT, LYT): a word is known complete only when the nex
 is known. A START bit that sits on the lead byte of a multi-byte character is decided only once that
 character is complete (``hnet.boundary_rules`` module docstring), so the models use the *decided* starts
 ``causal_word_starts``: the bit moves to the character's last byte (the lead bytes stay in the previous
-word). Generation feeds the same bit from ``hat_is_word_start_incremental`` (pending -> False).
+word). Generation feeds the bit of the same function, on the host (``WordStartTracker``).
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ import numpy as np
 from flax import nnx
 
 from hnet import chunking
-from hnet.boundary_rules import doc_starts, hat_is_word_start_incremental
-from hnet.bytes import BOS, EOS
+from hnet.boundary_rules import DEFAULT_MAX_WORD_BYTES, doc_starts, hat_word_starts
+from hnet.bytes import BOS
 
 
 def masked_update(new, old, active_B):
@@ -38,30 +38,32 @@ def offsets_in_chunk(starts_BxL):
     return idx - jax.lax.cummax(jnp.where(starts_BxL, idx, 0), axis=1)
 
 
-def utf8_len(x):
-    """Expected UTF-8 character length of a byte read as a lead byte (1 for ASCII, continuation and invalid)."""
-    x = x.astype(jnp.int32)
-    return jnp.where((x >= 0xC0) & (x < 0xE0), 2, jnp.where((x >= 0xE0) & (x < 0xF0), 3,
-                                                              jnp.where((x >= 0xF0) & (x < 0xF8), 4, 1)))
+def utf8_len(x, xp=jnp):
+    """UTF-8 character length announced by a byte read as a lead byte: 2 for C2..DF, 3 for E0..EF, 4 for F0..F4;
+    1 for ASCII, continuation bytes and the bytes that never start a character (C0, C1, F5..FF)."""
+    x = x.astype(xp.int32)
+    return xp.where((x >= 0xC2) & (x < 0xE0), 2, xp.where((x >= 0xE0) & (x < 0xF0), 3,
+                                                          xp.where((x >= 0xF0) & (x < 0xF5), 4, 1)))
 
 
-def causal_word_starts(word_starts_BxL, inputs_BxL, segment_ids_BxL):
-    """Decided START bits: a word start on the lead byte s of a k-byte character is moved to s + k - 1 (the
-    byte that completes the character); ASCII starts and stray continuation bytes (one-byte words) stay; the
-    start of a truncated character is dropped. Every document start is a start. bool [B, L].
-
-    Equals the host's ``hat_is_word_start_incremental`` (pending -> False) on valid UTF-8, truncated characters
-    and stray continuation bytes; differs only after lead bytes whose second byte is out of the lead's range
-    (overlong / surrogate / > U+10FFFF forms), which Python rejects one byte earlier."""
-    x = inputs_BxL.astype(jnp.int32)
+def causal_word_starts(word_starts_BxL, inputs_BxL, segment_ids_BxL, xp=jnp):
+    """Decided START bits, THE word rule of HAT and LYT (the full forward in-graph; generation on the host through
+    ``WordStartTracker`` with ``xp=numpy``): a word start on the lead byte s of a k-byte character is moved to
+    s + k - 1 (the byte that completes the character); ASCII starts, stray continuation bytes and bytes that never
+    start a character (C0, C1, F5..FF) keep their own bit (one-byte words); the start of a truncated character is
+    dropped. Every document start is a start. ``xp``: jax.numpy (in-graph) or numpy (host). bool [B, L]."""
+    cummax = (lambda a: jax.lax.cummax(a, axis=1)) if xp is jnp else (lambda a: np.maximum.accumulate(a, axis=1))
+    x = xp.asarray(inputs_BxL).astype(xp.int32)
+    ws = xp.asarray(word_starts_BxL).astype(bool)
+    seg = xp.asarray(segment_ids_BxL)
     cont = (x >= 0x80) & (x < 0xC0)
-    idx = jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32), x.shape)
-    lead = jax.lax.cummax(jnp.where(cont, 0, idx), axis=1)
-    ws_lead = jnp.take_along_axis(word_starts_BxL.astype(bool), lead, axis=1)
-    n_lead = utf8_len(jnp.take_along_axis(x, lead, axis=1))
+    idx = xp.broadcast_to(xp.arange(x.shape[1], dtype=xp.int32), x.shape)
+    lead = cummax(xp.where(cont, 0, idx))
+    n_lead = utf8_len(xp.take_along_axis(x, lead, axis=1), xp)
     run = idx - lead + 1
-    decided = (ws_lead & (run == n_lead)) | (word_starts_BxL.astype(bool) & (run > n_lead))  # stray continuation
-    return (decided & (segment_ids_BxL > 0)) | doc_starts(segment_ids_BxL)
+    decided = (xp.take_along_axis(ws, lead, axis=1) & (run == n_lead)) | (ws & (run > n_lead))
+    first = seg != xp.concatenate([xp.full_like(seg[:, :1], -1), seg[:, :-1]], axis=1)  # doc_starts
+    return (decided & (seg > 0)) | first
 
 
 class ChunkLayout(NamedTuple):
@@ -138,21 +140,24 @@ def make_word_decode_fn(graphdef):
 
 
 class WordStartTracker:
-    """Host-side HAT word decisions for one row, one fed byte at a time (``None`` = pending -> False)."""
+    """Host-side decided word-start bit of each fed byte of one row (generation of HAT, LYT): the splitter's starts
+    of the row so far (``hat_word_starts``, prefix-stable at decided positions) through ``causal_word_starts``,
+    the rule of the full forward, so decoding and the forward cannot disagree. O(row length) per byte."""
 
-    def __init__(self, max_word_bytes: int):
+    def __init__(self, max_word_bytes: int = DEFAULT_MAX_WORD_BYTES):
         self.max_word_bytes = max_word_bytes
         self.content = bytearray()
-        self.last_start = 0
 
     def push(self, byte: int) -> bool:
-        if byte in (BOS, EOS) and not self.content:  # BOS: reset handles it
+        if byte == BOS and not self.content:  # the document start: reset handles it
             return True
-        d = hat_is_word_start_incremental(bytes(self.content), byte, self.max_word_bytes, self.last_start)
         self.content.append(byte)
-        if d:
-            self.last_start = len(self.content) - 1
-            # the decided bit sits on the last byte of a character; re-split from its lead byte
-            while self.last_start > 0 and 0x80 <= self.content[self.last_start] < 0xC0:
-                self.last_start -= 1
-        return bool(d)
+        ws = np.concatenate([[True], hat_word_starts(bytes(self.content), self.max_word_bytes)])
+        x = np.concatenate([[BOS], np.frombuffer(bytes(self.content), np.uint8)])
+        return bool(causal_word_starts(ws[None], x[None], np.ones((1, len(x)), np.int32), xp=np)[0, -1])
+
+
+def word_start_trackers(prompts, langs=None) -> list[WordStartTracker]:
+    """``decode_trackers`` of the word-pooled models (HAT, LYT): one ``WordStartTracker`` per row."""
+    del langs
+    return [WordStartTracker() for _ in prompts]

@@ -157,8 +157,8 @@ def test_generate_fn_matches_full_forward(cpu_mesh):
     graphdef, state = nnx.split(model)
     run = make_generate_fn(graphdef, total, temperature=0.0, top_p=1.0)
     with mesh_context(cpu_mesh):
-        samples, logits = run(state, jnp.asarray(arr), jnp.asarray(lens), jax.random.key(0))
-    samples, logits = np.asarray(samples), np.asarray(logits)
+        samples, fed_run, logits = run(state, jnp.asarray(arr), jnp.asarray(lens), jax.random.key(0))
+    samples, fed_run, logits = np.asarray(samples), np.asarray(fed_run), np.asarray(logits)
     assert samples.shape == (3, total) and logits.shape == (3, total, 256)
     # greedy: each sample is the argmax of its logits
     np.testing.assert_array_equal(samples, logits.argmax(-1))
@@ -167,6 +167,7 @@ def test_generate_fn_matches_full_forward(cpu_mesh):
     for b in range(3):
         fed[b, :lens[b]] = list(rows[b])
         fed[b, lens[b]:] = samples[b, lens[b] - 1:total - 1]
+    np.testing.assert_array_equal(fed_run, fed)
     full = _run("global", [text_row(bytes(f.astype(np.uint8))) for f in fed], cpu_mesh)[:, :total]
     for b in range(3):  # prompt positions of each row (different lengths) ...
         np.testing.assert_allclose(logits[b, :lens[b]], full[b, :lens[b]], rtol=0, atol=1e-4)

@@ -32,7 +32,7 @@ import os
 import numpy as np
 
 from hnet.boundary_rules import hat_word_starts
-from hnet.scripts import GROUPINGS, LANGUAGE_SETS, SCRIPT_GROUPS, byte_routes
+from hnet.scripts import GROUPINGS, LANGUAGE_SETS, SCRIPT_GROUPS, byte_routes, dominant_route
 
 
 def _framed_word_starts(doc: bytes) -> np.ndarray:
@@ -128,12 +128,6 @@ def _unigram_annotation(doc: bytes) -> np.ndarray:
 # ------------------------------------------------------------------------------------------------
 # MAGNET routes
 # ------------------------------------------------------------------------------------------------
-
-
-def dominant_route(doc: bytes, groups=SCRIPT_GROUPS) -> int:
-    """Most frequent causal byte route of ``doc`` under ``groups`` (default: MAGNET's script groups)."""
-    r = byte_routes(doc, groups)
-    return int(np.bincount(r).argmax()) if len(r) else 0
 
 
 def _doc_routes(doc: bytes, groups=SCRIPT_GROUPS) -> np.ndarray:

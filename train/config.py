@@ -30,12 +30,21 @@ def split_gin_args(argv: list[str]) -> tuple[list[str], list[str]]:
     return bindings, rest
 
 
+HELP_FLAGS = ("--help", "-help", "-?", "--helpshort", "-helpshort", "--helpfull", "-helpfull")
+
+
 def run_app(main, argv: list[str]) -> None:
-    """absl ``app.run(main)`` after moving the ``--gin.KEY=value`` flags of argv into GIN_CLI_BINDINGS."""
+    """absl ``app.run(main)`` after moving the ``--gin.KEY=value`` flags of argv into GIN_CLI_BINDINGS; a help
+    flag prints the usage and exits 0 (absl's own exit status for it is 1)."""
     from absl import app
 
     GIN_CLI_BINDINGS[:], rest = split_gin_args(argv)
-    app.run(main, argv=rest)
+    try:
+        app.run(main, argv=rest)
+    except SystemExit as e:
+        if e.code == 1 and any(a in HELP_FLAGS for a in rest[1:]):
+            raise SystemExit(0) from None
+        raise
 
 
 GIN_CLI_BINDINGS: list[str] = []  # the --gin.KEY=value bindings of the running CLI

@@ -43,7 +43,7 @@ class Setup:
     tx: Any
     schedule: Callable
     lr_multiplier: Callable | None
-    supports_decoding: bool = True  # False for models without decode_step (e.g. encoder-decoder MrT5)
+    supports_decoding: bool = True  # the model's ``supports_decoding`` (False: encoder-decoder MrT5)
 
 
 def build_state(model_fn: Callable[[], nnx.Module], opt_cfg: OptimizerConfig, total_steps: int, mesh,
@@ -140,10 +140,11 @@ def log_boundaries(setup: Setup, writer: MetricWriter, step: int, local_batch: d
         writer.text(step, "boundaries", "\n".join(lines))
 
 
-def sample_texts(setup: Setup, prompts: list[str], max_new_bytes: int, seed: int) -> list[str]:
+def sample_texts(setup: Setup, prompts: list[str], max_new_bytes: int, seed: int,
+                 langs: list[str] | None = None) -> list[str]:
     with sharding.mesh_context(setup.mesh):
         model = nnx.merge(setup.graphdef, setup.state.params, setup.state.rest)
-        return generate(model, [p.encode() for p in prompts], max_new_bytes=max_new_bytes, seed=seed)
+        return generate(model, [p.encode() for p in prompts], max_new_bytes=max_new_bytes, seed=seed, langs=langs)
 
 
 @gin.configurable(module="train")
@@ -162,6 +163,7 @@ def train(
     keep_checkpoints: int = 3,
     async_checkpoints: bool = True,
     sample_prompts: tuple[str, ...] = ("The ",),
+    sample_langs: tuple[str, ...] = (),
     sample_every: int = 0,
     sample_bytes: int = 120,
     max_bad_steps: int = 20,
@@ -172,7 +174,8 @@ def train(
 
     ``stop_after`` > 0 ends the process after that many steps of this invocation (for tests of
     interrupted runs: the schedule still follows ``steps``). ``seed`` (sweeps) overrides both the
-    model's initialisation seed and the training data order's.
+    model's initialisation seed and the training data order's. ``sample_langs``: the document language of
+    each sample prompt (models routed by language need one per prompt).
     """
     if seed is not None:
         model = functools.partial(model, seed=seed)
@@ -191,6 +194,12 @@ def train(
     setup = build_state(model, optimizer, steps, mesh)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(setup.state.params))
     log.info("model: %s parameters; mesh %s", f"{n_params:,}", dict(mesh.shape))
+
+    sample_langs = list(sample_langs) or None
+    if sample_prompts and setup.supports_decoding:  # a prompt the model cannot sample fails now, not after training
+        sampler = nnx.merge(setup.graphdef, setup.state.params, setup.state.rest)
+        if hasattr(sampler, "decode_trackers"):
+            sampler.decode_trackers([p.encode() for p in sample_prompts], sample_langs)
 
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), every_steps=checkpoint_every, keep=keep_checkpoints,
                         async_save=async_checkpoints)
@@ -264,7 +273,7 @@ def train(
                 log_boundaries(setup, writer, step, viz_batch, boundaries_fn)
                 log.info("eval step %d: bpb %.4f", step, ev["bpb"])
             if sample_every and step % sample_every == 0 and setup.supports_decoding:  # all processes run it
-                for i, s in enumerate(sample_texts(setup, list(sample_prompts), sample_bytes, seed=step)):
+                for i, s in enumerate(sample_texts(setup, list(sample_prompts), sample_bytes, seed=step, langs=sample_langs)):
                     writer.text(step, f"samples/{i}", sample_prompts[i] + s)
             if stop_after and step - start >= stop_after:
                 break
@@ -278,8 +287,10 @@ def train(
         log_boundaries(setup, writer, step, viz_batch, boundaries_fn)
         results["eval"] = ev
         log.info("final eval at step %d: bpb %.4f over %d bytes", step, ev["bpb"], ev["n_bytes"])
-    if step >= steps and sample_prompts and setup.supports_decoding:
-        samples = sample_texts(setup, list(sample_prompts), sample_bytes, seed=0)
+    if step >= steps and sample_prompts and not setup.supports_decoding:
+        log.info("no samples: the model does not decode bytes (supports_decoding = False)")
+    elif step >= steps and sample_prompts:
+        samples = sample_texts(setup, list(sample_prompts), sample_bytes, seed=0, langs=sample_langs)
         results["samples"] = [p + s for p, s in zip(sample_prompts, samples)]
         for i, s in enumerate(results["samples"]):
             writer.text(step, f"samples/{i}", s)

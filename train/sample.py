@@ -1,11 +1,13 @@
 """Sample bytes from a trained checkpoint (KV / SSM / chunker caches, temperature, top-p).
 
-    python -m train.sample --workdir=runs/x --prompt "ROMEO:" [--prompt "..."] --max_bytes 200
+    python -m train.sample --workdir=runs/x --prompt "ROMEO:" [--prompt "..."] --max_bytes 200 [--lang eng ...]
 """
 
 from __future__ import annotations
 
-from absl import app, flags
+import sys
+
+from absl import flags
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "training workdir")
@@ -15,6 +17,8 @@ flags.DEFINE_integer("max_bytes", 200, "bytes to generate per prompt")
 flags.DEFINE_float("temperature", 0.8, "0 = greedy")
 flags.DEFINE_float("top_p", 0.95, "nucleus mass")
 flags.DEFINE_integer("seed", 0, "sampling seed")
+flags.DEFINE_multi_string("lang", [], "the document language of each prompt (models routed by language, e.g. "
+                          "configs/magnet_lang_tiny.gin: one per prompt, e.g. eng)")
 
 
 def main(argv):
@@ -27,10 +31,14 @@ def main(argv):
 
     load_config(FLAGS.workdir)
     setup, step = restore_setup(FLAGS.workdir, FLAGS.step)
+    if not setup.supports_decoding:
+        print("error: this model does not decode bytes (supports_decoding = False)", file=sys.stderr)
+        sys.exit(2)
     with sharding.mesh_context(setup.mesh):
         model = nnx.merge(setup.graphdef, setup.state.params, setup.state.rest)
         outs = generate(model, [p.encode() for p in FLAGS.prompt], max_new_bytes=FLAGS.max_bytes,
-                        temperature=FLAGS.temperature, top_p=FLAGS.top_p, seed=FLAGS.seed)
+                        temperature=FLAGS.temperature, top_p=FLAGS.top_p, seed=FLAGS.seed,
+                        langs=FLAGS.lang or None)
     print(f"# checkpoint step {step}")
     for p, o in zip(FLAGS.prompt, outs):
         print(p + o)
@@ -38,4 +46,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from train.config import run_app
+
+    run_app(main, sys.argv)
