@@ -236,6 +236,7 @@ def train_shrunk(model_file: str, run_file: str, workdir: str) -> dict:
     return train(workdir=workdir)
 
 
+@pytest.mark.slow  # default suite: tests/test_cli.py trains every tiny config through the CLI (2 steps)
 def test_config_trains_with_falling_loss(tmp_path):
     res = train_shrunk("configs/dtp_gumbel_tiny.gin", "configs/runs/default.gin", str(tmp_path))
     losses = [h["ce"] for h in res["history"]]

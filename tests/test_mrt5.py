@@ -433,6 +433,30 @@ def test_encdec_hard_equals_soft_when_saturated_and_gradients(cpu_mesh):
     assert float(m["hard_ce"]) > 1.0
 
 
+def test_multilingual_eval_counts_the_kept_positions_as_chunks(tmp_path, cpu_mesh):
+    """train.multilingual_eval counts MrT5's chunks at its kept positions (boundaries['kept']), not one per byte:
+    about half the bytes are deleted at this initialisation."""
+    import dataclasses as dc
+
+    from train import data as data_lib
+    from train.loop import build_state
+    from train.multilingual_eval import evaluate_languages
+    from train.optim import OptimizerConfig
+
+    texts = {"eng": pydoc_bytes("assignment", 300), "deu": pydoc_bytes("lambda", 300)}
+    for lang, text in texts.items():
+        (tmp_path / f"{lang}.txt").write_bytes(text)
+    model = causal_model()
+    setup = build_state(lambda: model, OptimizerConfig(), 10, cpu_mesh)
+    eval_cfg = dc.replace(data_lib.DataConfig(), seq_len=64, batch_size=4)
+    res = evaluate_languages(setup, eval_cfg, str(tmp_path))["languages"]
+    for lang, text in texts.items():
+        cfg = dc.replace(eval_cfg, sources=(str(tmp_path / f"{lang}.txt"),), byte_range=(0.0, 1.0))
+        kept = sum(int(np.sum(np.asarray(apply(model, b, eval_mode=True).boundaries["kept"]) & (b["segment_ids"] > 0)))
+                   for b in data_lib.iterate_eval_batches(cfg, [data_lib.Document(text, lang)]))
+        assert res[lang]["n_chunks"] == kept < 0.8 * res[lang]["n_positions"], (lang, res[lang], kept)
+
+
 # ------------------------------------------------------------------------------------- configs
 
 

@@ -207,7 +207,7 @@ def test_generate_matches_full_forward_on_text_and_random_bytes(name):
     model = _model(name)
     rng = np.random.default_rng(0)
     prompts = [DOC[:30], pydoc_bytes("lambda", 7, offset=60), rng.integers(0, 256, 30, dtype=np.uint8).tobytes()]
-    outs, fed, logits = generate_arrays(model, prompts, max_new_bytes=10)
+    outs, fed, logits = generate_arrays(model, prompts, max_new_bytes=10, temperature=0.0)
     T = 31 + 10  # longest row (BOS + 30 bytes) + new bytes
     assert len(outs) == 3 and fed.shape == (3, T) and logits.shape == (3, T, 256)
     # the generic entry point (train.sample, the trainer's samples) runs the same sampler
@@ -229,8 +229,8 @@ def test_generate_matches_full_forward_on_text_and_random_bytes(name):
 CONFIGS = ["hat_tiny", "lyt_tiny", "spacebyte_tiny", "fixed_tiny", "dtp_whitespace_tiny"]
 
 
-@pytest.mark.parametrize("cfg", [pytest.param(c, marks=pytest.mark.slow) if c in ("hat_tiny", "lyt_tiny") else c
-                                 for c in CONFIGS])
+@pytest.mark.slow  # default suite: tests/test_cli.py trains every tiny config through the CLI (2 steps)
+@pytest.mark.parametrize("cfg", CONFIGS)
 def test_config_parses_and_loss_falls(cfg, gin_clean, tmp_path):
     import os
 

@@ -62,15 +62,15 @@ def make_generate_fn(graphdef, total_len: int, temperature: float, top_p: float)
     return run
 
 
-def make_hosted_step_fn(graphdef):
-    """jit(state, tokens_B, cache, reset_B, side_B) -> (logits_BxV, cache) in eval mode; ``side_B``: the per-byte
-    host input of ``decode_step`` (word-start bit, route)."""
+def make_hosted_step_fns(graphdef, batch_size: int, total_len: int):
+    """(jit(state) -> cache, jit(state, tokens_B, cache, reset_B, side_B) -> (logits_BxV, cache)) in eval mode;
+    ``side_B``: the per-byte host input of ``decode_step`` (word-start bit, route)."""
 
     @jax.jit
     def step(state, tok, cache, reset, side):
         return _eval_model(graphdef, state).decode_step(tok, cache, reset, side)
 
-    return step
+    return jax.jit(lambda s: _eval_model(graphdef, s).init_cache(batch_size, total_len)), step
 
 
 def continuation_text(new: bytes) -> str:
@@ -87,8 +87,8 @@ def generate(model, prompts: list[bytes], *, max_new_bytes: int = 128, temperatu
     return [continuation_text(o) for o in outs]
 
 
-def generate_arrays(model, prompts: list[bytes], *, max_new_bytes: int, temperature: float = 0.0,
-                    top_p: float = 1.0, seed: int = 0, langs: list[str] | None = None):
+def generate_arrays(model, prompts: list[bytes], *, max_new_bytes: int = 128, temperature: float = 0.8,
+                    top_p: float = 0.95, seed: int = 0, langs: list[str] | None = None):
     """(continuation bytes of each row (``max_new_bytes``), fed tokens [B, T], logits seen at each fed token
     [B, T, V]) with T = longest BOS + prompt + ``max_new_bytes``."""
     rows = [bytes([BOS]) + p for p in prompts]
@@ -114,8 +114,8 @@ def _generate_hosted(graphdef, state, rows: list[bytes], trackers, T: int, tempe
     """Rows advance together one byte per jit call; each row's tracker turns the fed byte into its side input
     (``tracker.push(byte)``). -> (samples [B, T], fed [B, T], logits [B, T, V])."""
     B = len(rows)
-    step = make_hosted_step_fn(graphdef)
-    cache = jax.jit(lambda s: _eval_model(graphdef, s).init_cache(B, T))(state)
+    init, step = make_hosted_step_fns(graphdef, B, T)
+    cache = init(state)
     key = jax.random.key(seed)
     fed, samples = np.zeros((B, T), np.int32), np.zeros((B, T), np.int32)
     all_logits = []

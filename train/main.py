@@ -11,16 +11,22 @@ import sys
 from absl import app, flags
 
 FLAGS = flags.FLAGS
-flags.DEFINE_multi_string("gin_file", [], "gin files, composed in order (model file, then run file)")
-flags.DEFINE_multi_string("gin_bindings", [], "extra bindings (same as --gin.KEY=value)")
-flags.DEFINE_string("workdir", None, "output directory (checkpoints, TensorBoard, results)")
-flags.DEFINE_string("coordinator_address", None, "jax.distributed coordinator host:port")
-flags.DEFINE_integer("num_processes", None, "number of processes (multi-host)")
-flags.DEFINE_integer("process_id", None, "this process' index (multi-host)")
-flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() with auto-detection (TPU VMs, SLURM)")
-flags.DEFINE_string("compilation_cache_dir", os.path.join(os.path.expanduser("~"), ".cache", "hnet", "jax"),
-                    "persistent XLA compilation cache: a restarted or repeated run loads its compiled steps instead "
-                    "of compiling them again ('' disables)")
+
+
+def define_flags():
+    """The CLI's flags, defined when it starts (importing this module defines none: train.evaluate and
+    train.sample define some of the same names)."""
+    flags.DEFINE_multi_string("gin_file", [], "gin files, composed in order (model file, then run file)")
+    flags.DEFINE_multi_string("gin_bindings", [], "extra bindings (same as --gin.KEY=value)")
+    flags.DEFINE_string("workdir", None, "output directory (checkpoints, TensorBoard, results)")
+    flags.DEFINE_string("coordinator_address", None, "jax.distributed coordinator host:port")
+    flags.DEFINE_integer("num_processes", None, "number of processes (multi-host)")
+    flags.DEFINE_integer("process_id", None, "this process' index (multi-host)")
+    flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() with auto-detection (TPU VMs, SLURM)")
+    flags.DEFINE_string("compilation_cache_dir", os.path.join(os.path.expanduser("~"), ".cache", "hnet", "jax"),
+                        "persistent XLA compilation cache: a restarted or repeated run loads its compiled steps "
+                        "instead of compiling them again ('' disables)")
+
 
 def _init_distributed():
     import jax
@@ -39,16 +45,27 @@ def main(argv):
         raise app.UsageError("give at least one --gin_file")
     from train import config
 
+    train_from_config(FLAGS.gin_file, list(FLAGS.gin_bindings) + config.GIN_CLI_BINDINGS, FLAGS.workdir,
+                      FLAGS.compilation_cache_dir, init_distributed=_init_distributed)
+
+
+def train_from_config(gin_files: list[str], bindings: list[str], workdir: str, compilation_cache_dir: str = "",
+                      init_distributed=None):
+    """The CLI after its flags: parse the config, (``init_distributed()``), train, print the summary and return
+    train's results; config, data and checkpoint errors exit with status 2 and one line."""
+    from train import config
+
     try:
-        config.parse(FLAGS.gin_file, list(FLAGS.gin_bindings) + config.GIN_CLI_BINDINGS)
+        config.parse(gin_files, bindings)
     except (config.ConfigError, OSError) as e:
         print(f"config error: {e}", file=sys.stderr)
         sys.exit(2)
-    _init_distributed()
+    if init_distributed is not None:
+        init_distributed()
     import jax
 
-    if FLAGS.compilation_cache_dir:
-        jax.config.update("jax_compilation_cache_dir", FLAGS.compilation_cache_dir)
+    if compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", compilation_cache_dir)
 
     from train import data as data_lib
     from train.checkpoint import CheckpointError
@@ -57,7 +74,7 @@ def main(argv):
 
     setup_console()
     try:
-        results = train(workdir=os.path.abspath(FLAGS.workdir))
+        results = train(workdir=os.path.abspath(workdir))
     except data_lib.DataError as e:
         print(f"data error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -65,7 +82,7 @@ def main(argv):
         print(f"checkpoint error: {e}", file=sys.stderr)
         sys.exit(2)
     if jax.process_index() == 0:
-        wd = os.path.abspath(FLAGS.workdir)
+        wd = os.path.abspath(workdir)
         print("\n" + "=" * 78)
         if "eval" in results:
             print(f"validation: {results['eval']['bpb']:.4f} bits per byte over {int(results['eval']['n_bytes']):,} bytes")
@@ -75,11 +92,13 @@ def main(argv):
         for s in results.get("samples", []):
             print("sample      :", repr(s))
         log.info("done")
+    return results
 
 
 def run():
     from train.config import run_app
 
+    define_flags()
     run_app(main, sys.argv)
 
 

@@ -7,8 +7,9 @@ DataConfig's seq_len, the model in eval mode):
   bytes_per_chunk       #non-pad input positions / #chunks (boundary_rate: its inverse)
   chunks_per_eng_byte   #chunks / #UTF-8 bytes of the English side (eng.txt): the same content in every
                         language, so equal values mean equal segmentation cost (parity)
-Chunks are the START bits of ``out.boundaries['s0']`` over non-pad positions (document/window starts
-included); a model without boundaries counts one chunk per byte. Scripts aggregate the languages by
+Chunks are the START bits of the first stage, ``out.boundaries['s0']`` (MrT5: its kept positions,
+``out.boundaries['kept']``), over non-pad positions (document/window starts included); a model without
+boundaries counts one chunk per byte. Scripts aggregate the languages by
 their dominant route under ``hnet.scripts.GROUPINGS[groups]`` (default 'ntrex': one group per script;
 sums, then ratios). ``parity_max_over_min`` is the max/min over languages of chunks_per_eng_byte, and
 ``parity_max_over_min_magnet9`` the same over MAGNET's nine languages (``MAGNET_LANGUAGES``).
@@ -36,6 +37,7 @@ from train import data as data_lib
 from train.metrics import parity
 from train.step import LN2, cross_entropy_sums, eval_forward
 
+FIRST_STAGE = ("s0", "kept")  # the boundary key of a model's first-stage chunk starts (MrT5: kept bytes)
 MAGNET_LANGUAGES = ("eng", "spa", "fra", "rus", "ukr", "bel", "hin", "ben", "tel")  # Ahia et al. 2024
 
 
@@ -45,7 +47,7 @@ def make_sums_fn(graphdef):
         out = eval_forward(graphdef, params, rest, batch)
         sums = cross_entropy_sums(out, batch)
         real = batch["segment_ids"] > 0
-        b = out.boundaries.get("s0", real)
+        b = next((out.boundaries[k] for k in FIRST_STAGE if k in out.boundaries), real)
         sums["n_positions"] = jnp.sum(real).astype(jnp.float32)
         sums["n_chunks"] = jnp.sum(b & real).astype(jnp.float32)
         return sums
