@@ -153,6 +153,19 @@ def test_suite_by_script_and_alignment_by_hand():
     assert res["boundary_example"] == {"s0": "abc| где| xyz"}
 
 
+def test_boundary_pictures_print_whole_characters():
+    """A chunk start inside a multi-byte character (Cyrillic, Devanagari, Tibetan: 2 and 3 bytes) is marked '¦'
+    before the whole character, never cut into U+FFFD; starts at first bytes are '|'; invalid bytes are U+FFFD."""
+    from train.loop import mark_boundaries
+
+    text = "".join(map(chr, (0x0433, 0x0434, 0x20, 0x0915, 0x093F, 0x20, 0x0F40, 0x0F72)))  # гд कि ཀི
+    data = text.encode() + b"\xff!"
+    starts = np.zeros(len(data), bool)
+    starts[[1, 2, 4, 6, 14, 18, 19]] = True  # inside г, first byte of д, ␠, inside क, inside ཀ, 0xff, !
+    assert mark_boundaries(np.frombuffer(data, np.uint8), starts) == (
+        "¦г|д| " + "¦" + chr(0x0915) + chr(0x093F) + " " + "¦" + chr(0x0F40) + chr(0x0F72) + "|\ufffd|!")
+
+
 def test_suite_bpb_equals_trainer_eval_and_robustness_is_consistent():
     setup = build_state(tiny_model_fn(d_model=32), OptimizerConfig(), 10, make_mesh())
     cfg = data_lib.DataConfig(seq_len=64, batch_size=4, shuffle=False)

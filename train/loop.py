@@ -105,15 +105,19 @@ def make_eval_fn(setup: Setup):
 
 
 def mark_boundaries(tokens: np.ndarray, starts: np.ndarray) -> str:
-    """Bytes as text with '|' before every chunk start (invalid UTF-8 shown as U+FFFD)."""
-    out, cur = [], bytearray()
-    for tok, b in zip(tokens.tolist(), starts.tolist()):
-        if b and cur:
-            out.append(cur.decode("utf-8", errors="replace"))
-            cur = bytearray()
-        cur.append(tok)
-    out.append(cur.decode("utf-8", errors="replace"))
-    return "|".join(out)
+    """Bytes as text, every character whole: '|' before a character whose first byte starts a chunk, '¦' before
+    one that a chunk starts inside (at a later byte of it); bytes that are not UTF-8 show as U+FFFD. No mark
+    before the first byte."""
+    data = bytes(np.asarray(tokens).astype(np.uint8).tolist())
+    starts = np.asarray(starts, bool)
+    out, i = [], 0
+    for ch in data.decode("utf-8", errors="surrogateescape"):
+        invalid = "\udc80" <= ch <= "\udcff"  # one byte that is not part of a character
+        n = 1 if invalid else len(ch.encode("utf-8"))
+        out.append(("|" if starts[i] and i > 0 else "") + ("¦" if starts[i + 1:i + n].any() else "")
+                   + ("\ufffd" if invalid else ch))
+        i += n
+    return "".join(out)
 
 
 def make_boundaries_fn(setup: Setup):
