@@ -18,6 +18,15 @@ if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
 
 
+SHARED_DATA_MARKED = [False]  # is the running test marked shared_data? (tests.helpers.shared_text_path checks)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    """Before the test's fixtures: record its shared_data marker, so ``-m 'not shared_data'`` can rely on it."""
+    SHARED_DATA_MARKED[0] = item.get_closest_marker("shared_data") is not None
+
+
 @pytest.fixture
 def gin_clean():
     """Clear gin's global config before and after a test that parses or binds gin configs."""

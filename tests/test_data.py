@@ -342,6 +342,7 @@ def test_max_windows_limits_eval(tmp_path):
     assert sum(bool(w["segment_ids"].any()) for w in wins) == 5
 
 
+@pytest.mark.shared_data
 def test_shakespeare_from_shared_data():
     path = shakespeare_path()
     cfg = _cfg(sources=(path,), byte_range=(0.0, 0.01))

@@ -50,6 +50,7 @@ def routed():
     return {"model": model, "state": state, "train": train_fwd, "forced_state": nnx.split(forced)[1]}
 
 
+@pytest.mark.shared_data
 def test_script_router_selects_per_byte(routed):
     batch = _batch()
     routes = batch["script_routes"]
@@ -61,6 +62,7 @@ def test_script_router_selects_per_byte(routed):
     np.testing.assert_array_equal(np.asarray(b), b_want)
 
 
+@pytest.mark.shared_data
 def test_per_route_bytes_per_chunk_is_nan_for_a_route_absent_from_the_batch(routed):
     """English-only rows have no Cyrillic/Devanagari bytes: those routes' bytes_per_chunk is undefined (nan,
     never 0), and the eval average skips it."""
@@ -76,6 +78,7 @@ def test_per_route_bytes_per_chunk_is_nan_for_a_route_absent_from_the_batch(rout
     assert np.isnan(mean_of_defined([float(metrics["bytes_per_chunk_cyrl"])]))
 
 
+@pytest.mark.shared_data
 def test_per_route_prior_counts_only_that_routes_bytes():
     batch = _batch()
     real = jnp.asarray(batch["segment_ids"] > 0)
@@ -86,6 +89,7 @@ def test_per_route_prior_counts_only_that_routes_bytes():
     np.testing.assert_allclose(np.asarray(loss_R), -np.log([0.2, 0.9, 0.92, 0.88]), rtol=1e-5)
 
 
+@pytest.mark.shared_data
 def test_prefix_causality_per_byte_routing(routed):
     """Training mode with noise: prefix rows (the rest padded, routes recomputed on the prefix bytes
     only) reproduce the full rows' logits and boundaries, including cuts inside UTF-8 characters."""
@@ -106,6 +110,7 @@ def test_prefix_causality_per_byte_routing(routed):
         assert (np.asarray(bp[i, :c]) == np.asarray(bf[i, :c])).all()
 
 
+@pytest.mark.shared_data
 def test_decode_step_with_routes_matches_forward(routed):
     batch = to_jnp(_batch())
     eval_fwd = make_fwd(routed["model"], True)[0]
@@ -116,6 +121,7 @@ def test_decode_step_with_routes_matches_forward(routed):
     assert 0 < int(np.asarray(bf).sum())
 
 
+@pytest.mark.shared_data
 def test_doc_routes_annotation_is_the_dominant_script():
     from train.data import ByteStream
 
@@ -139,6 +145,7 @@ def _ntrex_lines(langs, n_lines=1):
     return out
 
 
+@pytest.mark.shared_data
 def test_ntrex_grouping_annotations_and_route_key():
     """'script_routes_ntrex' = the framed per-byte NTREX routes; 'doc_routes_ntrex' = each language's own
     script (jpn: kana); a model with script_groups 'ntrex' reads them (forced predictors: only the
@@ -173,6 +180,7 @@ def test_ntrex_grouping_annotations_and_route_key():
     np.testing.assert_array_equal(np.asarray(b), b_want)
 
 
+@pytest.mark.shared_data
 @pytest.mark.slow
 @pytest.mark.parametrize("gin_file", ["configs/magnet_tiny.gin", "configs/magnet_lang_tiny.gin"])
 def test_magnet_config_priors_are_the_ntrex_parity_priors(gin_file, gin_clean):
@@ -202,6 +210,7 @@ def test_magnet_config_priors_are_the_ntrex_parity_priors(gin_file, gin_clean):
     np.testing.assert_allclose(cfg.priors, parity_priors(counts, langs.index("eng"), 0.2), atol=5e-4)
 
 
+@pytest.mark.shared_data
 def test_lang_routing_follows_the_file_label_not_the_script(tmp_path):
     """'lang_routes_ntrex' = the index of the source file's stem, for every document of the file; a
     file named otherwise is an error. A 'lang'-routed model whose 'hin' predictor always closes and all
@@ -242,6 +251,7 @@ def test_lang_routing_follows_the_file_label_not_the_script(tmp_path):
     assert res["hin"]["boundary_rate"] > 0.95 and res["eng"]["boundary_rate"] < 0.1, res
 
 
+@pytest.mark.shared_data
 def test_multilingual_eval_counts_chunks_per_english_byte(tmp_path):
     """evaluate_languages on 9 parallel files (MAGNET's languages, 3 lines each): per-language chunks /
     English bytes, parity max/min over all and over MAGNET's nine, NTREX script labels."""
@@ -274,6 +284,7 @@ def test_multilingual_eval_counts_chunks_per_english_byte(tmp_path):
     assert res["scripts"]["cyrl"]["languages"] == ["bel", "rus", "ukr"]
 
 
+@pytest.mark.shared_data
 @pytest.mark.slow
 def test_magnet_config_trains_with_falling_loss(tmp_path):
     res = train_shrunk("configs/magnet_tiny.gin", "configs/runs/ntrex_multilingual.gin", str(tmp_path))

@@ -298,6 +298,7 @@ def test_cli_unusable_input_is_a_data_error_before_compiling(data_error_runs, ba
     assert not os.path.exists(root / name.replace(".", "_") / "checkpoints")
 
 
+@pytest.mark.shared_data
 @pytest.mark.slow
 def test_cli_50mb_single_line_file(cli_env, tmp_path):
     from train.data import shared_path
@@ -326,8 +327,9 @@ def test_cli_50mb_single_line_file(cli_env, tmp_path):
 
 TINY_CONFIGS = sorted(os.path.relpath(p, REPO_ROOT)
                       for p in glob.glob(os.path.join(REPO_ROOT, "configs", "*tiny*.gin")))
-# default suite: these two, shrunk further (compiling the full tiny H-Net's gradient costs ~1 min on a busy
-# CPU); every tiny config at its own size runs under -m slow
+# default suite: these three (no router; H-Net's router and capacity; MAGNET's routed predictors), shrunk
+# further (compiling the full tiny H-Net's gradient costs ~1 min on a busy CPU); every tiny config at its own
+# size runs under -m slow
 SHRUNK = {
     "configs/isotropic_tiny.gin": ["hnet.StackConfig.layout = 'T1'", "hnet.StackConfig.d_model = 32",
                                    "hnet.StackConfig.d_ff = 64", "hnet.StackConfig.num_heads = 2"],
@@ -335,9 +337,12 @@ SHRUNK = {
                                      "models.HNetConfig.d_model = [32, 64]", "models.HNetConfig.d_ff = [0, 128]",
                                      "models.HNetConfig.num_heads = [2, 2]", "models.HNetConfig.ssm_d_state = 16",
                                      "models.HNetConfig.ssm_headdim = 16", "models.HNetConfig.ssm_chunk_size = 16"],
+    "configs/magnet_tiny.gin": ["models.DTPConfig.d_model = 32", "models.DTPConfig.d_ff = 64",
+                                "models.DTPConfig.num_heads = 2", "models.DTPConfig.pre_layout = 'T1'",
+                                "models.DTPConfig.inner_layout = 'T1'", "models.DTPConfig.post_layout = 'T1'",
+                                "models.DTPConfig.predictor_hidden = 16"],
 }
-GUARD_CASES = ([pytest.param(c, SHRUNK[c], id=f"{c}-shrunk", marks=() if "isotropic" in c else pytest.mark.slow)
-                for c in sorted(SHRUNK)]
+GUARD_CASES = ([pytest.param(c, SHRUNK[c], id=f"{c}-shrunk") for c in sorted(SHRUNK)]
                + [pytest.param(c, [], id=c, marks=pytest.mark.slow) for c in TINY_CONFIGS])
 GUARD_L = 64
 
@@ -388,7 +393,7 @@ def _loss_and_grads(model_file: str, extra_bindings=(), params_fns=(None,)):
     from train.config import parse
     from train.loop import build_state
     from train.optim import OptimizerConfig
-    from train.step import loss_and_metrics
+    from train.step import cross_entropy_sums, eval_forward, loss_and_metrics
 
     parse([os.path.join(REPO_ROOT, model_file), os.path.join(REPO_ROOT, "configs/runs/default.gin")],
           list(extra_bindings))
@@ -401,6 +406,8 @@ def _loss_and_grads(model_file: str, extra_bindings=(), params_fns=(None,)):
     def f(params, rest, batch):
         (loss, (m, _)), g = jax.value_and_grad(loss_and_metrics, has_aux=True)(params, rest, setup.graphdef, batch)
         bad = sum(jnp.sum(~jnp.isfinite(x)) for x in jax.tree.leaves(g))
+        ev = cross_entropy_sums(eval_forward(setup.graphdef, params, rest, batch), batch)  # eval mode
+        m = dict(m, eval_n_masked_by_model=ev["n_masked_by_model"], eval_n_bytes=ev["n_bytes"])
         return loss, m, jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(g))), bad
 
     cfg = getattr(nnx.merge(setup.graphdef, setup.state.params, setup.state.rest), "config", None)
@@ -434,21 +441,28 @@ def _zero_qk(params):
 @pytest.mark.parametrize("model_file,shrink", GUARD_CASES)
 def test_saturated_routing_and_capacity_overflow_stay_finite(model_file, shrink, gin_clean):
     """Every tiny model on all-spaces / one-repeated-byte / real text, at its capacity and at a capacity of
-    5% of the bytes (overflow: the dropped targets are counted in n_masked_by_model, never NaN); H-Nets
-    also with zeroed router projections."""
+    5% of the bytes (overflow in training: the dropped targets are counted in n_masked_by_model, never NaN;
+    evaluation scores every byte: no capacity overflow in eval mode); H-Nets also with zeroed router
+    projections. The shrunk (default-suite) models with a capacity run at 5% only: one compilation."""
     import gin
 
+    from train.config import parse
+
     is_hnet = os.path.basename(model_file).startswith("hnet_")
-    fns = (None, _zero_qk) if is_hnet else (None,)
-    for (loss, m, gnorm, bad), what in zip(_loss_and_grads(model_file, shrink, fns), ("default", "zero q/k")):
-        _assert_finite(loss, m, gnorm, bad, what)
+    fns, whats = ((None, _zero_qk), ("default", "zero q/k")) if is_hnet else ((None,), ("default",))
+    parse([os.path.join(REPO_ROOT, model_file), os.path.join(REPO_ROOT, "configs/runs/default.gin")], list(shrink))
     overrides = _capacity_overrides(0.05)
     gin.clear_config()
+    if not (shrink and overrides):
+        for (loss, m, gnorm, bad), what in zip(_loss_and_grads(model_file, shrink, fns), whats):
+            _assert_finite(loss, m, gnorm, bad, what)
+        gin.clear_config()
     if overrides:
-        (loss, m, gnorm, bad), = _loss_and_grads(model_file, [*shrink, *overrides])
-        _assert_finite(loss, m, gnorm, bad, f"capacity 0.05: {overrides}")
-        if is_hnet:
-            assert m["n_masked_by_model"] > 0, m
+        for (loss, m, gnorm, bad), what in zip(_loss_and_grads(model_file, [*shrink, *overrides], fns), whats):
+            _assert_finite(loss, m, gnorm, bad, f"{what}, capacity 0.05: {overrides}")
+            if is_hnet and what == "default":
+                assert m["n_masked_by_model"] > 0, m
+            assert m["eval_n_masked_by_model"] == 0 and m["eval_n_bytes"] > 0, m
 
 
 _HNET_TINY = [c for c in TINY_CONFIGS if os.path.basename(c).startswith("hnet_")]
@@ -535,7 +549,18 @@ def test_missing_model_is_a_config_error(gin_clean):
 
 
 def test_int_for_float_and_lists_for_tuples_are_accepted(gin_clean):
+    """An int for a float and a list for a tuple pass validation and build working objects."""
+    import gin
+
+    from train import data as data_lib
     from train.config import parse
+    from train.optim import make_schedule
 
     parse([os.path.join(REPO_ROOT, "configs/isotropic_tiny.gin"), os.path.join(REPO_ROOT, "configs/runs/default.gin")],
           ["train.OptimizerConfig.learning_rate = 1", "train/train.DataConfig.sources = ['builtin:pydoc_topics']"])
+    opt = gin.query_parameter("train.train.optimizer").scoped_configurable_fn()
+    assert opt.learning_rate == 1 and float(make_schedule(opt, 100)(opt.warmup_steps)) == pytest.approx(1.0)
+    data_cfg = gin.query_parameter("train.train.train_data").scoped_configurable_fn()
+    assert list(data_cfg.sources) == ["builtin:pydoc_topics"]
+    docs, stats = data_lib.load_documents(data_cfg)
+    assert stats.documents == len(docs) > 50

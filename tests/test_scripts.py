@@ -154,6 +154,7 @@ NTREX_SCRIPT = {"eng": "latin", "spa": "latin", "fra": "latin", "deu": "latin", 
                 "tha": "thai", "amh": "ethi", "kat": "geor", "hye": "armn"}
 
 
+@pytest.mark.shared_data
 def test_ntrex_groups_route_every_language_to_its_own_script():
     """No NTREX language falls into the catch-all: the first valid line of each is >= 90 % its script's
     route (jpn: han + kana)."""
