@@ -151,6 +151,7 @@ def test_suite_by_script_and_alignment_by_hand():
     assert (wa["skip_ws"]["precision"], wa["skip_ws"]["recall"]) == (1.0, pytest.approx(2 / 3))
     assert res["chunk_rate_by_script"]["s0"] == {"latin": pytest.approx(1 / 7), "cyrl": pytest.approx(1 / 7)}
     assert res["boundary_example"] == {"s0": "abc| где| xyz"}
+    assert res["n_masked_by_model"] == 0
 
 
 def test_boundary_pictures_print_whole_characters():
@@ -213,6 +214,9 @@ def test_sweep_runs_two_tiny_runs_then_skips_them(tiny_sweep, monkeypatch, gin_c
         assert r["steps"] == 2 and r["corpus"] == "pass" and 0 < r["bpb"] < 12
         assert r["flops_per_byte"] > 0 and set(r["robustness"]) == set(M.PERTURBATIONS)
     assert rows[0]["bpb"] != rows[1]["bpb"]  # the seed reaches the model
+    assert all(r["n_masked_by_model"] == 0 for r in rows)
+    table = sweep.markdown(rows)
+    assert "| masked bytes |" in table and " | 0 | " in table
     out = os.path.join(root, "tiny")
     table = open(os.path.join(out, "sweep.md")).read()
     assert "isotropic_tiny-s1" in table and json.load(open(os.path.join(out, "sweep.json"))) == rows

@@ -6,6 +6,8 @@ TensorBoard scalars.
 
 Per corpus (default: the run's own eval split, named ``eval``):
   bpb                  Σ NLL over real UTF-8 target bytes / (ln 2 · #bytes) (same number as training's eval)
+  n_masked_by_model    real bytes the model did not score (0: evaluation runs at capacities that cannot
+                       overflow, ``models.base.capacity_slots``; MrT5EncDec scores only its span bytes)
   bpb_by_script        the same sum split by the ``hnet.scripts`` group of the *target* byte (causal routes:
                        spaces and punctuation count with the script run they sit in)
   bytes_per_chunk      per boundary stage of the model (``out.boundaries``: s0, s1, ... / kept): real input
@@ -30,6 +32,7 @@ import os
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
@@ -64,8 +67,9 @@ def make_detail_fn(graphdef):
     @jax.jit
     def detail(params, rest, batch):
         out = eval_forward(graphdef, params, rest, batch)
-        nll_BxL, _, byte_w_BxL = token_nll(out, batch)
-        return {"nll": nll_BxL, "byte_w": byte_w_BxL, "boundaries": out.boundaries}
+        nll_BxL, w_BxL, byte_w_BxL = token_nll(out, batch)
+        return {"nll": nll_BxL, "byte_w": byte_w_BxL, "boundaries": out.boundaries,
+                "n_masked_by_model": jnp.sum(batch["byte_mask"] & ~w_BxL)}
 
     return detail
 
@@ -89,10 +93,12 @@ def evaluate_corpus(setup, cfg: data_lib.DataConfig, docs: list[bytes], detail_f
     nll_G, bytes_G = np.zeros(G), np.zeros(G)
     stage: dict[str, dict] = {}
     example: dict[str, str] = {}
+    n_masked = 0.0
     with sharding.mesh_context(setup.mesh):
         for local in data_lib.iterate_eval_batches(cfg, docs):
             batch = sharding.global_batch_from_local(setup.mesh, local)
             d = jax.device_get(detail_fn(setup.state.params, setup.state.rest, batch))
+            n_masked += float(d["n_masked_by_model"])
             nll_G += M.group_sums(d["nll"], local["target_script_routes"], d["byte_w"], G)
             bytes_G += M.group_sums(1.0, local["target_script_routes"], d["byte_w"], G)
             real = (local["segment_ids"] > 0) & (local["inputs"] < BOS)  # input bytes, frames excluded
@@ -110,6 +116,7 @@ def evaluate_corpus(setup, cfg: data_lib.DataConfig, docs: list[bytes], detail_f
                     n = min(EXAMPLE_BYTES, int(real[0].sum()))
                     example[name] = mark_boundaries(local["inputs"][0, 1:1 + n], np.asarray(starts)[0, 1:1 + n])
     out = {"bpb": float(nll_G.sum() / (M.LN2 * max(bytes_G.sum(), 1.0))), "n_bytes": float(bytes_G.sum()),
+           "n_masked_by_model": n_masked,
            "bpb_by_script": M.per_group_bpb(nll_G, bytes_G, names),
            "bytes_by_script": {n: float(c) for n, c in zip(names, bytes_G) if c > 0},
            "bytes_per_chunk": {}, "chunk_rate_by_script": {}, "word_alignment": {}, "boundary_example": example}
@@ -179,8 +186,9 @@ def flat_scalars(res: dict) -> dict[str, float]:
 
 def markdown(results: dict) -> str:
     """One table row per (checkpoint, corpus); robustness and alignment columns when present."""
-    lines = ["| step | corpus | BPB | bytes/chunk | word P / R (s0) | BPB by script | robustness Δ BPB (mean) |",
-             "|---:|---|---:|---|---|---|---:|"]
+    lines = ["| step | corpus | BPB | masked bytes | bytes/chunk | word P / R (s0) | BPB by script | "
+             "robustness Δ BPB (mean) |",
+             "|---:|---|---:|---:|---|---|---|---:|"]
     for step, res in results["checkpoints"].items():
         rob = res.get("robustness", {})
         for name, c in res["corpora"].items():
@@ -189,7 +197,8 @@ def markdown(results: dict) -> str:
             align = f"{wa['precision']:.2f} / {wa['recall']:.2f}" if wa else "-"
             scripts = ", ".join(f"{k} {v:.3f}" for k, v in c["bpb_by_script"].items())
             r = f"{rob['mean_bpb_increase']:+.3f}" if rob and rob["corpus"] == name else ""
-            lines.append(f"| {step} | {name} | {c['bpb']:.4f} | {bpc} | {align} | {scripts} | {r} |")
+            lines.append(f"| {step} | {name} | {c['bpb']:.4f} | {c.get('n_masked_by_model', float('nan')):.0f} | {bpc} "
+                         f"| {align} | {scripts} | {r} |")
     if any("robustness" in r for r in results["checkpoints"].values()):
         lines += ["", "| step | clean BPB | " + " | ".join(M.PERTURBATIONS) + " |",
                   "|---:|---:|" + "---:|" * len(M.PERTURBATIONS)]

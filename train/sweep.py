@@ -143,7 +143,8 @@ def row(run: Run) -> dict | None:
     r = {"run": run.name, "model": run.model, "variant": run.variant, "seed": run.seed, "params": res["params"],
          "steps": res["final_step"], "train_bytes_per_s": float(np.median(speeds)) if speeds else float("nan"),
          "compile_s": res.get("compile_s"), "flops_per_byte": res.get("flops_per_byte", float("nan")),
-         "corpus": corpus, "bpb": c["bpb"], "bytes_per_chunk": c["bytes_per_chunk"],
+         "corpus": corpus, "bpb": c["bpb"], "n_masked_by_model": c.get("n_masked_by_model", float("nan")),
+         "bytes_per_chunk": c["bytes_per_chunk"],
          "chunk_rate_by_script": c["chunk_rate_by_script"], "bpb_by_script": c["bpb_by_script"],
          "word_f1": {k: v["f1"] for k, v in c["word_alignment"].items()},
          "word_f1_skip_ws": {k: v["skip_ws"]["f1"] for k, v in c["word_alignment"].items() if "skip_ws" in v},
@@ -157,16 +158,17 @@ def row(run: Run) -> dict | None:
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| run | params | FLOPs/byte | train bytes/s | BPB | bytes/chunk | word F1 (exact / skip-ws) | "
-             "robustness Δ BPB |",
-             "|---|---:|---:|---:|---:|---|---|---:|"]
+    lines = ["| run | params | FLOPs/byte | train bytes/s | BPB | masked bytes | bytes/chunk | "
+             "word F1 (exact / skip-ws) | robustness Δ BPB |",
+             "|---|---:|---:|---:|---:|---:|---|---|---:|"]
     for r in rows:
         bpc = ", ".join(f"{k} {v:.2f}" for k, v in r["bytes_per_chunk"].items()) or "1 (bytes)"
         ws = r.get("word_f1_skip_ws", {})
         f1 = ", ".join(f"{k} {v:.2f}" + (f" / {ws[k]:.2f}" if k in ws else "") for k, v in r["word_f1"].items()) or "-"
         rob = f"{r['robustness_mean']:+.3f}" if "robustness_mean" in r else "-"
         lines.append(f"| {r['run']} | {r['params'] / 1e6:.2f}M | {r['flops_per_byte'] / 1e6:.2f}M | "
-                     f"{r['train_bytes_per_s']:,.0f} | {r['bpb']:.4f} | {bpc} | {f1} | {rob} |")
+                     f"{r['train_bytes_per_s']:,.0f} | {r['bpb']:.4f} | {r['n_masked_by_model']:.0f} | {bpc} | {f1} | "
+                     f"{rob} |")
     robust = [r for r in rows if "robustness" in r]
     if robust:
         kinds = list(robust[0]["robustness"])
