@@ -12,7 +12,7 @@ Two flavours:
   * in-graph (jnp, jit-able, static shapes): ``doc_starts``, ``fixed_stride_starts``,
     ``spacebyte_starts``, ``end_to_start``, ``whitespace_end_to_start``;
   * host-side numpy for the HAT word rule (``hat_splitter`` package): ``hat_word_starts``,
-    ``hat_starts_for_window``, ``hat_is_word_start_incremental``, ``incomplete_utf8_tail_len``.
+    ``hat_starts_for_window``, ``incomplete_utf8_tail_len``.
 
 HAT and invalid UTF-8: the splitter takes ``str``. A document is decoded with 'surrogateescape'; each
 maximal valid run is split by ``HATSplitter.split_with_limit`` on its own, and every byte that is not
@@ -25,7 +25,8 @@ every position agrees except the bytes of a trailing character whose continuatio
 arrived yet. In particular, whether the lead byte of a multi-byte character opens a word is in general
 only known once the character is complete ("中" after a letter opens a word, "ü" does not). A model
 that reads the START bit at the lead byte therefore sees at most the rest of that one character; the
-HAT rule needs lookahead = 1 at word level anyway (§9.2 of the reference notes).
+HAT rule needs lookahead = 1 at word level anyway (§9.2 of the reference notes). The models' decided
+word starts (one rule for the forward and for generation) are ``models.pooling.causal_word_starts``.
 """
 
 from __future__ import annotations
@@ -202,42 +203,6 @@ def hat_starts_for_batch(tokens_BxL, segment_ids_BxL, max_word_bytes: int = DEFA
     return np.stack([hat_starts_for_window(t, g, max_word_bytes) for t, g in zip(tok_BxL, seg_BxL)])
 
 
-def hat_is_word_start_incremental(
-    prev_bytes: bytes,
-    new_byte: int,
-    max_word_bytes: int = DEFAULT_MAX_WORD_BYTES,
-    word_start: int = 0,
-) -> bool | None:
-    """Generation-time HAT decision after appending ``new_byte`` to the document bytes ``prev_bytes``
-    (content only, no BOS).
-
-    Returns
-      * ``None`` while ``new_byte`` leaves an unfinished (so far valid) UTF-8 character at the tail: the
-        decision is pending;
-      * otherwise the START bit of the *first byte of the last character*, i.e. of ``new_byte`` itself
-        for ASCII or an invalid byte, and of the lead byte when ``new_byte`` completes a multi-byte
-        character (its continuation bytes are never starts when ``max_word_bytes >= 4``). It equals
-        ``hat_word_starts(full_document)`` at that position, by prefix stability. Pending bytes that end
-        up invalid (interrupted character) are one-byte words.
-
-    ``word_start``: any position in ``prev_bytes`` known to open a word, at or before the start of the
-    current word (e.g. the last settled word start). Only ``prev_bytes[word_start:]`` is re-split; 0
-    re-splits the whole document (exact, O(len))."""
-    if max_word_bytes < 4:
-        raise ValueError("incremental HAT decisions need max_word_bytes >= 4")
-    tail = bytes(prev_bytes[word_start:]) + bytes([int(new_byte)])
-    if incomplete_utf8_tail_len(tail):
-        return None
-    # first byte of the last character: back over continuation bytes of a valid character
-    lead = len(tail) - 1
-    if 0x80 <= tail[lead] <= 0xBF:
-        s = tail[-4:].decode("utf-8", errors="surrogateescape")
-        last = s[-1]
-        if not ("\udc80" <= last <= "\udcff"):
-            lead = len(tail) - len(last.encode("utf-8"))
-    return bool(hat_word_starts(tail, max_word_bytes)[lead])
-
-
 __all__ = [
     "BOS",
     "EOS",
@@ -252,5 +217,4 @@ __all__ = [
     "hat_word_starts",
     "hat_starts_for_window",
     "hat_starts_for_batch",
-    "hat_is_word_start_incremental",
 ]

@@ -113,34 +113,6 @@ def test_hat_lead_byte_needs_the_whole_char():
     assert br.incomplete_utf8_tail_len(b) == 0 and br.incomplete_utf8_tail_len(b"a\xe0A") == 0
 
 
-def test_hat_incremental_matches_full_split():
-    for d in _random_docs(40, seed=7, max_chars=30):
-        full = br.hat_word_starts(d)
-        ws = 0  # a settled word start: exercises the re-split-from-hint path
-        for t in range(len(d)):
-            r0 = br.hat_is_word_start_incremental(d[:t], d[t])
-            r1 = br.hat_is_word_start_incremental(d[:t], d[t], word_start=ws)
-            assert r0 == r1
-            if br.incomplete_utf8_tail_len(d[: t + 1]):
-                assert r0 is None
-                continue
-            last = d[max(0, t - 3): t + 1].decode("utf-8", errors="surrogateescape")[-1]
-            lead = t if "\udc80" <= last <= "\udcff" else t + 1 - len(last.encode())
-            assert r0 == bool(full[lead]), (d, t)
-            ws = int(np.flatnonzero(full[: lead + 1])[-1])
-
-
-def test_hat_incremental_pending_and_resolution():
-    assert br.hat_is_word_start_incremental(b"hello", ord(" ")) is True
-    assert br.hat_is_word_start_incremental(b"hello ", ord("w")) is False
-    assert br.hat_is_word_start_incremental(b"a", 0xE4) is None  # pending
-    assert br.hat_is_word_start_incremental(b"a\xe4", 0xB8) is None
-    assert br.hat_is_word_start_incremental(b"a\xe4\xb8", 0xAD) is True  # "中" opens a word
-    assert br.hat_is_word_start_incremental(b"a\xc3", 0xBC) is False  # "ü" continues "a"
-    assert br.hat_is_word_start_incremental(b"a\xc3", ord("b")) is True  # 0xC3 became invalid
-    assert br.hat_is_word_start_incremental(b"a", 0xFF) is True
-
-
 def test_hat_starts_for_window():
     docs = [b"Hello, world!", "für中 x".encode(), b"ab\xffcd"]
     tok, seg = _pack(docs, 48)

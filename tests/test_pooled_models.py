@@ -18,7 +18,7 @@ from models.lyt import LYTLM
 from models.pooled import MeanPooledLM, SpaceByteLM
 from models.pooling import WordStartTracker, causal_word_starts
 from train.generate import generate, generate_arrays
-from tests.helpers import REPO_ROOT, packed_row, pydoc_bytes, stack_rows, tiny_stack, to_jnp
+from tests.helpers import REPO_ROOT, packed_row, pydoc_bytes, pydoc_text, stack_rows, tiny_stack, to_jnp
 from train.step import cross_entropy_sums, eval_forward
 
 jax.config.update("jax_default_matmul_precision", "highest")
@@ -80,14 +80,23 @@ def test_multibyte_word_start_is_decided_at_the_characters_last_byte():
     assert batch["word_starts"][0, i] and not dec[i] and not dec[i + 1] and dec[i + 2]  # 3-byte character
 
 
-def test_splitter_incremental_matches_decided_starts():
-    """The generation-time host splitter (one byte at a time) gives exactly the decided starts."""
-    docs = [pydoc_bytes("conversions"), pydoc_bytes("dict", 600, offset=1000)]
+def test_one_word_rule_for_generation_and_forward():
+    """Generation's word starts (WordStartTracker, one fed byte at a time) equal the forward's decided starts
+    (causal_word_starts on the data pipeline's word_starts) on text, on the reliability battery's bad inputs
+    (invalid UTF-8, NUL bytes, a binary, broken JSONL) and on random bytes (F5..FF, stray continuations)."""
+    from tests.test_reliability import _binary_200k, _invalid_utf8_text, _jsonl_records
+
+    rng = np.random.default_rng(0)
+    bad = _invalid_utf8_text()
+    docs = [pydoc_bytes("conversions", 600), pydoc_bytes("dict", 600, offset=1000), bad[450:560] + bad[850:950] + bad[-150:],
+            pydoc_text("pass").encode().replace(b" ", b"\x00")[:200], _binary_200k()[:4000:9], _jsonl_records()[0][:400],
+            *(rng.integers(0, 256, 300, dtype=np.uint8).tobytes() for _ in range(3))]
+    assert any(0xF5 <= b <= 0xF7 for d in docs for b in d)
     for d in docs:
         batch = stack_rows([_row([d], len(d) + 2)])
-        tr = WordStartTracker(100)
+        tr = WordStartTracker()
         got = [tr.push(int(b)) for b in batch["inputs"][0]]
-        np.testing.assert_array_equal(np.array(got), _decided(batch)[0])
+        np.testing.assert_array_equal(np.array(got), _decided(batch)[0], err_msg=repr(d[:40]))
 
 
 @pytest.mark.parametrize("name", list(FACTORIES))
@@ -151,7 +160,7 @@ def test_decode_step_matches_full_forward(name):
         for b in range(len(rows)):
             for t in range(L):
                 if batch["positions"][b, t] == 0:
-                    tr = WordStartTracker(100)
+                    tr = WordStartTracker()
                 flags[b, t] = tr.push(int(batch["inputs"][b, t]))
         with pytest.raises(ValueError, match="word-start flag"):
             model.decode_step(jnp.asarray(batch["inputs"][:, 0]), model.init_cache(3, L), jnp.ones(3, bool))
