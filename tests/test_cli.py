@@ -27,6 +27,7 @@ LANG_ROUTED = {"configs/magnet_lang_tiny.gin"}  # needs <lang>.txt sources and a
 # the README job made as cheap as it gets: 2 steps of 2 x 32 bytes, eval on 2 windows, 8 sampled bytes; the
 # prompts: Cyrillic letters (the script routes of MAGNET change) and the run file's 'The '
 PROMPTS = ("".join(map(chr, range(0x0410, 0x0414))) + " ", "The ")
+LANGS = ("eng", "deu")  # the prompts' languages for a language-routed model (its <lang>.txt corpus below)
 CHEAP = ["TRAIN_STEPS = 2", "SEQ_LEN = 32", "BATCH = 2", "eval/train.DataConfig.max_windows = 2",
          "train.train.sample_bytes = 8", "train.train.log_every = 1", "train.train.checkpoint_every = 2",
          f"train.train.sample_prompts = {PROMPTS!r}"]
@@ -54,10 +55,10 @@ def _lang_corpus(root) -> list[str]:
     """Bindings that point a language-routed run at <lang>.txt files (real text) and give its prompts languages."""
     d = root / "lang_corpus"
     d.mkdir(exist_ok=True)
-    for lang, key in (("eng", "assignment"), ("deu", "lambda")):
+    for lang, key in zip(LANGS, ("assignment", "lambda")):
         (d / f"{lang}.txt").write_text(pydoc_text(key))
     return [f"train/train.DataConfig.sources = ('{d}',)", f"eval/train.DataConfig.sources = ('{d}',)",
-            "train.train.sample_langs = ('eng', 'deu')"]
+            f"train.train.sample_langs = {LANGS!r}"]
 
 
 @pytest.mark.parametrize("model_file", TINY)
@@ -97,16 +98,16 @@ def test_every_tiny_config_through_the_cli_and_its_generation(model_file, tmp_pa
         return
     assert ev["n_masked_by_model"] == 0  # eval never drops a byte (capacities cannot overflow)
     assert [s[:len(p)] for s, p in zip(on_disk["samples"], PROMPTS)] == list(PROMPTS)
-    assert seen["langs"] == (["eng", "deu"] if lang_routed else None)
+    assert seen["langs"] == (list(LANGS) if lang_routed else None)
 
     fed = seen["fed"]
     B, T = fed.shape
     batch = {"inputs": fed, "segment_ids": np.ones((B, T), np.int32), "positions": np.tile(np.arange(T), (B, 1))}
     for name in gin.query_parameter("train.train.train_data").scoped_configurable_fn().annotations:
         fn, dtype = ANNOTATIONS[name]  # each row is one document: BOS + its bytes (the EOS slot dropped)
-        docs = [data_lib.Document(bytes(r[1:].astype(np.uint8).tolist()), f"{g}.txt") for r, g in zip(fed, ["eng", "deu"])]
+        docs = [data_lib.Document(bytes(r[1:].astype(np.uint8).tolist()), f"{g}.txt") for r, g in zip(fed, LANGS)]
         batch[name] = np.stack([np.asarray(fn(d), dtype)[:T] for d in docs])
-        if name.startswith(("script_routes", "lang_routes")):  # rows take routes other than route 0
+        if name.startswith(("script_routes", "lang_routes")):  # the rows take different routes
             assert len(np.unique(batch[name])) > 1, batch[name]
     setup = res["setup"]
     with mesh_context(setup.mesh):
@@ -125,7 +126,8 @@ ENTRY_POINTS = sorted(
 
 
 def test_help_exits_zero_for_every_entry_point():
-    assert {"train.main", "train.evaluate", "train.sample", "train.sweep", "train.multilingual_eval"} <= set(ENTRY_POINTS)
+    assert {"train.main", "train.evaluate", "train.sample", "train.sweep",
+            "train.multilingual_eval"} <= set(ENTRY_POINTS)
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     procs = {m: subprocess.Popen([sys.executable, "-m", m, "--help"], cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
                                  stderr=subprocess.PIPE, text=True) for m in ENTRY_POINTS}

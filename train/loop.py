@@ -277,7 +277,8 @@ def train(
                 log_boundaries(setup, writer, step, viz_batch, boundaries_fn)
                 log.info("eval step %d: bpb %.4f", step, ev["bpb"])
             if sample_every and step % sample_every == 0 and setup.supports_decoding:  # all processes run it
-                for i, s in enumerate(sample_texts(setup, list(sample_prompts), sample_bytes, seed=step, langs=sample_langs)):
+                texts = sample_texts(setup, list(sample_prompts), sample_bytes, seed=step, langs=sample_langs)
+                for i, s in enumerate(texts):
                     writer.text(step, f"samples/{i}", sample_prompts[i] + s)
             if stop_after and step - start >= stop_after:
                 break

@@ -85,7 +85,10 @@ def train_from_config(gin_files: list[str], bindings: list[str], workdir: str, c
         wd = os.path.abspath(workdir)
         print("\n" + "=" * 78)
         if "eval" in results:
-            print(f"validation: {results['eval']['bpb']:.4f} bits per byte over {int(results['eval']['n_bytes']):,} bytes")
+            ev = results["eval"]
+            masked = int(ev["n_masked_by_model"])
+            print(f"validation: {ev['bpb']:.4f} bits per byte over {int(ev['n_bytes']):,} bytes"
+                  + (f" ({masked:,} bytes not scored by the model)" if masked else ""))
         print(f"checkpoints : {wd}/checkpoints")
         print(f"tensorboard : {wd}/tb   ->  .venv/bin/tensorboard --logdir {wd}/tb")
         print(f"results     : {wd}/results.json   operative config: {wd}/operative_config.gin")
