@@ -88,7 +88,7 @@ def test_one_word_rule_for_generation_and_forward():
 
     rng = np.random.default_rng(0)
     bad = _invalid_utf8_text()
-    docs = [pydoc_bytes("conversions", 600), pydoc_bytes("dict", 600, offset=1000),
+    docs = [pydoc_bytes("conversions", 300), pydoc_bytes("dict", 300, offset=1000),
             bad[450:560] + bad[850:950] + bad[-150:], pydoc_text("pass").encode().replace(b" ", b"\x00")[:200],
             _binary_200k()[:4000:9], _jsonl_records()[0][:400],
             *(rng.integers(0, 256, 300, dtype=np.uint8).tobytes() for _ in range(3))]
