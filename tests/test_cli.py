@@ -22,7 +22,6 @@ from tests.helpers import REPO_ROOT, pydoc_text
 
 TINY = sorted(os.path.relpath(p, REPO_ROOT) for p in glob.glob(os.path.join(REPO_ROOT, "configs", "*_tiny.gin")))
 NON_DECODING = {"configs/mrt5_encdec_tiny.gin"}  # span-corruption encoder-decoder: supports_decoding = False
-CAUSAL = [c for c in TINY if c not in NON_DECODING]
 LANG_ROUTED = {"configs/magnet_lang_tiny.gin"}  # needs <lang>.txt sources and a language per sample prompt
 # the README job made as cheap as it gets: 2 steps of 2 x 32 bytes, eval on 2 windows, 8 sampled bytes; the
 # prompts: Cyrillic letters (the script routes of MAGNET change) and the run file's 'The '
