@@ -93,11 +93,12 @@ def test_one_word_rule_for_generation_and_forward():
             _binary_200k()[:4000:9], _jsonl_records()[0][:400],
             *(rng.integers(0, 256, 300, dtype=np.uint8).tobytes() for _ in range(3))]
     assert any(0xF5 <= b <= 0xF7 for d in docs for b in d)
-    for d in docs:
-        batch = stack_rows([_row([d], len(d) + 2)])
+    batch = stack_rows([_row([d], max(map(len, docs)) + 2) for d in docs])  # one shape: one in-graph rule call
+    decided = _decided(batch)
+    for b, d in enumerate(docs):
         tr = WordStartTracker()
-        got = [tr.push(int(b)) for b in batch["inputs"][0]]
-        np.testing.assert_array_equal(np.array(got), _decided(batch)[0], err_msg=repr(d[:40]))
+        got = [tr.push(int(x)) for x in batch["inputs"][b, :len(d) + 2]]
+        np.testing.assert_array_equal(np.array(got), decided[b, :len(d) + 2], err_msg=repr(d[:40]))
 
 
 @pytest.mark.parametrize("name", list(FACTORIES))
