@@ -127,10 +127,14 @@ _attention_bhlk.defvjp(_attention_fwd, _attention_bwd)
 
 def blockwise_attention(q_BxQxHxK, k_BxSxHxK, v_BxSxHxK, *, q_segment_ids_BxQ, k_segment_ids_BxS, causal: bool,
                         window: int, softmax1: bool, key_bias_BxS=None, block_q: int = 256,
-                        block_k: int = 128):
+                        block_k: int = 128, max_blocks: int = 8):
     """Attention output [B, Q, H, K] in v's dtype (softmax in fp32). Segment id 0 = padding (attends to
-    padding only, like the dense path); ``window`` -1 = global; ``key_bias_BxS`` is added to the logits."""
-    B, S = k_BxSxHxK.shape[0], k_BxSxHxK.shape[1]
+    padding only, like the dense path); ``window`` -1 = global; ``key_bias_BxS`` is added to the logits.
+
+    The blocks are unrolled (each key range has its own shape), so compile time grows with their number:
+    ``block_q`` is raised to a multiple of ``block_k`` that gives at most ``max_blocks`` query blocks."""
+    B, Q, S = k_BxSxHxK.shape[0], q_BxQxHxK.shape[1], k_BxSxHxK.shape[1]
+    block_q = max(block_q, -(-Q // (max_blocks * block_k)) * block_k)
     bias = jnp.zeros((B, S), jnp.float32) if key_bias_BxS is None else key_bias_BxS.astype(jnp.float32)
     to_bhlk = lambda x: x.transpose(0, 2, 1, 3)  # noqa: E731  (head-major batched matmuls are fastest on XLA:CPU)
     o = _attention_bhlk(to_bhlk(q_BxQxHxK), to_bhlk(k_BxSxHxK), to_bhlk(v_BxSxHxK), q_segment_ids_BxQ,
