@@ -1,9 +1,13 @@
-"""Train-step time of a config with the dense attention vs the blockwise kernel, in one process, in
-alternating rounds (dense, blockwise, dense, ...) so that machine load hits both alike.
+"""Train-step time of variants of one config, compiled in one process and timed in alternating rounds
+(A, B, C, A, B, C, ...) so that machine load hits all alike: the dense attention ("dense", the baseline),
+the blockwise kernel (one variant per --block_q) and gin bindings (--variant NAME=BINDING, dense attention).
 
-    .venv/bin/python benchmarks/attention_ab.py --config isotropic_tiny --seq_len 1024 --rounds 3
+    .venv/bin/python benchmarks/ab_step.py --config isotropic_tiny --seq_len 1024 --rounds 3
     # peak RSS of the blockwise path alone (no dense compile in the process)
-    .venv/bin/python benchmarks/attention_ab.py --config isotropic_tiny --seq_len 8192 --only blockwise
+    .venv/bin/python benchmarks/ab_step.py --config isotropic_tiny --seq_len 8192 --only blockwise
+    # Mamba-2 chunk size
+    .venv/bin/python benchmarks/ab_step.py --config hnet_1stage_tiny --block_q --variant \
+        chunk32=models.HNetConfig.ssm_chunk_size=32
 
 The blockwise path is switched in by replacing ``Attention.__call__`` for the compile of that variant
 (a benchmark-only patch; the model's own dispatch is hnet/attention.py's job).
@@ -50,7 +54,8 @@ def main(argv=None):
     ap.add_argument("--seq_len", type=int, default=1024)
     ap.add_argument("--bytes_per_step", type=int, default=8192)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--block_q", type=int, nargs="+", default=[256], help="one blockwise variant per value")
+    ap.add_argument("--block_q", type=int, nargs="*", default=[256], help="one blockwise variant per value")
+    ap.add_argument("--variant", action="append", default=[], help="NAME=BINDING: a dense variant with a gin binding")
     ap.add_argument("--block_k", type=int, default=128)
     ap.add_argument("--only", choices=["blockwise"], help="measure the blockwise variant(s) alone")
     ap.add_argument("--gin", action="append", default=[])
@@ -59,14 +64,17 @@ def main(argv=None):
 
     from hnet import sharding
 
-    variants = {} if args.only else {"dense": contextlib.nullcontext}
+    variants = {} if args.only else {"dense": (contextlib.nullcontext, [])}
     for bq in args.block_q:
-        variants[f"blockwise bq={bq}"] = lambda bq=bq: blockwise_attention_patched(bq, args.block_k)
+        variants[f"blockwise bq={bq}"] = (lambda bq=bq: blockwise_attention_patched(bq, args.block_k), [])
+    for v in args.variant:
+        name, binding = v.split("=", 1)
+        variants[name] = (contextlib.nullcontext, [binding])
     steps = {}
-    for name, ctx in variants.items():
+    for name, (ctx, bindings) in variants.items():
         with ctx():
             compiled, state, next_batch, _, compile_s, batch, mesh = throughput.compiled_step(
-                args.config, args.seq_len, args.bytes_per_step, args.gin)
+                args.config, args.seq_len, args.bytes_per_step, args.gin + bindings)
         steps[name] = dict(compiled=compiled, state=state, next_batch=next_batch, compile_s=compile_s, times=[])
     result = {"config": args.config, "seq_len": args.seq_len, "batch": batch, "load_before": os.getloadavg()}
     with sharding.mesh_context(mesh):
