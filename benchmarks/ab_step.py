@@ -28,7 +28,7 @@ import throughput  # noqa: E402  (same directory)
 
 
 @contextlib.contextmanager
-def blockwise_attention_patched(block_q: int, block_k: int):
+def blockwise_attention_patched(block_q: int, block_k: int, skip_padding: bool = False):
     from hnet import layers
     from hnet.kernels.blockwise_attention import blockwise_attention
 
@@ -37,7 +37,8 @@ def blockwise_attention_patched(block_q: int, block_k: int):
         q, k, v = self._qkv(x_BxLxD, positions_BxL)
         o = blockwise_attention(q, k, v, q_segment_ids_BxQ=segment_ids_BxL, k_segment_ids_BxS=segment_ids_BxL,
                                 causal=self.causal, window=self.window, softmax1=self.softmax1,
-                                key_bias_BxS=key_bias_BxL, block_q=block_q, block_k=block_k)
+                                key_bias_BxS=key_bias_BxL, block_q=block_q, block_k=block_k,
+                                skip_padding=skip_padding)
         return self.out(o.reshape(B, L, D))
 
     dense = layers.Attention.__call__
@@ -57,6 +58,7 @@ def main(argv=None):
     ap.add_argument("--block_q", type=int, nargs="*", default=[256], help="one blockwise variant per value")
     ap.add_argument("--variant", action="append", default=[], help="NAME=BINDING: a dense variant with a gin binding")
     ap.add_argument("--block_k", type=int, default=128)
+    ap.add_argument("--skip_padding", action="store_true", help="also each blockwise variant with skip_padding")
     ap.add_argument("--only", choices=["blockwise"], help="measure the blockwise variant(s) alone")
     ap.add_argument("--gin", action="append", default=[])
     args = ap.parse_args(argv)
@@ -67,6 +69,9 @@ def main(argv=None):
     variants = {} if args.only else {"dense": (contextlib.nullcontext, [])}
     for bq in args.block_q:
         variants[f"blockwise bq={bq}"] = (lambda bq=bq: blockwise_attention_patched(bq, args.block_k), [])
+        if args.skip_padding:
+            variants[f"blockwise bq={bq} skip_padding"] = (
+                lambda bq=bq: blockwise_attention_patched(bq, args.block_k, True), [])
     for v in args.variant:
         name, binding = v.split("=", 1)
         variants[name] = (contextlib.nullcontext, [binding])

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import glob
 import gzip
 import json
@@ -25,7 +26,8 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import throughput  # noqa: E402  (same directory)
+import ab_step  # noqa: E402  (same directory)
+import throughput  # noqa: E402
 
 _INSTR = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = [^=]*? ([\w\-]+)\(")
 _COMP = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) [^=]*\{\s*$")
@@ -111,13 +113,15 @@ def op_times(trace_dir: str) -> dict[str, float]:
     return t
 
 
-def profile(config: str, seq_len: int, bytes_per_step: int, steps: int, bindings: list[str]) -> dict:
+def profile(config: str, seq_len: int, bytes_per_step: int, steps: int, bindings: list[str],
+            blockwise: bool = False) -> dict:
     import jax
 
     from hnet import sharding
 
-    compiled, state, next_batch, _, _, batch, mesh = throughput.compiled_step(config, seq_len, bytes_per_step,
-                                                                               bindings)
+    with ab_step.blockwise_attention_patched(256, 128) if blockwise else contextlib.nullcontext():
+        compiled, state, next_batch, _, _, batch, mesh = throughput.compiled_step(config, seq_len, bytes_per_step,
+                                                                                   bindings)
     instrs, comps, labels = parse_hlo(compiled.as_text())
     with sharding.mesh_context(mesh), tempfile.TemporaryDirectory() as d:
         box = {"state": state}
@@ -150,9 +154,10 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=2, help="traced steps (after one warm-up step)")
     ap.add_argument("--gin", action="append", default=[])
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--blockwise", action="store_true", help="with the blockwise attention kernel")
     ap.add_argument("--out", help="JSON of the rows")
     args = ap.parse_args(argv)
-    r = profile(args.config, args.seq_len, args.bytes_per_step, args.steps, args.gin)
+    r = profile(args.config, args.seq_len, args.bytes_per_step, args.steps, args.gin, args.blockwise)
     print(f"{r['config']} L={r['seq_len']} B={r['batch']}: wall {r['wall_ms']:.0f} ms/step, "
           f"summed op time {r['op_ms']:.0f} ms/step")
     print("| source (function) | op kind | ms/step | share |\n|---|---|---|---|")

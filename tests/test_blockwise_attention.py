@@ -120,3 +120,30 @@ def test_no_quadratic_intermediate():
     sizes += [np.prod(v.aval.shape) for e in jaxpr.eqns for sub in jax.extend.core.jaxprs_in_params(e.params)
               for e2 in sub.eqns for v in e2.outvars if hasattr(v.aval, "shape")]
     assert max(sizes) <= 32 * n, max(sizes)
+
+
+@pytest.mark.parametrize("padded_tail", [6, 16])  # 16: the last block (rows 32..36) and the one before are all padding
+def test_skip_padding(padded_tail):
+    # padding queries give 0; real rows and every gradient (cotangent 0 on padding rows, as when a caller
+    # discards them) equal the dense path, whether or not whole blocks are skipped
+    ks = jax.random.split(jax.random.key(1), 5)
+    q, k, v = (jax.random.normal(kk, (B, L, H, K)) for kk in ks[:3])
+    bias = jax.random.normal(ks[3], (B, L))
+    seg = jnp.asarray([[1] * 10 + [2] * (L - 10 - padded_tail) + [0] * padded_tail,
+                       [3] * (L - padded_tail) + [0] * padded_tail], jnp.int32)
+    real = (seg != 0)[:, :, None, None]
+    ct = jnp.where(real, jax.random.normal(ks[4], (B, L, H, K)), 0.0)
+
+    def dense(q, k, v, bias):
+        return _dense(q, k, v, seg, bias, True, -1, False)
+
+    def blockwise(q, k, v, bias):
+        return blockwise_attention(q, k, v, q_segment_ids_BxQ=seg, k_segment_ids_BxS=seg, causal=True, window=-1,
+                                   softmax1=False, key_bias_BxS=bias, block_q=8, block_k=4, skip_padding=True)
+
+    run = jax.jit(lambda fn, *a: (lambda o, vjp: (o, vjp(ct)))(*jax.vjp(fn, *a)), static_argnums=0)
+    (o_ref, g_ref), (o, g) = run(dense, q, k, v, bias), run(blockwise, q, k, v, bias)
+    np.testing.assert_allclose(np.where(real, o, 0.0), np.where(real, o_ref, 0.0), atol=1e-5)
+    assert not np.any(np.where(real, 0.0, o))
+    for name, a, b in zip(["dq", "dk", "dv", "dbias"], g, g_ref):
+        np.testing.assert_allclose(a, b, atol=1e-5, err_msg=name)
