@@ -172,7 +172,7 @@ _attention_bhlk.defvjp(_attention_fwd, _attention_bwd)
 
 
 def blockwise_attention(q_BxQxHxK, k_BxSxHxK, v_BxSxHxK, *, q_segment_ids_BxQ, k_segment_ids_BxS, causal: bool,
-                        window: int, softmax1: bool, key_bias_BxS=None, block_q: int = 256,
+                        window: int, softmax1: bool, key_bias_BxS=None, block_q: int = 128,
                         block_k: int = 128, max_blocks: int = 8, skip_padding: bool = False):
     """Attention output [B, Q, H, K] in v's dtype (softmax in fp32). Segment id 0 = padding (attends to
     padding only, like the dense path); ``window`` -1 = global; ``key_bias_BxS`` is added to the logits.
