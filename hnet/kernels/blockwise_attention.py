@@ -7,10 +7,12 @@ first query - ``window`` (local window), both rounded outwards to multiples of `
 that range is exact (no online rescaling is needed: one matmul per block, which is what XLA:CPU runs
 fastest), so for causal global attention the work is (n + 1) / 2n of the dense path for n query blocks.
 The ranges are enumerated in Python, so the skipping is static; segments (packed documents) are masked
-inside a range, not skipped (a data-dependent skip cannot shrink a static range).
+inside a range, not skipped (a data-dependent skip cannot shrink a static range), except that with
+``skip_padding`` a query block that is all padding is skipped at run time.
 
 The forward keeps only q, k, v, o and the per-row log-sum-exp; the backward recomputes each block's
 probabilities (FlashAttention-2's backward, one q-block at a time, dK/dV accumulated over the key range).
+The blocks run one after the other (``_after``), so only one block's [B, H, block_q, range] tensors are live.
 
 Semantics equal the dense path (``hnet.layers.attention_mask`` + ``Attention._attend``): logits q·k/√K in
 fp32, plus ``key_bias`` per key; a key is visible if it is in the query's segment, not after it (causal)
