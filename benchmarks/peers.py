@@ -2,6 +2,7 @@
 
     .venv/bin/pip install -e '.[bench]'      # torch (CPU), h-net-dynamic-chunking, megabyte-pytorch
     .venv/bin/python benchmarks/peers.py --seq_lens 1024 4096 --rounds 2 --out docs/peers_cpu.json
+    .venv/bin/python benchmarks/peers.py --profile --pairs transformer --seq_lens 1024   # torch.profiler op table
 
 Pairs (ours <-> peer; every mismatch is printed and written to the JSON):
   hnet         hnet_1stage_tiny  <-> h_net_dynamic_chunking.HNet (x-transformers encoder / main / decoder)
@@ -96,8 +97,8 @@ def build_peer(name: str, seq_len: int):
     return model, lambda ids: model(ids[:, 1:], return_loss=True)  # MEGABYTE predicts every byte from a start token
 
 
-def measure_peer(name: str, seq_len: int, bytes_per_step: int, steps: int) -> dict:
-    """Runs in the child process: same text (CPython's pydoc topics), bytes per step and thread count as ours."""
+def peer_step(name: str, seq_len: int, bytes_per_step: int):
+    """(model, one_step(), batch): one training step of the peer on CPython's pydoc topics, same thread count."""
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP; see the module docstring
     import numpy as np
     import torch
@@ -109,24 +110,49 @@ def measure_peer(name: str, seq_len: int, bytes_per_step: int, steps: int) -> di
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
     text = np.frombuffer("".join(topics.values()).encode(), np.uint8)
     batch, rng = max(1, bytes_per_step // seq_len), np.random.default_rng(0)
-    box = {}
 
     def one_step():
         starts = rng.integers(0, len(text) - seq_len - 1, batch)
         ids = torch.from_numpy(np.stack([text[s:s + seq_len + 1] for s in starts]).astype(np.int64))
         opt.zero_grad(set_to_none=True)
-        box["loss"] = loss = loss_fn(ids)
+        loss = loss_fn(ids)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        return loss
 
-    first_s = throughput.timed(one_step, 1)[0]
-    times = throughput.timed(one_step, steps)
+    return model, one_step, batch
+
+
+def measure_peer(name: str, seq_len: int, bytes_per_step: int, steps: int) -> dict:
+    """Runs in the child process: same text, bytes per step and thread count as ours."""
+    import numpy as np
+    import torch
+
+    model, one_step, batch = peer_step(name, seq_len, bytes_per_step)
+    box = {}
+
+    def step():
+        box["loss"] = one_step()
+
+    first_s = throughput.timed(step, 1)[0]
+    times = throughput.timed(step, steps)
     step_s = float(np.median(times))
     return {"config": PAIRS[name]["peer"], "seq_len": seq_len, "batch": batch,
             "params": sum(p.numel() for p in model.parameters()), "first_step_s": first_s, "step_s": step_s,
             "step_times_s": times, "bytes_per_s": batch * seq_len / step_s, "peak_rss_mb": throughput.peak_rss_mb(),
             "loss": box["loss"].item(), "threads": torch.get_num_threads(), "torch": torch.__version__}
+
+
+def profile_peer(name: str, seq_len: int, bytes_per_step: int, top: int = 20) -> str:
+    """torch.profiler table (self CPU time per op) of one step after a warm-up step."""
+    import torch
+
+    _, one_step, _ = peer_step(name, seq_len, bytes_per_step)
+    one_step()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        one_step()
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top)
 
 
 def summarize(pair: str, seq_len: int, rounds: list[tuple[dict, dict]]) -> dict:
@@ -163,6 +189,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=2, help="ours/peer alternations per pair and length")
     ap.add_argument("--out", default=os.path.join(throughput.ROOT, "benchmarks/out/peers.json"),
                     help="JSON, rewritten after every pair and length")
+    ap.add_argument("--profile", action="store_true", help="print torch.profiler's op table of each peer instead")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     missing = missing_modules()
@@ -172,6 +199,11 @@ def main(argv=None) -> int:
     if args.child:
         name, L = args.child.split("@")
         print("RESULT " + json.dumps(measure_peer(name, int(L), args.bytes_per_step, args.steps)))
+        return 0
+    if args.profile:
+        for L in args.seq_lens:
+            for pair in args.pairs:
+                print(f"{PAIRS[pair]['peer']} L={L}\n{profile_peer(pair, L, args.bytes_per_step)}", flush=True)
         return 0
     summaries = []
     for L in args.seq_lens:

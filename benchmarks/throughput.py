@@ -61,8 +61,10 @@ def sweep_models(path: str) -> dict[str, list[str]]:
     return {os.path.splitext(os.path.basename(m))[0]: list(sw.model_bindings.get(m, ())) for m in sw.models}
 
 
-def measure(config: str, seq_len: int, bytes_per_step: int, steps: int, bindings: list[str]) -> dict:
-    """Runs in the child process: compile, one warm-up step, then ``steps`` timed steps (median)."""
+def compiled_step(config: str, seq_len: int, bytes_per_step: int, bindings: list[str]):
+    """Builds ``config``'s train step at ``seq_len`` on its run's data pipeline (B = bytes_per_step // L).
+
+    Returns (compiled step, state, next_batch(), n_params, compile seconds, batch size, mesh)."""
     import gin
     import jax
     import numpy as np
@@ -72,7 +74,7 @@ def measure(config: str, seq_len: int, bytes_per_step: int, steps: int, bindings
     from train import data as data_lib
     from train.loop import build_state
     from train.optim import OptimizerConfig
-    from train.step import flops_per_byte, make_train_step
+    from train.step import make_train_step
 
     cfg_lib.parse([os.path.join(ROOT, "configs", f"{config}.gin"), os.path.join(ROOT, "configs/runs/default.gin")],
                   bindings)
@@ -88,15 +90,32 @@ def measure(config: str, seq_len: int, bytes_per_step: int, steps: int, bindings
     step = jax.jit(make_train_step(setup.graphdef, setup.tx, setup.schedule),
                    in_shardings=(setup.state_shardings, sharding.batch_sharding(mesh)),
                    out_shardings=(setup.state_shardings, None), donate_argnums=(0,))
+
+    def next_batch():
+        return sharding.global_batch_from_local(mesh, next(it))
+
     with sharding.mesh_context(mesh):
-        b = sharding.global_batch_from_local(mesh, next(it))
         t0 = time.perf_counter()
-        compiled = step.lower(setup.state, b).compile()
+        compiled = step.lower(setup.state, next_batch()).compile()
         compile_s = time.perf_counter() - t0
-        box = {"state": setup.state}
+    return compiled, setup.state, next_batch, n_params, compile_s, batch, mesh
+
+
+def measure(config: str, seq_len: int, bytes_per_step: int, steps: int, bindings: list[str]) -> dict:
+    """Runs in the child process: compile, one warm-up step, then ``steps`` timed steps (median)."""
+    import jax
+    import numpy as np
+
+    from hnet import sharding
+    from train.step import flops_per_byte
+
+    compiled, state, next_batch, n_params, compile_s, batch, mesh = compiled_step(
+        config, seq_len, bytes_per_step, bindings)
+    with sharding.mesh_context(mesh):
+        box = {"state": state}
 
         def one_step():
-            box["state"], box["m"] = compiled(box["state"], sharding.global_batch_from_local(mesh, next(it)))
+            box["state"], box["m"] = compiled(box["state"], next_batch())
             jax.block_until_ready(box["m"]["loss"])
 
         one_step()  # warm-up

@@ -10,12 +10,14 @@ import re
 import subprocess
 import sys
 
+import jax.numpy as jnp
 import pytest
 
 from tests.conftest import REPO_ROOT as REPO
 
 sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 import peers  # noqa: E402
+import profile_step  # noqa: E402
 import throughput  # noqa: E402
 
 
@@ -90,3 +92,33 @@ def test_device_check_smoke_on_cpu(tmp_path, train_step):
         steps = {r["impl"]: r for r in res["train_step"]}
         assert steps["jnp"]["status"] == steps["pallas"]["status"] == "ok"
         assert steps["jnp"]["loss"] == pytest.approx(steps["pallas"]["loss"], rel=1e-3)
+
+
+def _matmul_then_tanh(a, b):
+    return jnp.tanh(a @ b)
+
+
+def test_profile_attributes_ops_to_our_functions(tmp_path):
+    # each executed HLO op of a traced jit call is found in the optimized HLO and labelled with our function
+    import jax
+
+    a = jnp.ones((64, 64))
+    compiled = jax.jit(_matmul_then_tanh).lower(a, a).compile()
+    instrs, comps, labels = profile_step.parse_hlo(compiled.as_text())
+    compiled(a, a).block_until_ready()
+    jax.profiler.start_trace(str(tmp_path), create_perfetto_trace=True)
+    compiled(a, a).block_until_ready()
+    jax.profiler.stop_trace()
+    times = profile_step.op_times(str(tmp_path))
+    assert times and all(op in instrs for op in times)
+    kinds = {profile_step.kind(instrs[op][0], comps.get(instrs[op][2], set())) for op in times}
+    assert "matmul" in kinds
+    assert {labels[instrs[op][1]] for op in times} == {"tests/test_benchmarks.py:_matmul_then_tanh"}
+
+
+@pytest.mark.slow
+def test_profile_step_end_to_end(tmp_path):
+    profile_step.main(["--config", "isotropic_tiny", "--seq_len", "64", "--bytes_per_step", "128", "--steps", "1",
+                       "--out", str(tmp_path / "p.json")])
+    r = json.load(open(tmp_path / "p.json"))
+    assert r["op_ms"] > 0 and any("Attention._attend" in w for w, _, _ in r["rows"])

@@ -1,4 +1,5 @@
-"""Pallas kernels (TPU Mosaic / GPU Triton) with jnp references beside them."""
+"""Kernels: Pallas row gather (TPU Mosaic / GPU Triton) with jnp references beside them; blockwise attention
+for XLA:CPU (blockwise_attention.py)."""
 
 from hnet.kernels.gather_rows import (
         default_backend,

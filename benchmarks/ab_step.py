@@ -1,0 +1,106 @@
+"""Train-step time of variants of one config, compiled in one process and timed in alternating rounds
+(A, B, C, A, B, C, ...) so that machine load hits all alike: the dense attention ("dense", the baseline),
+the blockwise kernel (one variant per --block_q) and gin bindings (--variant NAME=BINDING, dense attention).
+
+    .venv/bin/python benchmarks/ab_step.py --config isotropic_tiny --seq_len 1024 --rounds 3
+    # peak RSS of the blockwise path alone (no dense compile in the process)
+    .venv/bin/python benchmarks/ab_step.py --config isotropic_tiny --seq_len 8192 --only blockwise
+    # Mamba-2 chunk size
+    .venv/bin/python benchmarks/ab_step.py --config hnet_1stage_tiny --block_q --variant \
+        chunk32=models.HNetConfig.ssm_chunk_size=32
+
+The blockwise path is switched in by replacing ``Attention.__call__`` for the compile of that variant
+(a benchmark-only patch; the model's own dispatch is hnet/attention.py's job).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import throughput  # noqa: E402  (same directory)
+
+
+@contextlib.contextmanager
+def blockwise_attention_patched(block_q: int, block_k: int, skip_padding: bool = False):
+    from hnet import layers
+    from hnet.kernels.blockwise_attention import blockwise_attention
+
+    def call(self, x_BxLxD, segment_ids_BxL, positions_BxL, key_bias_BxL=None):
+        B, L, D = x_BxLxD.shape
+        q, k, v = self._qkv(x_BxLxD, positions_BxL)
+        o = blockwise_attention(q, k, v, q_segment_ids_BxQ=segment_ids_BxL, k_segment_ids_BxS=segment_ids_BxL,
+                                causal=self.causal, window=self.window, softmax1=self.softmax1,
+                                key_bias_BxS=key_bias_BxL, block_q=block_q, block_k=block_k,
+                                skip_padding=skip_padding)
+        return self.out(o.reshape(B, L, D))
+
+    dense = layers.Attention.__call__
+    layers.Attention.__call__ = call
+    try:
+        yield
+    finally:
+        layers.Attention.__call__ = dense
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="isotropic_tiny")
+    ap.add_argument("--seq_len", type=int, default=1024)
+    ap.add_argument("--bytes_per_step", type=int, default=8192)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--block_q", type=int, nargs="*", default=[256], help="one blockwise variant per value")
+    ap.add_argument("--variant", action="append", default=[], help="NAME=BINDING: a dense variant with a gin binding")
+    ap.add_argument("--block_k", type=int, default=128)
+    ap.add_argument("--skip_padding", action="store_true", help="also each blockwise variant with skip_padding")
+    ap.add_argument("--only", choices=["blockwise"], help="measure the blockwise variant(s) alone")
+    ap.add_argument("--gin", action="append", default=[])
+    args = ap.parse_args(argv)
+    import jax
+
+    from hnet import sharding
+
+    variants = {} if args.only else {"dense": (contextlib.nullcontext, [])}
+    for bq in args.block_q:
+        variants[f"blockwise bq={bq}"] = (lambda bq=bq: blockwise_attention_patched(bq, args.block_k), [])
+        if args.skip_padding:
+            variants[f"blockwise bq={bq} skip_padding"] = (
+                lambda bq=bq: blockwise_attention_patched(bq, args.block_k, True), [])
+    for v in args.variant:
+        name, binding = v.split("=", 1)
+        variants[name] = (contextlib.nullcontext, [binding])
+    steps = {}
+    for name, (ctx, bindings) in variants.items():
+        with ctx():
+            compiled, state, next_batch, _, compile_s, batch, mesh = throughput.compiled_step(
+                args.config, args.seq_len, args.bytes_per_step, args.gin + bindings)
+        steps[name] = dict(compiled=compiled, state=state, next_batch=next_batch, compile_s=compile_s, times=[])
+    result = {"config": args.config, "seq_len": args.seq_len, "batch": batch, "load_before": os.getloadavg()}
+    with sharding.mesh_context(mesh):
+        for r in range(args.rounds + 1):  # round 0 is the warm-up
+            for name, s in steps.items():
+                t0 = time.perf_counter()
+                s["state"], m = s["compiled"](s["state"], s["next_batch"]())
+                loss = float(jax.block_until_ready(m["loss"]))
+                if r:
+                    s["times"].append(time.perf_counter() - t0)
+                s["loss"] = loss
+    result["load_after"] = os.getloadavg()
+    result["peak_rss_mb"] = throughput.peak_rss_mb()
+    result["variants"] = {n: dict(compile_s=s["compile_s"], step_times_s=s["times"], loss=s["loss"],
+                                  step_s=statistics.median(s["times"])) for n, s in steps.items()}
+    if "dense" in steps:
+        d = steps["dense"]["times"]
+        result["speedup_per_round"] = {n: [a / b for a, b in zip(d, s["times"])] for n, s in steps.items()
+                                       if n != "dense"}
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,149 @@
+"""Blockwise attention (hnet/kernels/blockwise_attention.py) against the dense reference path
+(hnet.layers.attention_mask + Attention._attend): values and gradients of q, k, v and the key bias."""
+
+import jax
+import jax.extend
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from hnet.kernels.blockwise_attention import blockwise_attention, key_ranges
+from hnet.layers import Attention, attention_mask
+
+B, L, H, K = 2, 37, 2, 8  # L is not a multiple of the blocks
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _highest_precision():
+    with jax.default_matmul_precision("highest"):
+        yield
+
+
+def _segments():
+    # row 0: three packed documents and right padding (segment 0); row 1: two documents
+    s0 = [1] * 5 + [2] * 14 + [3] * 12 + [0] * 6
+    s1 = [4] * 20 + [5] * 17
+    return jnp.asarray([s0, s1], jnp.int32)
+
+
+def _dense(q, k, v, seg, bias, causal, window, softmax1):
+    att = Attention(H * K, H, window=window, softmax1=softmax1, causal=causal, rngs=nnx.Rngs(0))
+    idx = jnp.broadcast_to(jnp.arange(L)[None], (B, L))
+    return att._attend(q, k, v, attention_mask(seg, seg, idx, idx, window, causal), bias)
+
+
+def _blockwise(q, k, v, seg, bias, causal, window, softmax1):
+    return blockwise_attention(q, k, v, q_segment_ids_BxQ=seg, k_segment_ids_BxS=seg, causal=causal, window=window,
+                               softmax1=softmax1, key_bias_BxS=bias, block_q=8, block_k=4)
+
+
+CASES = {  # causal, window, softmax1, key bias
+    "causal": (True, -1, False, False),
+    "causal_window": (True, 5, False, False),
+    "softmax1_bias": (True, -1, True, True),
+    "window_softmax1_bias": (True, 9, True, True),
+    "bidirectional_window": (False, 6, False, True),
+    "bidirectional": (False, -1, True, False),
+}
+
+
+@pytest.mark.parametrize("case,dtype", [(c, jnp.float32) for c in CASES]
+                         + [(c, jnp.bfloat16) for c in ("causal_window", "window_softmax1_bias")])
+def test_values_and_grads_match_dense(case, dtype):
+    causal, window, softmax1, with_bias = CASES[case]
+    ks = jax.random.split(jax.random.key(0), 5)
+    q, k, v = ((2.0 * jax.random.normal(kk, (B, L, H, K))).astype(dtype) for kk in ks[:3])
+    bias = jax.random.normal(ks[3], (B, L)) if with_bias else None
+    seg = _segments()
+    ct = jax.random.normal(ks[4], (B, L, H, K)).astype(dtype)
+
+    @jax.jit
+    def run_dense(*a):
+        return run(_dense, *a)
+
+    @jax.jit
+    def run_blockwise(*a):
+        return run(_blockwise, *a)
+
+    def run(fn, q, k, v, bias):
+        out, vjp = jax.vjp(lambda *a: fn(*a[:3], seg, a[3] if with_bias else None, causal, window, softmax1),
+                           q, k, v, bias)
+        return out, vjp(ct)
+
+    args = (q, k, v, bias if with_bias else jnp.zeros(()))
+    (o_ref, g_ref), (o, g) = run_dense(*args), run_blockwise(*args)
+    assert o.dtype == o_ref.dtype == dtype
+    tol = 1e-5 if dtype == jnp.float32 else 4e-2
+    scale = lambda x: float(jnp.max(jnp.abs(x.astype(jnp.float32)))) + 1e-6  # noqa: E731
+    np.testing.assert_allclose(np.asarray(o, np.float32), np.asarray(o_ref, np.float32), atol=tol * scale(o_ref))
+    names = ["dq", "dk", "dv", "dbias"] if with_bias else ["dq", "dk", "dv"]
+    for name, a, b in zip(names, g, g_ref):
+        assert a.dtype == b.dtype, name
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), atol=tol * scale(b),
+                                   err_msg=name)
+
+
+@pytest.mark.parametrize("causal,window", [(True, -1), (True, 7), (False, 7), (False, -1)])
+def test_key_ranges_are_tight(causal, window):
+    # with block_k = 1 each q-block's range is exactly the span of the keys its rows can see
+    n, bq = 37, 8
+    idx = jnp.arange(n)[None]
+    seg = jnp.ones((1, n), jnp.int32)
+    vis = np.asarray(attention_mask(seg, seg, idx, idx, window, causal))[0, 0]
+    for q0, q1, lo, hi in key_ranges(n, n, bq, 1, causal, window):
+        cols = np.nonzero(vis[q0:q1].any(axis=0))[0]
+        assert (lo, hi) == (cols.min(), cols.max() + 1), (q0, lo, hi)
+
+
+def test_static_block_skipping():
+    # causal global: q-block i sees keys [0, (i + 1) * block) -> (n + 1) / 2n of the dense work
+    r = key_ranges(1024, 1024, 256, 128, causal=True, window=-1)
+    assert [(lo, hi) for _, _, lo, hi in r] == [(0, 256), (0, 512), (0, 768), (0, 1024)]
+    # a local window of 100 keeps each q-block's keys within [q0 - 100, q1), rounded out to 128
+    r = key_ranges(1024, 1024, 256, 128, causal=True, window=100)
+    assert [(lo, hi) for _, _, lo, hi in r] == [(0, 256), (128, 512), (384, 768), (640, 1024)]
+
+
+def test_no_quadratic_intermediate():
+    # forward + backward never hold an [L, L] block: the largest value is [B, H, block_q, L]
+    n = 256
+    q = jnp.ones((1, n, 1, 8))
+    seg = jnp.ones((1, n), jnp.int32)
+
+    def loss(q):
+        return blockwise_attention(q, q, q, q_segment_ids_BxQ=seg, k_segment_ids_BxS=seg, causal=True, window=-1,
+                                   softmax1=False, block_q=32, block_k=32).sum()
+
+    jaxpr = jax.make_jaxpr(jax.grad(loss))(q)
+    sizes = [np.prod(v.aval.shape) for e in jaxpr.eqns for v in e.outvars if hasattr(v.aval, "shape")]
+    sizes += [np.prod(v.aval.shape) for e in jaxpr.eqns for sub in jax.extend.core.jaxprs_in_params(e.params)
+              for e2 in sub.eqns for v in e2.outvars if hasattr(v.aval, "shape")]
+    assert max(sizes) <= 32 * n, max(sizes)
+
+
+@pytest.mark.parametrize("padded_tail", [6, 16])  # 16: the last block (rows 32..36) and the one before are all padding
+def test_skip_padding(padded_tail):
+    # padding queries give 0; real rows and every gradient (cotangent 0 on padding rows, as when a caller
+    # discards them) equal the dense path, whether or not whole blocks are skipped
+    ks = jax.random.split(jax.random.key(1), 5)
+    q, k, v = (jax.random.normal(kk, (B, L, H, K)) for kk in ks[:3])
+    bias = jax.random.normal(ks[3], (B, L))
+    seg = jnp.asarray([[1] * 10 + [2] * (L - 10 - padded_tail) + [0] * padded_tail,
+                       [3] * (L - padded_tail) + [0] * padded_tail], jnp.int32)
+    real = (seg != 0)[:, :, None, None]
+    ct = jnp.where(real, jax.random.normal(ks[4], (B, L, H, K)), 0.0)
+
+    def dense(q, k, v, bias):
+        return _dense(q, k, v, seg, bias, True, -1, False)
+
+    def blockwise(q, k, v, bias):
+        return blockwise_attention(q, k, v, q_segment_ids_BxQ=seg, k_segment_ids_BxS=seg, causal=True, window=-1,
+                                   softmax1=False, key_bias_BxS=bias, block_q=8, block_k=4, skip_padding=True)
+
+    run = jax.jit(lambda fn, *a: (lambda o, vjp: (o, vjp(ct)))(*jax.vjp(fn, *a)), static_argnums=0)
+    (o_ref, g_ref), (o, g) = run(dense, q, k, v, bias), run(blockwise, q, k, v, bias)
+    np.testing.assert_allclose(np.where(real, o, 0.0), np.where(real, o_ref, 0.0), atol=1e-5)
+    assert not np.any(np.where(real, 0.0, o))
+    for name, a, b in zip(["dq", "dk", "dv", "dbias"], g, g_ref):
+        np.testing.assert_allclose(a, b, atol=1e-5, err_msg=name)
