@@ -179,12 +179,13 @@ def train(
         train_data = dataclasses.replace(train_data, seed=seed)
     t_setup = time.time()
     is_main = jax.process_index() == 0
-    train_docs, train_stats = data_lib.load_documents(train_data)
+    train_docs = data_lib.open_documents(train_data)  # lazy: an index of the prepared shards
+    train_stats = train_docs.stats
     log.info(data_lib.describe(train_stats, "train data"))
     eval_docs = None
     if eval_data is not None:
-        eval_docs, eval_stats = data_lib.load_documents(eval_data)
-        log.info(data_lib.describe(eval_stats, "eval data"))
+        eval_docs = data_lib.open_documents(eval_data)
+        log.info(data_lib.describe(eval_docs.stats, "eval data"))
     data_iter = data_lib.make_train_iterator(train_data, train_docs)
 
     mesh = sharding.make_mesh(mesh_shape or {"data": -1})
