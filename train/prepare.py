@@ -131,9 +131,10 @@ def _split_point(f, pos: int, sep: bytes, size: int) -> int | None:
     return r if r < size else None
 
 
-def plan_units(path: str, source_id: int, doc_split: str) -> list[dict]:
-    """Work units of one file: byte ranges that split into whole documents (the separator between two
-    units is dropped, so the units' documents are exactly the file's, in order)."""
+def plan_units(path: str, source_id: int, doc_split: str, unit_bytes: int = 0) -> list[dict]:
+    """Work units of one file: byte ranges of about ``unit_bytes`` that split into whole documents (the
+    separator between two units is dropped, so the units' documents are exactly the file's, in order)."""
+    unit_bytes = unit_bytes or UNIT_BYTES
     kind = _kind(path, doc_split)
     unit = {"source": source_id, "path": path, "kind": kind, "lo": 0, "hi": -1, "first": True}
     sep = b"\n" if kind == "jsonl" else SEPARATORS.get(doc_split) if kind == "text" else None
@@ -142,8 +143,8 @@ def plan_units(path: str, source_id: int, doc_split: str) -> list[dict]:
     size = epath.Path(path).stat().length
     units, lo = [], 0
     with epath.Path(path).open("rb") as f:
-        while size - lo > UNIT_BYTES:
-            cut = _split_point(f, lo + UNIT_BYTES, sep, size)
+        while size - lo > unit_bytes:
+            cut = _split_point(f, lo + unit_bytes, sep, size)
             if cut is None:
                 break
             units.append({**unit, "lo": lo, "hi": cut, "first": not units})
@@ -301,15 +302,25 @@ def write_shard(out: str, k: int, n: int, units: list[dict], doc_split: str, jso
         marker["counts"] = dataclasses.asdict(counts)
         for f in (local, index):  # copy, then the marker last: a shard without a marker is redone
             epath.Path(f).copy(epath.Path(out) / os.path.basename(f), overwrite=True)
-    (epath.Path(out) / (name + ".json")).write_text(json.dumps(marker))
+    write_atomic(epath.Path(out) / (name + ".json"), json.dumps(marker))
     return marker
+
+
+def write_atomic(path: epath.Path, text: str):
+    """Write then rename: a kill never leaves a half-written marker (GCS objects appear whole anyway)."""
+    tmp = path.parent / (path.name + f".tmp-{os.getpid()}")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 def make_plan(sources: list[str], doc_split: str, jsonl_field: str, shards: int) -> dict:
     files = [p for s in sources for p in expand_source(s)]
-    units = [u for i, p in enumerate(files) for u in plan_units(p, i, doc_split)]
+    total = sum(_unit_bytes({"kind": _kind(p, doc_split), "path": p, "hi": -1}) for p in files)
+    shards = shards or max(1, total // (256 << 20))
+    unit_bytes = min(UNIT_BYTES, max(total // shards, 1 << 12))  # at least one unit per shard
+    units = [u for i, p in enumerate(files) for u in plan_units(p, i, doc_split, unit_bytes)]
     sizes = np.array([_unit_bytes(u) for u in units], np.float64)
-    n = max(1, min(shards or max(1, int(sizes.sum() // (256 << 20))), len(units)))
+    n = max(1, min(shards, len(units)))
     # contiguous groups of units of about equal bytes (documents keep their order across shards)
     bounds = np.searchsorted(np.cumsum(sizes), np.arange(1, n) * sizes.sum() / n, side="left")
     groups = np.split(np.arange(len(units)), np.minimum(bounds + 1, len(units)))
@@ -329,7 +340,7 @@ def prepare(sources: list[str], out: str, *, shards: int = 0, doc_split: str = "
         if json.loads(plan_file.read_text()) != plan:
             raise DataError(f"{out} holds a different preparation (plan.json differs); choose another --out")
     else:
-        plan_file.write_text(json.dumps(plan))
+        write_atomic(plan_file, json.dumps(plan))
     n = len(plan["shards"])
     markers: dict[int, dict] = {}
     todo = []
@@ -355,7 +366,7 @@ def prepare(sources: list[str], out: str, *, shards: int = 0, doc_split: str = "
             bar.update(sum(_unit_bytes(u) for u in plan["shards"][k]))
     bar.close()
     manifest = make_manifest(plan, [markers[k] for k in range(n)])
-    (outp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    write_atomic(outp / "manifest.json", json.dumps(manifest, indent=1))
     return manifest
 
 
