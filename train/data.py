@@ -50,7 +50,6 @@ from train.prepare import DataError, shared_path  # noqa: F401  (re-exported: th
 
 PREPARED = "prepared:"
 READ_OPTIONS = "readahead_buffer_size:0,max_parallelism:0"  # ArrayRecord reader tuned for random access
-_BOS, _EOS = bytes([BOS]), bytes([EOS])
 READ_THREADS, PREFETCH_BATCHES = 2, 4  # grain threads building batches ahead of the step
 
 
@@ -105,7 +104,9 @@ class Document(bytes):
 # ------------------------------------------------------------------------------------------------
 
 class Prepared:
-    """One prepared directory: its manifest, the per-document index of all shards and lazy readers."""
+    """One prepared directory: its manifest, the per-document index of all shards and lazy readers. The
+    documents' bytes form one raw stream (shard after shard, document after document); ``raw_start``
+    [documents incl. empty] is each document's offset in it."""
 
     def __init__(self, directory: str):
         self.dir = directory
@@ -122,9 +123,8 @@ class Prepared:
         index = [np.load(os.path.join(directory, s["index"])) for s in shards]
         self.lengths = np.concatenate([i["lengths"] for i in index])  # int64 [documents incl. empty]
         self.invalid = np.concatenate([i["invalid_utf8"] for i in index])
-        self.record = np.cumsum(self.lengths > 0) - 1  # record of each non-empty document
-        self.shard_of = np.repeat(np.arange(len(shards)), [int((i["lengths"] > 0).sum()) for i in index])
-        self.shard_first = np.concatenate([[0], np.cumsum(np.bincount(self.shard_of, minlength=len(shards)))])
+        self.raw_start = np.cumsum(self.lengths) - self.lengths
+        self.shard_start = np.concatenate([[0], np.cumsum([s["bytes"] for s in shards])]).astype(np.int64)
         n = [s["documents"] + s["empty"] for s in self.manifest["sources"]]
         self.source_first = np.concatenate([[0], np.cumsum(n)]).astype(np.int64)  # documents per source file
         self._readers: list = [None] * len(shards)
@@ -155,18 +155,21 @@ class Prepared:
                         os.path.join(self.dir, self.manifest["shards"][k]["shard"]), READ_OPTIONS)
         return self._readers[k]
 
-    def read(self, records: np.ndarray) -> list[bytes]:
-        """Records (global record numbers, ascending) as bytes."""
+    def read_raw(self, lo: int, hi: int) -> bytes:
+        """Bytes [lo, hi) of the raw stream: the blocks (records) that cover them, shard by shard."""
         out = []
-        shards = self.shard_of[records]
-        for k in np.unique(shards):
-            pos = (records[shards == k] - self.shard_first[k]).tolist()
+        k = int(np.searchsorted(self.shard_start, lo, "right")) - 1
+        while lo < hi:
+            a, b = lo - int(self.shard_start[k]), min(hi, int(self.shard_start[k + 1])) - int(self.shard_start[k])
             try:
-                out += self._reader(int(k)).read(pos)
+                blocks = self._reader(k).read(a // prep.BLOCK, -(-b // prep.BLOCK))
             except Exception as e:  # noqa: BLE001 - riegeli reports corruption as a generic error
                 raise DataError(f"cannot read prepared shard {self.manifest['shards'][k]['shard']} in {self.dir}: "
                                 f"{e}") from e
-        return out
+            first = a // prep.BLOCK * prep.BLOCK
+            out.append(b"".join(blocks)[a - first:b - first])
+            lo, k = int(self.shard_start[k + 1]), k + 1
+        return b"".join(out)
 
 
 @functools.lru_cache(maxsize=32)
@@ -242,7 +245,7 @@ def prepared_dir(source: str, cfg: DataConfig) -> str:
 
 class Documents:
     """The non-empty documents of a split, in order, over one or more prepared directories. Per document
-    (arrays [n]): ``lengths``, and where its bytes are (directory, record, offset). ``byte_range`` per
+    (arrays [n]): ``lengths``, and where its bytes are (directory, raw-stream start). ``byte_range`` per
     source file: a single document is cut at byte fractions [lo, hi); several documents are assigned
     whole, by the fraction of the source at which they start."""
 
@@ -256,29 +259,26 @@ class Documents:
             self.sets.append(p)
             for s, meta in enumerate(p.manifest["sources"]):
                 a, b = p.source_first[s], p.source_first[s + 1]
-                lens, offs = p.lengths[a:b].copy(), np.zeros(b - a, np.int64)
-                invalid = p.invalid[a:b].copy()
-                idx = np.arange(a, b)
+                lens, starts, invalid = p.lengths[a:b].copy(), p.raw_start[a:b].copy(), p.invalid[a:b].copy()
                 if (lo, hi) != (0.0, 1.0) and b - a == 1:
                     n = int(lens[0])
-                    offs[0], lens[0] = int(lo * n), int(hi * n) - int(lo * n)
+                    starts[0], lens[0] = starts[0] + int(lo * n), int(hi * n) - int(lo * n)
                     if lens[0]:
-                        invalid[0] = not prep.is_valid_utf8(p.read(p.record[idx])[0][offs[0]:offs[0] + lens[0]])
+                        invalid[0] = not prep.is_valid_utf8(p.read_raw(int(starts[0]), int(starts[0] + lens[0])))
                 elif (lo, hi) != (0.0, 1.0):
                     frac = (np.cumsum(lens) - lens) / (int(lens.sum()) or 1)
                     keep = (lo <= frac) & (frac < hi)
-                    lens, offs, invalid, idx = lens[keep], offs[keep], invalid[keep], idx[keep]
-                nonempty = lens > 0
+                    lens, starts, invalid = lens[keep], starts[keep], invalid[keep]
+                ok = lens > 0
                 self.stats.files += meta["files"]
                 self.stats.bad_json += meta["bad_json"]
-                self.stats.empty_skipped += int((~nonempty).sum())
-                self.stats.invalid_utf8 += int(invalid[nonempty].sum())
+                self.stats.empty_skipped += int((~ok).sum())
+                self.stats.invalid_utf8 += int(invalid[ok].sum())
                 self.paths.append(meta["path"])
-                parts.append((np.full(int(nonempty.sum()), len(self.sets) - 1, np.int32), p.record[idx[nonempty]],
-                              offs[nonempty], lens[nonempty], np.full(int(nonempty.sum()), len(self.paths) - 1,
-                                                                      np.int32)))
-        self.set_id, self.record, self.offset, self.lengths, self.source = (
-            np.concatenate([x[i] for x in parts]) if parts else np.zeros(0, np.int64) for i in range(5))
+                parts.append((np.full(int(ok.sum()), len(self.sets) - 1, np.int32), starts[ok], lens[ok],
+                              np.full(int(ok.sum()), len(self.paths) - 1, np.int32)))
+        self.set_id, self.start, self.lengths, self.source = (
+            np.concatenate([x[i] for x in parts]) if parts else np.zeros(0, np.int64) for i in range(4))
         self.stats.documents, self.stats.bytes = len(self.lengths), int(self.lengths.sum())
         if not len(self.lengths):
             raise DataError(f"no non-empty document in sources {list(cfg.sources)} (range {cfg.byte_range}): "
@@ -287,15 +287,21 @@ class Documents:
     def __len__(self) -> int:
         return len(self.lengths)
 
+    def read_spans(self, lo: int, hi: int, a: np.ndarray, b: np.ndarray) -> bytes:
+        """Bytes [a_j, b_j) of documents j = lo..hi-1, concatenated (contiguous spans read together)."""
+        sets, starts = self.set_id[lo:hi], self.start[lo:hi] + a
+        ends = self.start[lo:hi] + b
+        cut = np.flatnonzero((sets[1:] != sets[:-1]) | (starts[1:] != ends[:-1])) + 1
+        return b"".join(self.sets[sets[i]].read_raw(int(starts[i]), int(ends[j - 1]))
+                        for i, j in zip(np.r_[0, cut].tolist(), np.r_[cut, hi - lo].tolist()))
+
     def read(self, lo: int, hi: int) -> list[Document]:
-        """Documents lo..hi-1."""
-        sets = self.set_id[lo:hi]
-        raw: list[bytes] = []
-        for k in np.unique(sets):  # set ids are ascending: documents keep their order
-            raw += self.sets[k].read(self.record[lo:hi][sets == k])
-        return [Document(r[o:o + n] if (o, n) != (0, len(r)) else r, self.paths[s])
-                for r, o, n, s in zip(raw, self.offset[lo:hi].tolist(), self.lengths[lo:hi].tolist(),
-                                      self.source[lo:hi].tolist())]
+        """Documents lo..hi-1, whole."""
+        lens = self.lengths[lo:hi]
+        raw = self.read_spans(lo, hi, np.zeros_like(lens), lens)
+        ends = np.cumsum(lens).tolist()
+        return [Document(raw[e - n:e], self.paths[s]) for e, n, s in zip(ends, lens.tolist(),
+                                                                         self.source[lo:hi].tolist())]
 
     def __getitem__(self, i: int) -> Document:
         return self.read(i, i + 1)[0]
@@ -313,6 +319,9 @@ class DocumentList:
 
     def read(self, lo: int, hi: int) -> list[bytes]:
         return self.docs[lo:hi]
+
+    def read_spans(self, lo: int, hi: int, a: np.ndarray, b: np.ndarray) -> bytes:
+        return b"".join(d[x:y] for d, x, y in zip(self.docs[lo:hi], a.tolist(), b.tolist()))
 
 
 def open_documents(cfg: DataConfig) -> Documents:
@@ -382,18 +391,17 @@ class WindowSource:
         hi = min(lo + L + 1, int(self.starts[-1]))
         d0 = int(np.searchsorted(self.starts, lo, "right")) - 1
         d1 = int(np.searchsorted(self.starts, hi - 1, "right"))
-        docs = self.docs.read(d0, d1)
         a = np.maximum(lo - self.starts[d0:d1], 0)  # framed slice [a, b) of each document in the window
         b = np.minimum(hi - self.starts[d0:d1], self.framed[d0:d1])
-        pieces = []
-        for doc, x, y in zip(docs, a.tolist(), b.tolist()):
-            n = len(doc)
-            pieces.append((_BOS if x == 0 else b"") + doc[max(x - 1, 0):min(y - 1, n)] + (_EOS if y == n + 2 else b""))
         lens = b - a
-        tokens = np.frombuffer(b"".join(pieces), np.uint8)
         doc = np.repeat(np.arange(d1 - d0, dtype=np.int32), lens)
-        positions = (np.arange(len(tokens)) - np.repeat(np.cumsum(lens) - lens, lens) + np.repeat(a, lens))
-        is_frame = (positions == 0) | (positions == np.repeat(self.framed[d0:d1] - 1, lens))
+        positions = np.arange(hi - lo) - np.repeat(np.cumsum(lens) - lens, lens) + np.repeat(a, lens)
+        is_bos, is_eos = positions == 0, positions == np.repeat(self.framed[d0:d1] - 1, lens)
+        is_frame = is_bos | is_eos
+        tokens = np.empty(hi - lo, np.uint8)  # BOS, EOS by position; the documents' bytes in between
+        tokens[is_bos], tokens[is_eos] = BOS, EOS
+        tokens[~is_frame] = np.frombuffer(self.docs.read_spans(d0, d1, np.maximum(a - 1, 0),
+                                                               np.minimum(b - 1, self.framed[d0:d1] - 2)), np.uint8)
         n = hi - lo - 1
         out = empty_window(L, self.annotations)
         out["inputs"][:n] = tokens[:-1]
@@ -403,6 +411,7 @@ class WindowSource:
         out["loss_mask"][:n] = doc[:-1] == doc[1:]
         out["byte_mask"][:n] = out["loss_mask"][:n] & ~is_frame[1:]
         if self.annotations:
+            docs = self.docs.read(d0, d1)
             arrs = [self._annotations(d0 + k, d, x == 0 and y == len(d) + 2)
                     for k, (d, x, y) in enumerate(zip(docs, a.tolist(), b.tolist()))]
             for name in self.annotations:

@@ -1,4 +1,4 @@
-"""Prepare byte corpora into sharded ArrayRecord files (one record per non-empty document) + a manifest.
+"""Prepare byte corpora into sharded ArrayRecord files (the documents' bytes in fixed-size blocks) + a manifest.
 
     python -m train.prepare --source=SRC [--source=SRC ...] --out=DIR [--shards=N] [--workers=N]
         [--doc_split=file|line|blank_line] [--jsonl_field=text]
@@ -8,7 +8,8 @@ Sources: text files, directories (recursively, sorted), globs, ``*.jsonl`` / ``*
 local or ``gs://``. Large line-split files are cut into units at document boundaries, so documents keep
 their source order and one file is prepared in parallel. ``DIR`` (local or ``gs://``) receives:
 
-  shard-KKKKK-of-NNNNN.arrayrecord  records: the non-empty documents of the shard, in order
+  shard-KKKKK-of-NNNNN.arrayrecord  records: the shard's documents concatenated, cut into BLOCK-byte blocks
+                                    (a window reads the one or two blocks it covers, not every document)
   shard-KKKKK-of-NNNNN.index.npz    per document incl. empty ones: ``lengths`` int64, ``source`` int32
                                     (into the manifest's sources), ``invalid_utf8`` bool
   shard-KKKKK-of-NNNNN.json         done marker: counts and sha256 of both files (a killed run resumes
@@ -26,6 +27,7 @@ import glob
 import hashlib
 import io
 import json
+import multiprocessing
 import os
 import sys
 import tempfile
@@ -35,8 +37,9 @@ import numpy as np
 from etils import epath
 
 FORMAT = "hnet-bytes-arrayrecord"
-VERSION = 1
-AR_OPTIONS = "group_size:1,uncompressed"  # random access to single documents, no decompression per read
+VERSION = 2
+AR_OPTIONS = "group_size:1,uncompressed"  # random access to single blocks, no decompression per read
+BLOCK = 32 << 10  # bytes per record
 UNIT_BYTES = 64 << 20  # a line-split file is cut into units of about this size (bounded memory per worker)
 SEPARATORS = {"line": b"\n", "blank_line": b"\n\n"}
 SHARED_DATA = os.environ.get(
@@ -276,6 +279,7 @@ def write_shard(out: str, k: int, n: int, units: list[dict], doc_split: str, jso
     with tempfile.TemporaryDirectory(prefix="hnet-prepare-") as tmp:  # ArrayRecord writes local files
         local = os.path.join(tmp, name + ".arrayrecord")
         w = ArrayRecordWriter(local, AR_OPTIONS)
+        buf = bytearray()
         for u in units:
             c = per_source.setdefault(u["source"], Counts())
             for d in unit_documents(u, doc_split, jsonl_field, c):
@@ -283,12 +287,20 @@ def write_shard(out: str, k: int, n: int, units: list[dict], doc_split: str, jso
                 sources.append(u["source"])
                 invalid.append(bool(d) and not is_valid_utf8(d))
                 if d:
-                    w.write(d)
+                    buf += d
+                    full = len(buf) // BLOCK * BLOCK
+                    if full:
+                        with memoryview(buf) as mv:
+                            for i in range(0, full, BLOCK):
+                                w.write(bytes(mv[i:i + BLOCK]))
+                        del buf[:full]
                     c.documents += 1
                     c.bytes += len(d)
                     c.invalid_utf8 += invalid[-1]
                 else:
                     c.empty += 1
+        if buf:
+            w.write(bytes(buf))
         w.close()
         index = os.path.join(tmp, name + ".index.npz")
         np.savez(index, lengths=np.asarray(lengths, np.int64), source=np.asarray(sources, np.int32),
@@ -355,7 +367,8 @@ def prepare(sources: list[str], out: str, *, shards: int = 0, doc_split: str = "
     workers = workers or min(len(todo), os.cpu_count() or 1)
     args = (doc_split, jsonl_field)
     if workers > 1 and len(todo) > 1:
-        with concurrent.futures.ProcessPoolExecutor(workers) as ex:
+        spawn = multiprocessing.get_context("spawn")  # no fork of a process that may run JAX threads
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=spawn) as ex:
             futs = {ex.submit(write_shard, out, k, n, plan["shards"][k], *args): k for k in todo}
             for f in concurrent.futures.as_completed(futs):
                 markers[futs[f]] = f.result()
