@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import sys
 import time
 
@@ -29,8 +28,10 @@ class MetricWriter:
         if self.enabled:
             from tensorboardX import SummaryWriter
 
-            os.makedirs(logdir, exist_ok=True)
-            self.tb = SummaryWriter(logdir, flush_secs=10)
+            from train import storage
+
+            storage.make_dirs(logdir)
+            self.tb = SummaryWriter(logdir, flush_secs=10)  # gs:// through google-cloud-storage
 
     def scalars(self, step: int, values: dict, prefix: str = ""):
         """NaN means "undefined in this window" (e.g. a MAGNET route with no byte in the batch) and is not

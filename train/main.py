@@ -54,18 +54,22 @@ def main(argv):
     from train.checkpoint import CheckpointError
     from train.logger import log, setup_console
     from train.loop import train
+    from train.storage import StorageError, absolute
 
     setup_console()
     try:
-        results = train(workdir=os.path.abspath(FLAGS.workdir))
+        results = train(workdir=absolute(FLAGS.workdir))
     except data_lib.DataError as e:
         print(f"data error: {e}", file=sys.stderr)
         sys.exit(2)
     except CheckpointError as e:
         print(f"checkpoint error: {e}", file=sys.stderr)
         sys.exit(2)
+    except StorageError as e:
+        print(f"storage error: {e}", file=sys.stderr)
+        sys.exit(2)
     if jax.process_index() == 0:
-        wd = os.path.abspath(FLAGS.workdir)
+        wd = absolute(FLAGS.workdir)
         print("\n" + "=" * 78)
         if "eval" in results:
             print(f"validation: {results['eval']['bpb']:.4f} bits per byte over {int(results['eval']['n_bytes']):,} bytes")
