@@ -319,7 +319,10 @@ def write_shard(out: str, k: int, n: int, units: list[dict], doc_split: str, jso
 
 
 def write_atomic(path: epath.Path, text: str):
-    """Write then rename: a kill never leaves a half-written marker (GCS objects appear whole anyway)."""
+    """Write then rename: a kill never leaves a half-written marker (an object store's objects appear whole)."""
+    if is_remote(str(path)):
+        path.write_text(text)
+        return
     tmp = path.parent / (path.name + f".tmp-{os.getpid()}")
     tmp.write_text(text)
     tmp.replace(path)
