@@ -128,15 +128,19 @@ def test_truncated_or_corrupt_shard_is_an_error_naming_it(tmp_path):
     data = open(shard, "rb").read()
     with open(shard, "wb") as f:
         f.write(data[: len(data) // 2])
-    with pytest.raises(D.DataError, match="shard-00001-of-00002.arrayrecord is truncated"):
+    with pytest.raises(D.DataError, match="shard-00001-of-00002.arrayrecord is missing, truncated or corrupt"):
         D.open_documents(D.DataConfig(sources=(f"prepared:{out}",)))
     flipped = bytearray(data)
     flipped[len(data) // 2] ^= 0x20
     with open(shard, "wb") as f:
         f.write(bytes(flipped))
     D.open_prepared.cache_clear()
+    # same size: the content hash (checked in the background) fails, and no read of that shard returns data
+    cfg = D.DataConfig(sources=(f"prepared:{out}",), seq_len=64, batch_size=4, shuffle=False)
+    docs = D.open_documents(cfg)
     with pytest.raises(D.DataError, match="shard-00001-of-00002.arrayrecord is corrupt: sha256"):
-        D.open_documents(D.DataConfig(sources=(f"prepared:{out}",)))
+        list(D.iterate_eval_batches(cfg, docs))
+    assert docs.read(0, 1)  # shard 0 is intact and readable
 
 
 def test_missing_prepared_dir_and_plan_mismatch(tmp_path):

@@ -19,8 +19,8 @@ whole document a window touches, when the window is built (so they see the full 
 One reading path: every source is a prepared directory of ArrayRecord shards (``train.prepare``). A
 ``prepared:DIR`` source (local or gs://) names one; any other source (text files, directories, globs,
 ``*.jsonl[.gz|.zst]``, ``shared:<path>``, ``builtin:pydoc_topics``) is prepared into ``cache_root()`` on
-first use. Only a per-document index (lengths, ~25 bytes per document) is held in memory; a window reads
-the few records it covers, so memory does not grow with the corpus.
+first use. Only a per-document index is held in memory (~20 bytes per document: lengths, cumulative raw and
+framed offsets); a window reads the one or two blocks it covers, so memory does not grow with the bytes.
 """
 
 from __future__ import annotations
@@ -35,7 +35,6 @@ import os
 import shutil
 import sys
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator
 
 import grain
@@ -105,8 +104,8 @@ class Document(bytes):
 
 class Prepared:
     """One prepared directory: its manifest, the per-document index of all shards and lazy readers. The
-    documents' bytes form one raw stream (shard after shard, document after document); ``raw_start``
-    [documents incl. empty] is each document's offset in it."""
+    documents' bytes form one raw stream (shard after shard, document after document); ``source_raw``
+    [sources + 1] is each source file's offset in it."""
 
     def __init__(self, directory: str):
         self.dir = directory
@@ -118,34 +117,52 @@ class Prepared:
             raise DataError(f"{directory}: unknown format {self.manifest.get('format')!r} "
                             f"version {self.manifest.get('version')!r} (want {prep.FORMAT} {prep.VERSION})")
         shards = self.manifest["shards"]
-        with ThreadPoolExecutor(min(len(shards), os.cpu_count() or 1) or 1) as ex:
-            list(ex.map(self._check, shards))
+        for s in shards:
+            path = os.path.join(directory, s["shard"])
+            if not os.path.isfile(path) or os.path.getsize(path) != s["size"]:
+                raise DataError(f"prepared shard {path} is missing, truncated or corrupt: "
+                                f"{os.path.getsize(path) if os.path.isfile(path) else 'no'} bytes, manifest says "
+                                f"{s['size']}")
+            self._check(s["index"], s["index_sha256"])
+        # shard contents are hashed in the background; a read from a shard waits for its check
+        self._verified = [threading.Event() for _ in shards]
+        self._errors: list[Exception | None] = [None] * len(shards)
+        todo = iter(range(len(shards)))
+        for _ in range(min(len(shards), os.cpu_count() or 1)):
+            threading.Thread(target=self._verify, args=(todo,), daemon=True).start()
         index = [np.load(os.path.join(directory, s["index"])) for s in shards]
-        self.lengths = np.concatenate([i["lengths"] for i in index])  # int64 [documents incl. empty]
+        self.lengths = np.concatenate([i["lengths"] for i in index])  # [documents incl. empty]
         self.invalid = np.concatenate([i["invalid_utf8"] for i in index])
-        self.raw_start = np.cumsum(self.lengths) - self.lengths
         self.shard_start = np.concatenate([[0], np.cumsum([s["bytes"] for s in shards])]).astype(np.int64)
         n = [s["documents"] + s["empty"] for s in self.manifest["sources"]]
         self.source_first = np.concatenate([[0], np.cumsum(n)]).astype(np.int64)  # documents per source file
+        self.source_raw = np.concatenate([[0], np.cumsum([s["bytes"] for s in self.manifest["sources"]])]).astype(
+            np.int64)
         self._readers: list = [None] * len(shards)
         self._lock = threading.Lock()
 
-    def _check(self, s: dict):
-        """Size and sha256 of a shard and its index against the manifest: nothing trains on a truncated or
-        corrupted shard."""
-        path = os.path.join(self.dir, s["shard"])
+    def _check(self, name: str, sha256: str):
+        """sha256 of a shard file against the manifest: nothing trains on a corrupted shard."""
+        path = os.path.join(self.dir, name)
         if not os.path.isfile(path):
-            raise DataError(f"prepared shard {path} is missing")
-        if os.path.getsize(path) != s["size"]:
-            raise DataError(f"prepared shard {path} is truncated or corrupt: {os.path.getsize(path)} bytes, "
-                            f"manifest says {s['size']}")
-        for name, want in ((s["shard"], s["sha256"]), (s["index"], s["index_sha256"])):
-            got = prep.sha256_of(os.path.join(self.dir, name))
-            if got != want:
-                raise DataError(f"prepared shard file {os.path.join(self.dir, name)} is corrupt: sha256 {got} "
-                                f"!= manifest {want}")
+            raise DataError(f"prepared shard file {path} is missing")
+        got = prep.sha256_of(path)
+        if got != sha256:
+            raise DataError(f"prepared shard file {path} is corrupt: sha256 {got} != manifest {sha256}")
+
+    def _verify(self, todo):
+        for k in todo:  # shared iterator: each shard is taken by one thread
+            s = self.manifest["shards"][k]
+            try:
+                self._check(s["shard"], s["sha256"])
+            except DataError as e:
+                self._errors[k] = e
+            self._verified[k].set()
 
     def _reader(self, k: int):
+        self._verified[k].wait()
+        if self._errors[k] is not None:
+            raise self._errors[k]
         if self._readers[k] is None:
             from array_record.python.array_record_module import ArrayRecordReader
 
@@ -161,8 +178,9 @@ class Prepared:
         k = int(np.searchsorted(self.shard_start, lo, "right")) - 1
         while lo < hi:
             a, b = lo - int(self.shard_start[k]), min(hi, int(self.shard_start[k + 1])) - int(self.shard_start[k])
+            reader = self._reader(k)
             try:
-                blocks = self._reader(k).read(a // prep.BLOCK, -(-b // prep.BLOCK))
+                blocks = reader.read(a // prep.BLOCK, -(-b // prep.BLOCK))
             except Exception as e:  # noqa: BLE001 - riegeli reports corruption as a generic error
                 raise DataError(f"cannot read prepared shard {self.manifest['shards'][k]['shard']} in {self.dir}: "
                                 f"{e}") from e
@@ -244,64 +262,71 @@ def prepared_dir(source: str, cfg: DataConfig) -> str:
 # ------------------------------------------------------------------------------------------------
 
 class Documents:
-    """The non-empty documents of a split, in order, over one or more prepared directories. Per document
-    (arrays [n]): ``lengths``, and where its bytes are (directory, raw-stream start). ``byte_range`` per
-    source file: a single document is cut at byte fractions [lo, hi); several documents are assigned
-    whole, by the fraction of the source at which they start."""
+    """The non-empty documents of a split, in order, over one or more prepared directories. In memory:
+    ``cum`` [n + 1], the cumulative byte lengths, and per source file (small arrays) where its selected
+    documents start in its directory's raw stream. ``byte_range`` per source file: a single document is cut
+    at byte fractions [lo, hi); several documents are assigned whole, by the fraction of the source at
+    which they start (a contiguous run)."""
 
     def __init__(self, cfg: DataConfig):
         self.sets: list[Prepared] = []
         self.paths: list[str] = []
-        parts, self.stats = [], DataStats()
+        lens_parts, first, set_of, raw_of, self.stats, n_docs = [], [], [], [], DataStats(), 0
         lo, hi = cfg.byte_range
         for spec in cfg.sources:
             p = open_prepared(prepared_dir(spec, cfg))
             self.sets.append(p)
             for s, meta in enumerate(p.manifest["sources"]):
                 a, b = p.source_first[s], p.source_first[s + 1]
-                lens, starts, invalid = p.lengths[a:b].copy(), p.raw_start[a:b].copy(), p.invalid[a:b].copy()
+                lens, invalid, raw = p.lengths[a:b], p.invalid[a:b], int(p.source_raw[s])
                 if (lo, hi) != (0.0, 1.0) and b - a == 1:
                     n = int(lens[0])
-                    starts[0], lens[0] = starts[0] + int(lo * n), int(hi * n) - int(lo * n)
-                    if lens[0]:
-                        invalid[0] = not prep.is_valid_utf8(p.read_raw(int(starts[0]), int(starts[0] + lens[0])))
+                    raw, lens = raw + int(lo * n), np.array([int(hi * n) - int(lo * n)], np.int64)
+                    invalid = np.array([bool(lens[0]) and not prep.is_valid_utf8(p.read_raw(raw, raw + int(lens[0])))])
                 elif (lo, hi) != (0.0, 1.0):
-                    frac = (np.cumsum(lens) - lens) / (int(lens.sum()) or 1)
-                    keep = (lo <= frac) & (frac < hi)
-                    lens, starts, invalid = lens[keep], starts[keep], invalid[keep]
+                    frac = (np.cumsum(lens, dtype=np.int64) - lens) / (int(lens.sum(dtype=np.int64)) or 1)
+                    i0, i1 = np.searchsorted(frac, lo, "left"), np.searchsorted(frac, hi, "left")
+                    raw += int(lens[:i0].sum(dtype=np.int64))
+                    lens, invalid = lens[i0:i1], invalid[i0:i1]
                 ok = lens > 0
                 self.stats.files += meta["files"]
                 self.stats.bad_json += meta["bad_json"]
                 self.stats.empty_skipped += int((~ok).sum())
                 self.stats.invalid_utf8 += int(invalid[ok].sum())
                 self.paths.append(meta["path"])
-                parts.append((np.full(int(ok.sum()), len(self.sets) - 1, np.int32), starts[ok], lens[ok],
-                              np.full(int(ok.sum()), len(self.paths) - 1, np.int32)))
-        self.set_id, self.start, self.lengths, self.source = (
-            np.concatenate([x[i] for x in parts]) if parts else np.zeros(0, np.int64) for i in range(4))
-        self.stats.documents, self.stats.bytes = len(self.lengths), int(self.lengths.sum())
-        if not len(self.lengths):
+                lens_parts.append(lens if ok.all() else lens[ok])
+                first.append(n_docs)
+                set_of.append(len(self.sets) - 1)
+                raw_of.append(raw)
+                n_docs += len(lens_parts[-1])
+        self.cum = np.zeros(n_docs + 1, np.int64)
+        np.cumsum(np.concatenate(lens_parts) if len(lens_parts) != 1 else lens_parts[0], dtype=np.int64, out=self.cum[1:])
+        # per source file: first view document, directory, raw-stream start of that document
+        self.src_first, self.src_set, self.src_raw = np.array(first), np.array(set_of), np.array(raw_of, np.int64)
+        self.stats.documents, self.stats.bytes = n_docs, int(self.cum[-1])
+        if not n_docs:
             raise DataError(f"no non-empty document in sources {list(cfg.sources)} (range {cfg.byte_range}): "
                             f"{self.stats}")
 
     def __len__(self) -> int:
-        return len(self.lengths)
+        return len(self.cum) - 1
 
     def read_spans(self, lo: int, hi: int, a: np.ndarray, b: np.ndarray) -> bytes:
         """Bytes [a_j, b_j) of documents j = lo..hi-1, concatenated (contiguous spans read together)."""
-        sets, starts = self.set_id[lo:hi], self.start[lo:hi] + a
-        ends = self.start[lo:hi] + b
+        src = np.searchsorted(self.src_first, np.arange(lo, hi), "right") - 1  # source file of each document
+        base = self.src_raw[src] + self.cum[lo:hi] - self.cum[self.src_first[src]]
+        sets, starts, ends = self.src_set[src], base + a, base + b
         cut = np.flatnonzero((sets[1:] != sets[:-1]) | (starts[1:] != ends[:-1])) + 1
         return b"".join(self.sets[sets[i]].read_raw(int(starts[i]), int(ends[j - 1]))
                         for i, j in zip(np.r_[0, cut].tolist(), np.r_[cut, hi - lo].tolist()))
 
     def read(self, lo: int, hi: int) -> list[Document]:
         """Documents lo..hi-1, whole."""
-        lens = self.lengths[lo:hi]
+        lens = np.diff(self.cum[lo:hi + 1])
         raw = self.read_spans(lo, hi, np.zeros_like(lens), lens)
-        ends = np.cumsum(lens).tolist()
-        return [Document(raw[e - n:e], self.paths[s]) for e, n, s in zip(ends, lens.tolist(),
-                                                                         self.source[lo:hi].tolist())]
+        ends = (self.cum[lo + 1:hi + 1] - self.cum[lo]).tolist()
+        src = (np.searchsorted(self.src_first, np.arange(lo, hi), "right") - 1).tolist()
+        return [Document(raw[e - n:e], self.paths[s]) for e, n, s in zip(ends, lens.tolist(), src)]
 
     def __getitem__(self, i: int) -> Document:
         return self.read(i, i + 1)[0]
@@ -312,7 +337,7 @@ class DocumentList:
 
     def __init__(self, docs: list[bytes]):
         self.docs = list(docs)
-        self.lengths = np.array([len(d) for d in self.docs], np.int64)
+        self.cum = np.concatenate([[0], np.cumsum([len(d) for d in self.docs], dtype=np.int64)])
 
     def __len__(self) -> int:
         return len(self.docs)
@@ -355,8 +380,9 @@ class WindowSource:
             raise DataError(f"unknown annotations {sorted(unknown)} (known: {sorted(ANNOTATIONS)})")
         self.docs = docs if hasattr(docs, "read") else DocumentList(docs)
         self.L, self.annotations = seq_len, tuple(annotations)
-        self.framed = self.docs.lengths + 2
-        self.starts = np.concatenate([[0], np.cumsum(self.framed)])  # [n + 1] framed start of each document
+        self.starts = np.arange(len(self.docs.cum), dtype=np.int64)  # [n + 1] framed start of each document
+        self.starts *= 2
+        self.starts += self.docs.cum
         n = int(self.starts[-1]) - 1  # number of (input, target) pairs
         self.n = (-(-n // seq_len) if pad_last else n // seq_len)
         if max_windows:
@@ -391,17 +417,18 @@ class WindowSource:
         hi = min(lo + L + 1, int(self.starts[-1]))
         d0 = int(np.searchsorted(self.starts, lo, "right")) - 1
         d1 = int(np.searchsorted(self.starts, hi - 1, "right"))
+        framed = np.diff(self.starts[d0:d1 + 1])
         a = np.maximum(lo - self.starts[d0:d1], 0)  # framed slice [a, b) of each document in the window
-        b = np.minimum(hi - self.starts[d0:d1], self.framed[d0:d1])
+        b = np.minimum(hi - self.starts[d0:d1], framed)
         lens = b - a
         doc = np.repeat(np.arange(d1 - d0, dtype=np.int32), lens)
         positions = np.arange(hi - lo) - np.repeat(np.cumsum(lens) - lens, lens) + np.repeat(a, lens)
-        is_bos, is_eos = positions == 0, positions == np.repeat(self.framed[d0:d1] - 1, lens)
+        is_bos, is_eos = positions == 0, positions == np.repeat(framed - 1, lens)
         is_frame = is_bos | is_eos
         tokens = np.empty(hi - lo, np.uint8)  # BOS, EOS by position; the documents' bytes in between
         tokens[is_bos], tokens[is_eos] = BOS, EOS
         tokens[~is_frame] = np.frombuffer(self.docs.read_spans(d0, d1, np.maximum(a - 1, 0),
-                                                               np.minimum(b - 1, self.framed[d0:d1] - 2)), np.uint8)
+                                                               np.minimum(b - 1, framed - 2)), np.uint8)
         n = hi - lo - 1
         out = empty_window(L, self.annotations)
         out["inputs"][:n] = tokens[:-1]

@@ -10,8 +10,9 @@ their source order and one file is prepared in parallel. ``DIR`` (local or ``gs:
 
   shard-KKKKK-of-NNNNN.arrayrecord  records: the shard's documents concatenated, cut into BLOCK-byte blocks
                                     (a window reads the one or two blocks it covers, not every document)
-  shard-KKKKK-of-NNNNN.index.npz    per document incl. empty ones: ``lengths`` int64, ``source`` int32
-                                    (into the manifest's sources), ``invalid_utf8`` bool
+  shard-KKKKK-of-NNNNN.index.npz    per document incl. empty ones, in order: ``lengths`` (int32, or int64
+                                    for documents of 2 GiB or more), ``invalid_utf8`` bool; the manifest
+                                    gives each source file's number of documents
   shard-KKKKK-of-NNNNN.json         done marker: counts and sha256 of both files (a killed run resumes
                                     by skipping the shards that have one)
   plan.json, manifest.json          the work plan; the manifest (format version, sources with their
@@ -37,7 +38,7 @@ import numpy as np
 from etils import epath
 
 FORMAT = "hnet-bytes-arrayrecord"
-VERSION = 2
+VERSION = 3
 AR_OPTIONS = "group_size:1,uncompressed"  # random access to single blocks, no decompression per read
 BLOCK = 32 << 10  # bytes per record
 UNIT_BYTES = 64 << 20  # a line-split file is cut into units of about this size (bounded memory per worker)
@@ -275,7 +276,7 @@ def write_shard(out: str, k: int, n: int, units: list[dict], doc_split: str, jso
     name = shard_name(k, n)
     counts = Counts()
     per_source: dict[int, Counts] = {}
-    lengths, sources, invalid = [], [], []
+    lengths, invalid = [], []
     with tempfile.TemporaryDirectory(prefix="hnet-prepare-") as tmp:  # ArrayRecord writes local files
         local = os.path.join(tmp, name + ".arrayrecord")
         w = ArrayRecordWriter(local, AR_OPTIONS)
@@ -284,7 +285,6 @@ def write_shard(out: str, k: int, n: int, units: list[dict], doc_split: str, jso
             c = per_source.setdefault(u["source"], Counts())
             for d in unit_documents(u, doc_split, jsonl_field, c):
                 lengths.append(len(d))
-                sources.append(u["source"])
                 invalid.append(bool(d) and not is_valid_utf8(d))
                 if d:
                     buf += d
@@ -303,7 +303,7 @@ def write_shard(out: str, k: int, n: int, units: list[dict], doc_split: str, jso
             w.write(bytes(buf))
         w.close()
         index = os.path.join(tmp, name + ".index.npz")
-        np.savez(index, lengths=np.asarray(lengths, np.int64), source=np.asarray(sources, np.int32),
+        np.savez(index, lengths=np.asarray(lengths, np.int32 if max(lengths, default=0) < 2**31 else np.int64),
                  invalid_utf8=np.asarray(invalid, bool))
         marker = {"name": name, "shard": name + ".arrayrecord", "index": name + ".index.npz",
                   "sha256": sha256_of(local), "index_sha256": sha256_of(index), "size": os.path.getsize(local),
