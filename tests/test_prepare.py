@@ -185,3 +185,20 @@ def test_long_document_windows_match_whole_stream(tmp_path):
     ws = np.concatenate([src[i]["word_starts"] for i in range(len(src))])[:len(framed) - 1]
     ref = np.concatenate([D.annotate(d, ("word_starts",))["word_starts"] for d in docs.docs])[:-1]
     np.testing.assert_array_equal(ws, ref)
+
+
+def test_data_pipeline_benchmark_measures_a_prepared_dir(tmp_path):
+    sys.path.insert(0, os.path.join(REPO_ROOT, "benchmarks"))
+    import data_pipeline
+
+    src = tmp_path / "gen.txt"
+    n = data_pipeline.generate(str(src), 300_000)
+    assert n >= 300_000 and b"\n\n" in src.read_bytes()[:100_000]
+    out = str(tmp_path / "prep")
+    P.prepare([str(src)], out, doc_split="blank_line", progress=False, workers=1)
+    row = data_pipeline.measure(out, 256, 4, ("word_starts",), seconds=0.3)
+    assert row["batches"] > 0 and row["bytes_per_s"] > 0 and 0 < row["first_batch_s"] < 60
+    assert row["corpus_bytes"] == sum(len(x) for x in src.read_bytes().split(b"\n\n"))
+    table = data_pipeline.markdown([{**row, "size_mib": 1, "prepare_s": 1.0, "annotations": ("word_starts",),
+                                     "load_before": (1.0,), "load_after": (2.0,)}])
+    assert table.splitlines()[2].startswith("| 1 MiB | ") and "| word_starts |" in table

@@ -25,6 +25,7 @@ framed offsets); a window reads the one or two blocks it covers, so memory does 
 
 from __future__ import annotations
 
+import bisect
 import collections
 import dataclasses
 import functools
@@ -380,10 +381,8 @@ class WindowSource:
             raise DataError(f"unknown annotations {sorted(unknown)} (known: {sorted(ANNOTATIONS)})")
         self.docs = docs if hasattr(docs, "read") else DocumentList(docs)
         self.L, self.annotations = seq_len, tuple(annotations)
-        self.starts = np.arange(len(self.docs.cum), dtype=np.int64)  # [n + 1] framed start of each document
-        self.starts *= 2
-        self.starts += self.docs.cum
-        n = int(self.starts[-1]) - 1  # number of (input, target) pairs
+        self.total = self._framed_start(len(self.docs.cum) - 1)
+        n = self.total - 1  # number of (input, target) pairs
         self.n = (-(-n // seq_len) if pad_last else n // seq_len)
         if max_windows:
             self.n = min(self.n, max_windows)
@@ -394,6 +393,10 @@ class WindowSource:
 
     def __len__(self) -> int:
         return self.n
+
+    def _framed_start(self, d: int) -> int:
+        """Start of document d in the framed stream: cum[d] + 2d (found by bisection, not stored)."""
+        return int(self.docs.cum[d]) + 2 * d
 
     def _annotations(self, j: int, doc: bytes, whole: bool) -> dict[str, np.ndarray]:
         """A document's annotations; the last few partly-covered (long) documents are cached, since the
@@ -414,12 +417,14 @@ class WindowSource:
     def __getitem__(self, i: int) -> dict[str, np.ndarray]:
         L = self.L
         lo = int(i) * L
-        hi = min(lo + L + 1, int(self.starts[-1]))
-        d0 = int(np.searchsorted(self.starts, lo, "right")) - 1
-        d1 = int(np.searchsorted(self.starts, hi - 1, "right"))
-        framed = np.diff(self.starts[d0:d1 + 1])
-        a = np.maximum(lo - self.starts[d0:d1], 0)  # framed slice [a, b) of each document in the window
-        b = np.minimum(hi - self.starts[d0:d1], framed)
+        hi = min(lo + L + 1, self.total)
+        index = range(len(self.docs.cum))
+        d0 = bisect.bisect_right(index, lo, key=self._framed_start) - 1
+        d1 = bisect.bisect_right(index, hi - 1, lo=d0, key=self._framed_start)
+        starts = self.docs.cum[d0:d1 + 1] + 2 * np.arange(d0, d1 + 1)
+        framed = np.diff(starts)
+        a = np.maximum(lo - starts[:-1], 0)  # framed slice [a, b) of each document in the window
+        b = np.minimum(hi - starts[:-1], framed)
         lens = b - a
         doc = np.repeat(np.arange(d1 - d0, dtype=np.int32), lens)
         positions = np.arange(hi - lo) - np.repeat(np.cumsum(lens) - lens, lens) + np.repeat(a, lens)
