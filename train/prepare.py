@@ -37,6 +37,8 @@ import time
 import numpy as np
 from etils import epath
 
+from train.storage import is_remote
+
 FORMAT = "hnet-bytes-arrayrecord"
 VERSION = 3
 AR_OPTIONS = "group_size:1,uncompressed"  # random access to single blocks, no decompression per read
@@ -53,10 +55,6 @@ class DataError(ValueError):
 
 def shared_path(*parts: str) -> str:
     return os.path.normpath(os.path.join(SHARED_DATA, *parts))
-
-
-def is_remote(path: str) -> bool:
-    return "://" in str(path)
 
 
 # ------------------------------------------------------------------------------------------------
