@@ -115,17 +115,18 @@ def _kind(path: str, doc_split: str) -> str:
 
 def _split_point(f, pos: int, sep: bytes, size: int) -> int | None:
     """The first position >= pos where ``data.split(sep)`` splits (start of a run of separators), or None."""
-    f.seek(max(pos - 1, 0))
-    buf, base = b"", max(pos - 1, 0)
+    f.seek(pos)
+    off, tail = pos, b""  # tail: the last len(sep) - 1 bytes read, for a separator across two blocks
     while True:
-        block = f.read(1 << 16)
+        block = f.read(1 << 20)
         if not block:
             return None
-        buf += block
-        q = buf.find(sep, pos - base)
+        q = (tail + block).find(sep)
         if q >= 0:
+            r = off - len(tail) + q
             break
-    r = base + q
+        tail = (tail + block)[len(tail) + len(block) - (len(sep) - 1):]
+        off += len(block)
     if len(sep) == 2:  # blank_line: back to the start of the newline run (the scan splits there)
         f.seek(max(r - (1 << 16), 0))
         head = f.read(r - max(r - (1 << 16), 0))
