@@ -1,9 +1,10 @@
 """Paths that may be local or in object storage (``gs://``): one place for what a run writes and reads.
 
 Every client honours ``STORAGE_EMULATOR_HOST`` (a local GCS-API server such as fake-gcs-server): gcsfs (which
-etils.epath and orbax use) and google-cloud-storage (tensorboardX) read it themselves; ``use_emulator``
-points tensorstore (orbax's array storage) at it too and turns off gcsfs's gRPC bucket-type probe, which
-only a real GCS answers (against an emulator it blocks for 60 s per call).
+etils.epath and orbax use) reads it itself; ``use_emulator`` points tensorstore (orbax's array storage) at it
+too and turns off gcsfs's gRPC bucket-type probe, which only a real GCS answers (against an emulator it
+blocks for 60 s per call). TensorBoard events for a remote logdir are written locally and uploaded
+(``train.logger.MetricWriter``): tensorboardX's own GCS writer hung against the emulator.
 """
 
 from __future__ import annotations
