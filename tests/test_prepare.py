@@ -140,6 +140,10 @@ def test_truncated_or_corrupt_shard_is_an_error_naming_it(tmp_path):
     docs = D.open_documents(cfg)
     with pytest.raises(D.DataError, match="shard-00001-of-00002.arrayrecord is corrupt: sha256"):
         list(D.iterate_eval_batches(cfg, docs))
+    it = D.make_train_iterator(D.DataConfig(**{**cfg.__dict__, "shuffle": True}), docs)  # through grain's threads
+    with pytest.raises(D.DataError, match="shard-00001-of-00002.arrayrecord is corrupt: sha256"):
+        for _ in range(100):
+            next(it)
     assert docs.read(0, 1)  # shard 0 is intact and readable
 
 
