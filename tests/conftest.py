@@ -18,6 +18,13 @@ if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _data_cache(tmp_path_factory):
+    """Sources prepared on first use (train.data) go to a per-session cache, not ~/.cache/hnet/data; the
+    CLI subprocesses inherit it."""
+    os.environ.setdefault("HNET_DATA_CACHE", str(tmp_path_factory.mktemp("data_cache")))
+
+
 @pytest.fixture
 def gin_clean():
     """Clear gin's global config before and after a test that parses or binds gin configs."""
