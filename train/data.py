@@ -61,7 +61,8 @@ def cache_root() -> str:
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     """One split of one corpus. ``sources``: raw sources (prepared into ``cache_root()`` on first use) or
-    ``prepared:DIR`` (``python -m train.prepare``). ``byte_range`` selects a fraction of every source
+    ``prepared:DIR`` (``python -m train.prepare``; ``doc_split`` and ``jsonl_field`` apply to raw sources, a
+    prepared directory keeps those it was prepared with). ``byte_range`` selects a fraction of every source
     file (see ``Documents``)."""
 
     sources: tuple[str, ...] = ("builtin:pydoc_topics",)
