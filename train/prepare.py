@@ -30,6 +30,7 @@ import io
 import json
 import multiprocessing
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -43,6 +44,7 @@ FORMAT = "hnet-bytes-arrayrecord"
 VERSION = 3
 AR_OPTIONS = "group_size:1,uncompressed"  # random access to single blocks, no decompression per read
 BLOCK = 32 << 10  # bytes per record
+PARTIAL = ".partial-"  # shards being written
 UNIT_BYTES = 64 << 20  # a line-split file is cut into units of about this size (bounded memory per worker)
 SEPARATORS = {"line": b"\n", "blank_line": b"\n\n"}
 SHARED_DATA = os.environ.get(
@@ -276,7 +278,9 @@ def write_shard(out: str, k: int, n: int, units: list[dict], doc_split: str, jso
     counts = Counts()
     per_source: dict[int, Counts] = {}
     lengths, invalid = [], []
-    with tempfile.TemporaryDirectory(prefix="hnet-prepare-") as tmp:  # ArrayRecord writes local files
+    # ArrayRecord writes local files: next to the output when it is local (a killed run's leftovers are
+    # removed by the next prepare of that directory), else in the system's temporary directory
+    with tempfile.TemporaryDirectory(prefix=PARTIAL, dir=None if is_remote(out) else out) as tmp:
         local = os.path.join(tmp, name + ".arrayrecord")
         w = ArrayRecordWriter(local, AR_OPTIONS)
         buf = bytearray()
@@ -349,6 +353,9 @@ def prepare(sources: list[str], out: str, *, shards: int = 0, doc_split: str = "
     plan = make_plan(list(sources), doc_split, jsonl_field, shards)
     outp = epath.Path(out)
     outp.mkdir(parents=True, exist_ok=True)
+    if not is_remote(out):
+        for stale in glob.glob(os.path.join(out, PARTIAL + "*")):
+            shutil.rmtree(stale, ignore_errors=True)
     plan_file = outp / "plan.json"
     if plan_file.exists():
         if json.loads(plan_file.read_text()) != plan:
