@@ -27,6 +27,13 @@ def pytest_runtest_setup(item):
     SHARED_DATA_MARKED[0] = item.get_closest_marker("shared_data") is not None
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _data_cache(tmp_path_factory):
+    """Sources prepared on first use (train.data) go to a per-session cache, not ~/.cache/hnet/data; the
+    CLI subprocesses inherit it."""
+    os.environ.setdefault("HNET_DATA_CACHE", str(tmp_path_factory.mktemp("data_cache")))
+
+
 @pytest.fixture
 def gin_clean():
     """Clear gin's global config before and after a test that parses or binds gin configs."""

@@ -67,7 +67,7 @@ def _all_eval_windows(cfg, docs):
 def test_windows_match_independent_reference_packing():
     docs = pydoc_docs(("pass", "continue", "await", "lambda"))
     stream = reference_pairs(docs)
-    src = D.WindowSource(D.ByteStream.from_documents(docs), L, pad_last=True)
+    src = D.WindowSource(docs, L, pad_last=True)
     n_pairs = len(stream) - 1
     assert len(src) == -(-n_pairs // L)
     for i in range(len(src)):
@@ -252,7 +252,7 @@ def _window_key(batch, r):
 def test_two_process_sharding_disjoint_and_complete(monkeypatch, shuffle):
     docs = pydoc_docs(("pass", "continue", "lambda", "await", "numbers"))
     cfg = _cfg(batch_size=4, shuffle=shuffle, seed=3)
-    src = D.WindowSource(D.ByteStream.from_documents(docs), L, pad_last=False)
+    src = D.WindowSource(docs, L, pad_last=False)
     keys = [_window_key({k: v[None] for k, v in src[i].items()}, 0) for i in range(len(src))]
     assert len(set(keys)) == len(keys)  # precondition: windows are identifiable by content
     index = {k: i for i, k in enumerate(keys)}
@@ -317,7 +317,7 @@ def test_iterator_state_resume_gives_same_batches():
 
 def test_shuffle_is_deterministic_per_seed_and_a_permutation():
     docs = pydoc_docs(("pass", "continue", "lambda", "await", "numbers"))
-    src = D.WindowSource(D.ByteStream.from_documents(docs), L, pad_last=False)
+    src = D.WindowSource(docs, L, pad_last=False)
     n_b = len(src) // 4
 
     def epoch(**kw):

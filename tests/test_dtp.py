@@ -76,10 +76,9 @@ def test_unigram_targets_attach_space_to_word_final_piece(unigram_proc, gin_clea
     assert all(e[i] and not e[i - 1] for i in spaces)  # "word␣" closes at the space, never before it
     assert 1.5 < len(doc) / e.sum() < 8  # subword-sized chunks
     # the data annotation frames it: [BOS, doc, EOS] with one-byte BOS/EOS chunks
-    from train.data import ByteStream
+    from train.data import annotate
 
-    s = ByteStream.from_documents([doc], ("unigram_ends",))
-    assert s.extra["unigram_ends"].shape == (len(doc) + 2,)
+    assert annotate(doc, ("unigram_ends",))["unigram_ends"].shape == (len(doc) + 2,)
 
 
 def test_pooling_rule():

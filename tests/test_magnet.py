@@ -123,14 +123,13 @@ def test_decode_step_with_routes_matches_forward(routed):
 
 @pytest.mark.shared_data
 def test_doc_routes_annotation_is_the_dominant_script():
-    from train.data import ByteStream
+    from train.data import annotate
 
     docs = []
     for lang in ("eng", "rus", "hin"):
         with open(shared_text_path("ntrex128", "valid", f"{lang}.txt"), "rb") as f:
             docs.append(f.read().split(b"\n")[0])
-    s = ByteStream.from_documents(docs, ("doc_routes",))
-    per_doc = [np.unique(s.extra["doc_routes"][s.doc_ids == i]).tolist() for i in range(3)]
+    per_doc = [np.unique(annotate(d, ("doc_routes",))["doc_routes"]).tolist() for d in docs]
     assert per_doc == [[0], [1], [2]]
 
 
@@ -150,14 +149,14 @@ def test_ntrex_grouping_annotations_and_route_key():
     """'script_routes_ntrex' = the framed per-byte NTREX routes; 'doc_routes_ntrex' = each language's own
     script (jpn: kana); a model with script_groups 'ntrex' reads them (forced predictors: only the
     grek and deva routes close, so the boundaries follow the NTREX routes, not the MAGNET ones)."""
-    from train.data import ByteStream
+    from train.data import annotate
 
     docs = _ntrex_lines(("ell", "hin", "jpn", "eng"))
-    s = ByteStream.from_documents(list(docs.values()), ("script_routes_ntrex", "doc_routes_ntrex", "script_routes"))
-    for i, d in enumerate(docs.values()):
+    ann = [annotate(d, ("script_routes_ntrex", "doc_routes_ntrex", "script_routes")) for d in docs.values()]
+    for a, d in zip(ann, docs.values()):
         r = byte_routes(d, NTREX_SCRIPT_GROUPS)
-        np.testing.assert_array_equal(s.extra["script_routes_ntrex"][s.doc_ids == i], np.r_[0, r, r[-1]])
-    labels = [NTREX_NAMES[int(s.extra["doc_routes_ntrex"][s.doc_ids == i][0])] for i in range(4)]
+        np.testing.assert_array_equal(a["script_routes_ntrex"], np.r_[0, r, r[-1]])
+    labels = [NTREX_NAMES[int(a["doc_routes_ntrex"][0])] for a in ann]
     assert labels == ["grek", "deva", "kana", "latin"]
     assert route_key("script", "ntrex") == "script_routes_ntrex" and route_key("doc") == "doc_routes"
 
@@ -230,13 +229,12 @@ def test_lang_routing_follows_the_file_label_not_the_script(tmp_path):
     docs, _ = data_lib.load_documents(data_lib.DataConfig(sources=(str(tmp_path / "*.txt"),), byte_range=(0.0, 1.0),
                                                           doc_split="line"))
     assert [d.source for d in docs] == [str(tmp_path / "eng.txt")] * 4 + [str(tmp_path / "hin.txt")] * 4
-    s = data_lib.ByteStream.from_documents(docs, ("lang_routes_ntrex",))
-    per_doc = [np.unique(s.extra["lang_routes_ntrex"][s.doc_ids == i]).tolist() for i in range(8)]
+    per_doc = [np.unique(data_lib.annotate(d, ("lang_routes_ntrex",))["lang_routes_ntrex"]).tolist() for d in docs]
     assert per_doc == [[langs.index("eng")]] * 4 + [[langs.index("hin")]] * 4
     (tmp_path / "english.txt").write_bytes(eng)
     with pytest.raises(data_lib.DataError, match="english.txt"):
-        data_lib.ByteStream.from_documents(data_lib.load_documents(dc.replace(
-            data_lib.DataConfig(), sources=(str(tmp_path / "english.txt"),), byte_range=(0.0, 1.0)))[0],
+        data_lib.annotate(data_lib.load_documents(dc.replace(
+            data_lib.DataConfig(), sources=(str(tmp_path / "english.txt"),), byte_range=(0.0, 1.0)))[0][0],
             ("lang_routes_ntrex",))
     (tmp_path / "english.txt").unlink()
 

@@ -356,11 +356,9 @@ def _saturating_batch(data_cfg):
     texts = [data_lib.Document(t, "eng.txt") for t in texts]  # a language label for 'lang'-routed models
     rows = []
     for t in texts:
-        src = data_lib.WindowSource(data_lib.ByteStream.from_documents([t], data_cfg.annotations), GUARD_L,
-                                    pad_last=False)
+        src = data_lib.WindowSource([t], GUARD_L, pad_last=False, annotations=data_cfg.annotations)
         rows.append(src[1])  # a window inside the document (row 0 also has the BOS)
-    rows[0] = data_lib.WindowSource(data_lib.ByteStream.from_documents([texts[0]], data_cfg.annotations), GUARD_L,
-                                    pad_last=False)[0]
+    rows[0] = data_lib.WindowSource([texts[0]], GUARD_L, pad_last=False, annotations=data_cfg.annotations)[0]
     return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
 

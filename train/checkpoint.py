@@ -4,11 +4,12 @@ state, async, keep-N. Restore falls back to the previous good step when the late
 from __future__ import annotations
 
 import logging
-import os
 
 import grain
 import jax
 import orbax.checkpoint as ocp
+
+from train import storage
 
 log = logging.getLogger(__name__)
 
@@ -21,7 +22,7 @@ class Checkpointer:
     def __init__(self, directory: str, *, every_steps: int, keep: int = 3, async_save: bool = True):
         self.every_steps = every_steps
         self.mgr = ocp.CheckpointManager(
-            os.path.abspath(directory),  # orbax needs absolute paths
+            storage.absolute(directory),  # orbax needs absolute paths (or URLs)
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
                                                  create=True),
         )

@@ -30,6 +30,7 @@ import dataclasses
 import json
 import os
 import sys
+import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -41,6 +42,7 @@ from hnet.bytes import BOS
 from hnet.scripts import route_names
 from train import data as data_lib
 from train import metrics as M
+from train import storage
 from train.loop import mark_boundaries
 from train.step import eval_forward, token_nll
 
@@ -280,12 +282,12 @@ def main(argv):
         corpora[name] = (cfg, docs)
     ckpt = checkpointer(FLAGS.workdir)
     steps = ckpt.all_steps() if FLAGS.all else [FLAGS.step]
-    results = {"workdir": os.path.abspath(FLAGS.workdir),
+    results = {"workdir": storage.absolute(FLAGS.workdir),
                "corpora": {n: {"sources": list(c.sources), "byte_range": list(c.byte_range)}
                            for n, (c, _) in corpora.items()}, "checkpoints": {}}
-    out_dir = FLAGS.out_dir or os.path.join(FLAGS.workdir, "eval")
-    os.makedirs(out_dir, exist_ok=True)
-    writer = MetricWriter(os.path.join(FLAGS.workdir, "tb"))
+    out_dir = FLAGS.out_dir or storage.join(FLAGS.workdir, "eval")
+    storage.make_dirs(out_dir)
+    writer = MetricWriter(storage.join(FLAGS.workdir, "tb"))
     for step in steps:
         setup, step = restore_setup(FLAGS.workdir, step, ckpt)
         res = evaluate_checkpoint(setup, corpora, robustness_bytes=FLAGS.robustness_bytes, seed=FLAGS.seed,
@@ -296,11 +298,10 @@ def main(argv):
             print(f"step {step} {name}: bpb {c['bpb']:.4f} over {int(c['n_bytes']):,} bytes; bytes/chunk "
                   f"{c['bytes_per_chunk']}", flush=True)
     writer.close()
-    with open(os.path.join(out_dir, "eval.json"), "w") as f:
-        json.dump(results, f, indent=1)
-    with open(os.path.join(out_dir, "eval.md"), "w") as f:
-        f.write(markdown(results))
-    plot(results, out_dir)
+    storage.write_text(storage.join(out_dir, "eval.json"), json.dumps(results, indent=1))
+    storage.write_text(storage.join(out_dir, "eval.md"), markdown(results))
+    with tempfile.TemporaryDirectory() as tmp:  # matplotlib writes local files
+        storage.upload(plot(results, tmp), out_dir)
     print(markdown(results))
     print(f"wrote {out_dir}/eval.json, eval.md and plots")
 

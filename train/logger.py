@@ -5,11 +5,15 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shutil
 import sys
+import tempfile
 import time
 
 import jax
 import numpy as np
+
+from train import storage
 
 log = logging.getLogger("hnet")
 
@@ -17,20 +21,33 @@ log = logging.getLogger("hnet")
 def setup_console():
     if not logging.getLogger().handlers:
         logging.basicConfig(stream=sys.stdout, level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("absl", "orbax", "jax._src", "grain"):
+    for noisy in ("absl", "orbax", "jax._src", "grain", "gcsfs"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 class MetricWriter:
+    """TensorBoard events in ``logdir``; a remote (gs://) logdir gets them written locally and uploaded at
+    most every ``UPLOAD_SECS`` and at flush / close."""
+
+    UPLOAD_SECS = 30
+
     def __init__(self, logdir: str):
         self.enabled = jax.process_index() == 0
         self.logdir = logdir
-        self.tb = None
+        self.tb, self.local, self.uploaded = None, None, time.time()
         if self.enabled:
             from tensorboardX import SummaryWriter
 
-            os.makedirs(logdir, exist_ok=True)
-            self.tb = SummaryWriter(logdir, flush_secs=10)
+            storage.make_dirs(logdir)
+            if storage.is_remote(logdir):
+                self.local = tempfile.mkdtemp(prefix="hnet-tb-")
+            self.tb = SummaryWriter(self.local or logdir, flush_secs=10)
+
+    def _upload(self, force: bool = False):
+        if self.local and (force or time.time() - self.uploaded > self.UPLOAD_SECS):
+            self.tb.flush()
+            storage.upload([os.path.join(self.local, f) for f in sorted(os.listdir(self.local))], self.logdir)
+            self.uploaded = time.time()
 
     def scalars(self, step: int, values: dict, prefix: str = ""):
         """NaN means "undefined in this window" (e.g. a MAGNET route with no byte in the batch) and is not
@@ -39,6 +56,7 @@ class MetricWriter:
             for k, v in values.items():
                 if not math.isnan(v := float(v)):
                     self.tb.add_scalar(f"{prefix}{k}", v, step)
+            self._upload()
 
     def text(self, step: int, tag: str, text: str):
         if self.tb:
@@ -52,10 +70,14 @@ class MetricWriter:
     def flush(self):
         if self.tb:
             self.tb.flush()
+            self._upload(force=True)
 
     def close(self):
         if self.tb:
             self.tb.close()
+            self._upload(force=True)
+            if self.local:
+                shutil.rmtree(self.local, ignore_errors=True)
 
 
 class Progress:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
 import time
 from typing import Any, Callable
 
@@ -21,6 +20,7 @@ from flax import nnx
 
 from hnet import sharding
 from train import data as data_lib
+from train import storage
 from train.checkpoint import Checkpointer, abstract_like
 from train.generate import generate
 from train.logger import MetricWriter, Progress, log
@@ -186,12 +186,14 @@ def train(
         train_data = dataclasses.replace(train_data, seed=seed)
     t_setup = time.time()
     is_main = jax.process_index() == 0
-    train_docs, train_stats = data_lib.load_documents(train_data)
+    storage.make_dirs(workdir)  # local or gs://: an unreachable bucket fails here, before any compilation
+    train_docs = data_lib.open_documents(train_data)  # lazy: an index of the prepared shards
+    train_stats = train_docs.stats
     log.info(data_lib.describe(train_stats, "train data"))
     eval_docs = None
     if eval_data is not None:
-        eval_docs, eval_stats = data_lib.load_documents(eval_data)
-        log.info(data_lib.describe(eval_stats, "eval data"))
+        eval_docs = data_lib.open_documents(eval_data)
+        log.info(data_lib.describe(eval_docs.stats, "eval data"))
     data_iter = data_lib.make_train_iterator(train_data, train_docs)
 
     mesh = sharding.make_mesh(mesh_shape or {"data": -1})
@@ -205,7 +207,7 @@ def train(
         if hasattr(sampler, "decode_trackers"):
             sampler.decode_trackers([p.encode() for p in sample_prompts], sample_langs)
 
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), every_steps=checkpoint_every, keep=keep_checkpoints,
+    ckpt = Checkpointer(storage.join(workdir, "checkpoints"), every_steps=checkpoint_every, keep=keep_checkpoints,
                         async_save=async_checkpoints)
     start, restored = ckpt.restore_latest(setup.state, data_iter)
     if restored is not None:
@@ -213,11 +215,9 @@ def train(
         log.info("resumed from step %d in %s", start, ckpt.directory)
     start = int(start or 0)
 
-    writer = MetricWriter(os.path.join(workdir, "tb"))
+    writer = MetricWriter(storage.join(workdir, "tb"))
     if is_main:
-        os.makedirs(workdir, exist_ok=True)
-        with open(os.path.join(workdir, "operative_config.gin"), "w") as f:
-            f.write(gin.operative_config_str())
+        storage.write_text(storage.join(workdir, "operative_config.gin"), gin.operative_config_str())
         writer.text(start, "config/operative", gin.operative_config_str())
         writer.scalars(start, {"train_docs": train_stats.documents, "train_bytes": train_stats.bytes,
                                "train_empty_skipped": train_stats.empty_skipped,
@@ -301,7 +301,6 @@ def train(
             writer.text(step, f"samples/{i}", s)
     writer.close()
     if is_main:
-        with open(os.path.join(workdir, "results.json"), "w") as f:
-            json.dump({k: v for k, v in results.items()}, f, indent=1, default=float)
+        storage.write_text(storage.join(workdir, "results.json"), json.dumps(results, indent=1, default=float))
     results["setup"] = setup
     return results

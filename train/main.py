@@ -71,18 +71,22 @@ def train_from_config(gin_files: list[str], bindings: list[str], workdir: str, c
     from train.checkpoint import CheckpointError
     from train.logger import log, setup_console
     from train.loop import train
+    from train.storage import StorageError, absolute
 
     setup_console()
     try:
-        results = train(workdir=os.path.abspath(workdir))
+        results = train(workdir=absolute(workdir))
     except data_lib.DataError as e:
         print(f"data error: {e}", file=sys.stderr)
         sys.exit(2)
     except CheckpointError as e:
         print(f"checkpoint error: {e}", file=sys.stderr)
         sys.exit(2)
+    except StorageError as e:
+        print(f"storage error: {e}", file=sys.stderr)
+        sys.exit(2)
     if jax.process_index() == 0:
-        wd = os.path.abspath(workdir)
+        wd = absolute(workdir)
         print("\n" + "=" * 78)
         if "eval" in results:
             ev = results["eval"]

@@ -34,6 +34,7 @@ import numpy as np
 from hnet import sharding
 from hnet.scripts import GROUPINGS, route_names
 from train import data as data_lib
+from train import storage
 from train.metrics import parity
 from train.step import LN2, cross_entropy_sums, eval_forward
 
@@ -147,20 +148,19 @@ def main(argv=None) -> dict:
     steps = steps.scoped_configurable_fn() if isinstance(steps, gin.config.ConfigurableReference) else steps  # macro
     mesh = sharding.make_mesh({"data": -1})
     setup = build_state(model_fn, opt_cfg, steps, mesh, allocate=False)
-    ckpt = Checkpointer(os.path.join(args.workdir, "checkpoints"), every_steps=0, async_save=False)
+    ckpt = Checkpointer(storage.join(args.workdir, "checkpoints"), every_steps=0, async_save=False)
     step, state = ckpt.restore_latest(setup.state)
     if state is None:
         raise SystemExit(f"no checkpoint in {args.workdir}/checkpoints")
     setup.state = state
     res = {"workdir": args.workdir, "step": int(step),
            **evaluate_languages(setup, eval_cfg, args.data_dir, max_lines=args.max_lines, groups=args.groups)}
-    path = args.out or os.path.join(args.workdir, "multilingual_eval.json")
-    with open(path, "w") as f:
-        json.dump(res, f, indent=1)
+    path = args.out or storage.join(args.workdir, "multilingual_eval.json")
+    storage.write_text(path, json.dumps(res, indent=1))
     try:
         from train.logger import MetricWriter
 
-        w = MetricWriter(os.path.join(args.workdir, "tb"))
+        w = MetricWriter(storage.join(args.workdir, "tb"))
         for lang, m in res["languages"].items():
             w.scalars(int(step), {k: v for k, v in m.items() if isinstance(v, float)}, f"multilingual/{lang}/")
         for script, m in res["scripts"].items():

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
-import os
+import tempfile
 
 import gin
 
 from hnet import sharding
 from train import config as cfg_lib
+from train import storage
 from train.checkpoint import Checkpointer
 from train.loop import Setup, build_state
 
 
 def load_config(workdir: str, extra_files: list[str] = (), bindings: list[str] = ()) -> None:
-    cfg_lib.parse([os.path.join(workdir, "operative_config.gin"), *extra_files], list(bindings))
+    with tempfile.TemporaryDirectory() as tmp:  # gin reads local files
+        operative = storage.local_copy(storage.join(workdir, "operative_config.gin"), tmp)
+        cfg_lib.parse([operative, *extra_files], list(bindings))
 
 
 def query(name: str):
@@ -25,7 +28,7 @@ def query(name: str):
 
 
 def checkpointer(workdir: str) -> Checkpointer:
-    return Checkpointer(os.path.join(workdir, "checkpoints"), every_steps=0)
+    return Checkpointer(storage.join(workdir, "checkpoints"), every_steps=0)
 
 
 def restore_setup(workdir: str, step: int | None = None, ckpt: Checkpointer | None = None) -> tuple[Setup, int]:

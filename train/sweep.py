@@ -27,9 +27,12 @@ import os
 import shlex
 import subprocess
 import sys
+import tempfile
 
 import gin
 import numpy as np
+
+from train import storage
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -73,7 +76,7 @@ def expand(sweep: Sweep, root: str) -> list[Run]:
         for tag, bindings in sweep.variants.items():
             for seed in sweep.seeds:
                 name = f"{stem}{'-' + tag if tag else ''}-s{seed}"
-                wd = os.path.abspath(os.path.join(root, sweep.name, name))
+                wd = storage.join(storage.absolute(root), sweep.name, name)
                 train_args = ([f"--gin_file={model}"] + [f"--gin_file={f}" for f in sweep.run_files]
                               + [f"--gin.train.train.seed={seed}"]
                               + [f"--gin.{b}" for b in (*sweep.model_bindings.get(model, ()), *bindings)]
@@ -82,29 +85,31 @@ def expand(sweep: Sweep, root: str) -> list[Run]:
     return runs
 
 
-def _json(path: str) -> dict | None:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
 def trained(run: Run) -> bool:
-    res = _json(os.path.join(run.workdir, "results.json"))
+    res = storage.read_json(storage.join(run.workdir, "results.json"))
     return bool(res) and res.get("final_step", -1) >= res.get("steps", float("inf"))
 
 
 def evaluated(run: Run) -> bool:
-    return os.path.exists(os.path.join(run.workdir, "eval", "eval.json"))
+    return storage.exists(storage.join(run.workdir, "eval", "eval.json"))
 
 
 def _module(name: str, args: list[str], log_path: str) -> int:
+    """Run ``python -m name args``, its output appended to ``log_path`` (local, or uploaded to gs://)."""
     cmd = [sys.executable, "-m", name, *args]
     print("$", shlex.join(cmd), flush=True)
-    os.makedirs(os.path.dirname(log_path), exist_ok=True)
-    with open(log_path, "a") as log:
-        return subprocess.run(cmd, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT).returncode
+    with tempfile.TemporaryDirectory() as tmp:
+        local = log_path
+        if storage.is_remote(log_path):
+            local = storage.local_copy(log_path, tmp) if storage.exists(log_path) else os.path.join(
+                tmp, os.path.basename(log_path))
+        else:
+            os.makedirs(os.path.dirname(log_path), exist_ok=True)
+        with open(local, "a") as log:
+            rc = subprocess.run(cmd, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT).returncode
+        if local != log_path:
+            storage.upload([local], log_path.rsplit("/", 1)[0])
+    return rc
 
 
 def execute(runs: list[Run], launcher: str | None = None, dry_run: bool = False) -> dict[str, str]:
@@ -116,7 +121,7 @@ def execute(runs: list[Run], launcher: str | None = None, dry_run: bool = False)
                 print(f"{launcher or 'python -m train.main'} {'-- ' if launcher else ''}{shlex.join(run.train_args)}")
                 status[run.name] = "launch"
                 continue
-            rc = _module("train.main", run.train_args, os.path.join(run.workdir, "train.log"))
+            rc = _module("train.main", run.train_args, storage.join(run.workdir, "train.log"))
             if rc != 0 or not trained(run):
                 status[run.name] = f"train failed (rc {rc}; see {run.workdir}/train.log)"
                 continue
@@ -127,14 +132,15 @@ def execute(runs: list[Run], launcher: str | None = None, dry_run: bool = False)
             print(f"python -m train.evaluate {shlex.join(run.eval_args)}")
             status[run.name] = "evaluate"
             continue
-        rc = _module("train.evaluate", run.eval_args, os.path.join(run.workdir, "eval.log"))
+        rc = _module("train.evaluate", run.eval_args, storage.join(run.workdir, "eval.log"))
         status[run.name] = "done" if rc == 0 and evaluated(run) else f"eval failed (rc {rc})"
     return status
 
 
 def row(run: Run) -> dict | None:
     """One table row from a run's results.json and eval/eval.json (None until both exist)."""
-    res, ev = _json(os.path.join(run.workdir, "results.json")), _json(os.path.join(run.workdir, "eval", "eval.json"))
+    res = storage.read_json(storage.join(run.workdir, "results.json"))
+    ev = storage.read_json(storage.join(run.workdir, "eval", "eval.json"))
     if not res or not ev:
         return None
     last = ev["checkpoints"][max(ev["checkpoints"], key=int)]
@@ -220,13 +226,13 @@ def plot(rows: list[dict], out_dir: str) -> None:
 
 def collect(runs: list[Run], out_dir: str) -> list[dict]:
     rows = [r for r in map(row, runs) if r is not None]
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "sweep.json"), "w") as f:
-        json.dump(rows, f, indent=1)
-    with open(os.path.join(out_dir, "sweep.md"), "w") as f:
-        f.write(markdown(rows))
+    storage.make_dirs(out_dir)
+    storage.write_text(storage.join(out_dir, "sweep.json"), json.dumps(rows, indent=1))
+    storage.write_text(storage.join(out_dir, "sweep.md"), markdown(rows))
     if rows:
-        plot(rows, out_dir)
+        with tempfile.TemporaryDirectory() as tmp:  # matplotlib writes local files
+            plot(rows, tmp)
+            storage.upload(sorted(os.path.join(tmp, f) for f in os.listdir(tmp)), out_dir)
     return rows
 
 
@@ -249,7 +255,7 @@ def main(argv=None) -> list[dict]:
             raise SystemExit(f"--only {args.only} matches no run of {[r.name for r in runs]}")
         for name, st in execute(chosen, args.launcher, args.dry_run).items():
             print(f"{name}: {st}", flush=True)
-    rows = collect(runs, os.path.join(os.path.abspath(args.root), sweep.name))
+    rows = collect(runs, storage.join(storage.absolute(args.root), sweep.name))
     print(markdown(rows))
     return rows
 
