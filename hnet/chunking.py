@@ -21,7 +21,7 @@ gradients (custom VJPs):
 
 ``impl`` picks the gather: 'jnp' (``jnp.take_along_axis``), 'pallas' (Pallas kernel for
 the current backend; on CPU the TPU kernel in interpret mode), or 'pallas:tpu' /
-'pallas:gpu' to force one kernel (interpret mode on CPU). ``None`` means ``default_impl()``.
+'pallas:gpu' to force one kernel (interpret mode on CPU). ``None`` (the default) means ``default_impl()``: the kernel on TPU/GPU, jnp on CPU.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from hnet.kernels.gather_rows import default_backend as _kernel_backend
 from hnet.kernels.gather_rows import gather_rows as _gather_rows
 from hnet.kernels.gather_rows import gather_rows_sharded as _gather_rows_sharded
 from hnet.kernels.gather_rows import reference_gather_rows as _reference_gather_rows
+from hnet.sharding import target_platform
 
 __all__ = [
     "chunk_ids",
@@ -53,10 +54,12 @@ _default_impl_override: str | None = None
 
 
 def default_impl() -> str:
-    """'jnp' on CPU, 'pallas' on TPU/GPU, unless overridden with ``set_default_impl``."""
+    """'jnp' on CPU, 'pallas' on TPU/GPU (the target platform: the current mesh's devices, so an
+    ahead-of-time compile for a TPU topology on a CPU host gets the kernel), unless overridden with
+    ``set_default_impl``."""
     if _default_impl_override is not None:
         return _default_impl_override
-    return "jnp" if jax.default_backend() == "cpu" else "pallas"
+    return "jnp" if target_platform() == "cpu" else "pallas"
 
 
 def set_default_impl(impl: str | None) -> None:
@@ -72,7 +75,7 @@ def _gather(x_BxLxD: jax.Array, idx_BxM: jax.Array, impl: str) -> jax.Array:
     if impl == "jnp":
         return _reference_gather_rows(x_BxLxD, idx_BxM)
     if impl.startswith("pallas"):
-        on_cpu = jax.default_backend() == "cpu"
+        on_cpu = target_platform() == "cpu"
         backend = impl.partition(":")[2] or (_kernel_backend() if not on_cpu else "tpu")
         mesh = jax.sharding.get_abstract_mesh()
         manual = any(t == jax.sharding.AxisType.Manual for t in mesh.axis_types)
@@ -170,7 +173,7 @@ _compact.defvjp(_compact_fwd, _compact_bwd)
 
 
 def compact(
-    x_BxLxD: jax.Array, mask_BxL: jax.Array, M: int, *, impl: str | None = "jnp"
+    x_BxLxD: jax.Array, mask_BxL: jax.Array, M: int, *, impl: str | None = None
 ) -> tuple[jax.Array, jax.Array]:
     """Gathers the rows at boundary positions into M slots.
 
@@ -235,7 +238,7 @@ def _expand_bwd(M, impl, mask_BxL, g_BxLxD):
 _expand.defvjp(_expand_fwd, _expand_bwd)
 
 
-def expand(z_BxMxD: jax.Array, mask_BxL: jax.Array, *, impl: str | None = "jnp") -> jax.Array:
+def expand(z_BxMxD: jax.Array, mask_BxL: jax.Array, *, impl: str | None = None) -> jax.Array:
     """Broadcasts each chunk's row to every byte of the chunk.
 
     y[b, t] = z[b, cid[b, t]] if 0 <= cid[b, t] < M else 0 (zeros before the first
