@@ -20,6 +20,7 @@ Exit status: 0 fits, 3 does not fit (HBM exhausted at compile time, or more byte
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import math
@@ -60,7 +61,8 @@ CHIPS = {
 }
 
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
-_COLLECTIVE_RE = re.compile(r"= \S+ (" + "|".join(COLLECTIVES) + r")(?:-start)?\(")
+_COLLECTIVE_RE = re.compile(r"\s(" + "|".join(COLLECTIVES) + r")(?:-start)?\(")
+_MOSAIC_RE = re.compile(r'%([\w-]+?)(?:\.\d+)? = [^\n]*custom_call_target="tpu_custom_call"')
 
 
 class ConfigError(ValueError):
@@ -159,7 +161,7 @@ def analyse(compiled) -> dict:
         "bytes_accessed_per_chip": float(cost.get("bytes accessed", float("nan"))),
         "collectives": coll,
         "pallas_kernels": hlo.count('custom_call_target="tpu_custom_call"'),
-        "pallas_kernel_names": sorted(set(re.findall(r'tpu_custom_call".*?kernel_name=\\?"?([\w.-]+)', hlo))),
+        "pallas_kernel_names": dict(collections.Counter(_MOSAIC_RE.findall(hlo))),
     }
 
 
@@ -282,6 +284,7 @@ def main(argv):
         raise app.UsageError("give --gin_file (at least one) and --topology")
     os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the host only traces; the TPU devices are compile-only
     os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5p-8")  # quiets libtpu's host-detection warnings
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # compile-only: other libtpu processes may run
     from train import config
 
     try:

@@ -65,7 +65,8 @@ def build_state(model_fn: Callable[[], nnx.Module], opt_cfg: OptimizerConfig, to
             return TrainState(step=zero, params=params, rest=rest, opt_state=tx.init(params), bad_steps=zero,
                               skipped_steps=zero)
 
-        shardings = state_shardings(tx, abs_params, abs_rest, mesh)
+    shardings = state_shardings(tx, abs_params, abs_rest, mesh)  # off the mesh: optax inits eagerly here
+    with sharding.mesh_context(mesh):
         init_jit = jax.jit(init, out_shardings=shardings)
         state = init_jit() if allocate else abstract_like(jax.eval_shape(init), shardings)
     return Setup(mesh, graphdef, state, shardings, tx, schedule, lr_mult,
@@ -77,10 +78,11 @@ def state_shardings(tx, abs_params, abs_rest, mesh) -> TrainState:
     logical axes; the optimizer's per-parameter leaves (Adam moments, ...) like their parameter (so FSDP
     shards them too); its other leaves (counts) and the counters replicated."""
     repl = sharding.replicated(mesh)
-    params = nnx.get_named_sharding(abs_params, mesh)
+    with sharding.axis_rules():
+        params, rest = nnx.get_named_sharding(abs_params, mesh), nnx.get_named_sharding(abs_rest, mesh)
     opt = optax.tree_map_params(tx, lambda _, s: s, jax.eval_shape(tx.init, abs_params), params,
                                 transform_non_params=lambda _: repl)
-    return TrainState(step=repl, params=params, rest=nnx.get_named_sharding(abs_rest, mesh), opt_state=opt,
+    return TrainState(step=repl, params=params, rest=rest, opt_state=opt,
                       bad_steps=repl, skipped_steps=repl)
 
 
