@@ -89,13 +89,13 @@ def _splash_mask(q_len: int, s_len: int, causal: bool, window: int):
     return sa.CausalMask(shape) if causal else sa.FullMask(shape)
 
 
-def _splash_local(q_BxQxHxK, k_BxSxHxK, v_BxSxHxK, qseg_BxQ, kseg_BxS, *, causal, window):
-    """Splash attention on one device's shard (vmapped over its rows)."""
+def _splash_local(q_BxQxHxK, k_BxSxHxK, v_BxSxHxK, qseg_BxQ, kseg_BxS, *, causal, window, interpret=False):
+    """Splash attention on one device's shard (vmapped over its rows); ``interpret`` runs it on CPU."""
     from jax.experimental.pallas.ops.tpu import splash_attention as sa
 
     _, Q, H, K = q_BxQxHxK.shape
     mask = sa.MultiHeadMask([_splash_mask(Q, k_BxSxHxK.shape[1], causal, window)] * H)
-    kernel = sa.make_splash_mha(mask, head_shards=1, q_seq_shards=1)
+    kernel = sa.make_splash_mha(mask, head_shards=1, q_seq_shards=1, interpret=interpret)
 
     def one(q_QxHxK, k_SxHxK, v_SxHxK, qs_Q, ks_S):
         o_HxQxK = kernel((q_QxHxK / math.sqrt(K)).transpose(1, 0, 2), k_SxHxK.transpose(1, 0, 2),

@@ -43,6 +43,7 @@ __all__ = [
     "compact",
     "expand",
     "overflow",
+    "take_chunks",
     "default_impl",
     "set_default_impl",
     "reference_compact",
@@ -252,6 +253,49 @@ def expand(z_BxMxD: jax.Array, mask_BxL: jax.Array, *, impl: str | None = None) 
     Returns: y_BxLxD in z's dtype.
     """
     return _expand(z_BxMxD, mask_BxL, int(z_BxMxD.shape[1]), _resolve(impl))
+
+
+# ----------------------------------------------------------------------------------
+# take_chunks: [B, M, ...] rows at arbitrary chunk indices -> [B, L, ...]
+# ----------------------------------------------------------------------------------
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _take(z_BxMxD, idx_BxL, impl):
+    M = z_BxMxD.shape[1]
+    ok_BxL = (idx_BxL >= 0) & (idx_BxL < M)
+    return _zero_where_not(ok_BxL, _gather(z_BxMxD, jnp.clip(idx_BxL, 0, M - 1), impl))
+
+
+def _take_fwd(z_BxMxD, idx_BxL, impl):
+    return _take(z_BxMxD, idx_BxL, impl), (idx_BxL, z_BxMxD.shape[1])
+
+
+def _take_bwd(impl, res, g_BxLxD):
+    # idx need not be monotone: a segment sum (XLA scatter-add); indices outside [0, M) are dropped.
+    idx_BxL, M = res
+    seg_BxL = jnp.where((idx_BxL >= 0) & (idx_BxL < M), idx_BxL, M)
+    dz = jax.vmap(lambda g, i: jax.ops.segment_sum(g, i, num_segments=M + 1))(g_BxLxD, seg_BxL)[:, :M]
+    return dz, None
+
+
+_take.defvjp(_take_fwd, _take_bwd)
+
+
+def take_chunks(z_BxMx_: jax.Array, idx_BxL: jax.Array, *, impl: str | None = None) -> jax.Array:
+    """out[b, t] = z[b, idx[b, t]] if 0 <= idx[b, t] < M else 0, for any trailing dims of z (the pooling
+    models' chunk -> byte reads, whose indices are not always one chunk per run of bytes).
+
+    Float z goes through the row gather (``impl`` as for ``compact``; backward = segment sum); other
+    dtypes through ``jnp.take_along_axis``. -> [B, L, ...] in z's dtype."""
+    B, M = z_BxMx_.shape[:2]
+    if not jnp.issubdtype(z_BxMx_.dtype, jnp.floating):
+        ok = (idx_BxL >= 0) & (idx_BxL < M)
+        idx = jnp.clip(idx_BxL, 0, M - 1).reshape(idx_BxL.shape + (1,) * (z_BxMx_.ndim - 2))
+        g = jnp.take_along_axis(z_BxMx_, idx, axis=1)
+        return jnp.where(ok.reshape(ok.shape + (1,) * (z_BxMx_.ndim - 2)), g, jnp.zeros((), g.dtype))
+    y_BxLxD = _take(z_BxMx_.reshape(B, M, -1), idx_BxL.astype(jnp.int32), _resolve(impl))
+    return y_BxLxD.reshape(idx_BxL.shape + z_BxMx_.shape[2:])
 
 
 # ----------------------------------------------------------------------------------
