@@ -112,6 +112,18 @@ def test_aot_config_errors_exit_2():
         assert p.returncode == 2 and msg in p.stderr, (extra, p.returncode, p.stderr[-2000:])
 
 
+@pytest.mark.slow
+def test_aot_does_not_fit_exits_3(tmp_path):
+    """hnet_1stage_tiny at the paper batch on 4 v5e chips: the compiler's RESOURCE_EXHAUSTED is 'does not fit'."""
+    _libtpu_or_skip()
+    out = tmp_path / "aot.json"
+    p = _aot(["--gin_file=configs/hnet_1stage_tiny.gin", "--gin_file=configs/runs/default.gin", "--gin.SEQ_LEN=8192",
+              "--gin.BATCH=256", "--topology=v5e:2x2", "--noeval", f"--json={out}"])
+    assert p.returncode == 3 and "DOES NOT FIT" in p.stdout, (p.stdout + p.stderr)[-4000:]
+    r = json.loads(out.read_text())
+    assert r["fits"] is False and "RESOURCE_EXHAUSTED" in r["error"], r
+
+
 def test_triton_gather_exports_for_cuda():
     """Pallas -> Triton lowering of the GPU gather (block shapes, dtypes, grid) through jax.export; Triton ->
     PTX needs a GPU."""
