@@ -90,6 +90,8 @@ def topology_devices(name: str, num_slices: int = 1):
 
     try:
         kw = {"num_slices": num_slices} if num_slices > 1 else {}
+        if name.startswith("v4"):
+            kw["chip_config_name"] = "megacore"  # one device per chip (its two TensorCores), as on v4 VMs
         return list(topologies.get_topology_desc(topology_name=name, platform="tpu", **kw).devices)
     except Exception as e:  # noqa: BLE001 - libtpu raises assorted errors for unknown names
         raise ConfigError(f"cannot describe TPU topology {name!r} (is libtpu installed?): {e}") from None
