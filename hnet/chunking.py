@@ -21,7 +21,7 @@ gradients (custom VJPs):
 
 ``impl`` picks the gather: 'jnp' (``jnp.take_along_axis``), 'pallas' (Pallas kernel for
 the current backend; on CPU the TPU kernel in interpret mode), or 'pallas:tpu' /
-'pallas:gpu' to force one kernel (interpret mode on CPU). ``None`` means ``default_impl()``.
+'pallas:gpu' to force one kernel (interpret mode on CPU). ``None`` (the default) means ``default_impl()``: the kernel on TPU/GPU, jnp on CPU.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from hnet.kernels.gather_rows import default_backend as _kernel_backend
 from hnet.kernels.gather_rows import gather_rows as _gather_rows
 from hnet.kernels.gather_rows import gather_rows_sharded as _gather_rows_sharded
 from hnet.kernels.gather_rows import reference_gather_rows as _reference_gather_rows
+from hnet.sharding import target_platform
 
 __all__ = [
     "chunk_ids",
@@ -42,6 +43,7 @@ __all__ = [
     "compact",
     "expand",
     "overflow",
+    "take_chunks",
     "default_impl",
     "set_default_impl",
     "reference_compact",
@@ -53,10 +55,12 @@ _default_impl_override: str | None = None
 
 
 def default_impl() -> str:
-    """'jnp' on CPU, 'pallas' on TPU/GPU, unless overridden with ``set_default_impl``."""
+    """'jnp' on CPU, 'pallas' on TPU/GPU (the target platform: the current mesh's devices, so an
+    ahead-of-time compile for a TPU topology on a CPU host gets the kernel), unless overridden with
+    ``set_default_impl``."""
     if _default_impl_override is not None:
         return _default_impl_override
-    return "jnp" if jax.default_backend() == "cpu" else "pallas"
+    return "jnp" if target_platform() == "cpu" else "pallas"
 
 
 def set_default_impl(impl: str | None) -> None:
@@ -72,7 +76,7 @@ def _gather(x_BxLxD: jax.Array, idx_BxM: jax.Array, impl: str) -> jax.Array:
     if impl == "jnp":
         return _reference_gather_rows(x_BxLxD, idx_BxM)
     if impl.startswith("pallas"):
-        on_cpu = jax.default_backend() == "cpu"
+        on_cpu = target_platform() == "cpu"
         backend = impl.partition(":")[2] or (_kernel_backend() if not on_cpu else "tpu")
         mesh = jax.sharding.get_abstract_mesh()
         manual = any(t == jax.sharding.AxisType.Manual for t in mesh.axis_types)
@@ -170,7 +174,7 @@ _compact.defvjp(_compact_fwd, _compact_bwd)
 
 
 def compact(
-    x_BxLxD: jax.Array, mask_BxL: jax.Array, M: int, *, impl: str | None = "jnp"
+    x_BxLxD: jax.Array, mask_BxL: jax.Array, M: int, *, impl: str | None = None
 ) -> tuple[jax.Array, jax.Array]:
     """Gathers the rows at boundary positions into M slots.
 
@@ -235,7 +239,7 @@ def _expand_bwd(M, impl, mask_BxL, g_BxLxD):
 _expand.defvjp(_expand_fwd, _expand_bwd)
 
 
-def expand(z_BxMxD: jax.Array, mask_BxL: jax.Array, *, impl: str | None = "jnp") -> jax.Array:
+def expand(z_BxMxD: jax.Array, mask_BxL: jax.Array, *, impl: str | None = None) -> jax.Array:
     """Broadcasts each chunk's row to every byte of the chunk.
 
     y[b, t] = z[b, cid[b, t]] if 0 <= cid[b, t] < M else 0 (zeros before the first
@@ -249,6 +253,49 @@ def expand(z_BxMxD: jax.Array, mask_BxL: jax.Array, *, impl: str | None = "jnp")
     Returns: y_BxLxD in z's dtype.
     """
     return _expand(z_BxMxD, mask_BxL, int(z_BxMxD.shape[1]), _resolve(impl))
+
+
+# ----------------------------------------------------------------------------------
+# take_chunks: [B, M, ...] rows at arbitrary chunk indices -> [B, L, ...]
+# ----------------------------------------------------------------------------------
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _take(z_BxMxD, idx_BxL, impl):
+    M = z_BxMxD.shape[1]
+    ok_BxL = (idx_BxL >= 0) & (idx_BxL < M)
+    return _zero_where_not(ok_BxL, _gather(z_BxMxD, jnp.clip(idx_BxL, 0, M - 1), impl))
+
+
+def _take_fwd(z_BxMxD, idx_BxL, impl):
+    return _take(z_BxMxD, idx_BxL, impl), (idx_BxL, z_BxMxD.shape[1])
+
+
+def _take_bwd(impl, res, g_BxLxD):
+    # idx need not be monotone: a segment sum (XLA scatter-add); indices outside [0, M) are dropped.
+    idx_BxL, M = res
+    seg_BxL = jnp.where((idx_BxL >= 0) & (idx_BxL < M), idx_BxL, M)
+    dz = jax.vmap(lambda g, i: jax.ops.segment_sum(g, i, num_segments=M + 1))(g_BxLxD, seg_BxL)[:, :M]
+    return dz, None
+
+
+_take.defvjp(_take_fwd, _take_bwd)
+
+
+def take_chunks(z_BxMx_: jax.Array, idx_BxL: jax.Array, *, impl: str | None = None) -> jax.Array:
+    """out[b, t] = z[b, idx[b, t]] if 0 <= idx[b, t] < M else 0, for any trailing dims of z (the pooling
+    models' chunk -> byte reads, whose indices are not always one chunk per run of bytes).
+
+    Float z goes through the row gather (``impl`` as for ``compact``; backward = segment sum); other
+    dtypes through ``jnp.take_along_axis``. -> [B, L, ...] in z's dtype."""
+    B, M = z_BxMx_.shape[:2]
+    if not jnp.issubdtype(z_BxMx_.dtype, jnp.floating):
+        ok = (idx_BxL >= 0) & (idx_BxL < M)
+        idx = jnp.clip(idx_BxL, 0, M - 1).reshape(idx_BxL.shape + (1,) * (z_BxMx_.ndim - 2))
+        g = jnp.take_along_axis(z_BxMx_, idx, axis=1)
+        return jnp.where(ok.reshape(ok.shape + (1,) * (z_BxMx_.ndim - 2)), g, jnp.zeros((), g.dtype))
+    y_BxLxD = _take(z_BxMx_.reshape(B, M, -1), idx_BxL.astype(jnp.int32), _resolve(impl))
+    return y_BxLxD.reshape(idx_BxL.shape + z_BxMx_.shape[2:])
 
 
 # ----------------------------------------------------------------------------------

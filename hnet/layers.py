@@ -21,10 +21,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from hnet.attention import attention_mask, dot_product_attention, masked_attention
 from hnet.sharding import constrain, param_init
 
 Array = jax.Array
-NEG_INF = -1e30
 
 
 def normal(std: float):
@@ -59,17 +59,6 @@ def apply_rope(x_BxLxHxK: Array, positions_BxL: Array, rotary_dim: int, base: fl
     return jnp.concatenate([rot.astype(x_BxLxHxK.dtype), x_BxLxHxK[..., rotary_dim:]], axis=-1)
 
 
-def attention_mask(q_seg_BxQ, k_seg_BxK, q_idx_BxQ, k_idx_BxK, window: int, causal: bool = True) -> Array:
-    """[B,1,Q,K] bool: causal (unless ``causal`` is False), same segment, and within ``window`` positions
-    (-1 = global)."""
-    same = q_seg_BxQ[:, :, None] == k_seg_BxK[:, None, :]
-    delta = q_idx_BxQ[:, :, None] - k_idx_BxK[:, None, :]
-    ok = same & (delta >= 0) if causal else same
-    if window >= 0:
-        ok &= jnp.abs(delta) <= window
-    return ok[:, None]
-
-
 class AttentionScoreReg(nnx.Variable):
     """Non-param statistic written by ``Attention.__call__``: mean(max(s, m) - m) of the raw scores (MrT5 App. D)."""
 
@@ -98,10 +87,11 @@ class Attention(nnx.Module):
         softmax1: bool = False,
         score_margin: float | None = None,
         causal: bool = True,
+        impl: str = "auto",
         rngs: nnx.Rngs,
     ):
         assert d_model % num_heads == 0, (d_model, num_heads)
-        self.softmax1, self.score_margin, self.causal = softmax1, score_margin, causal
+        self.softmax1, self.score_margin, self.causal, self.impl = softmax1, score_margin, causal, impl
         self.score_reg = AttentionScoreReg(jnp.zeros((), jnp.float32)) if score_margin is not None else None
         self.num_heads, self.head_dim = num_heads, d_model // num_heads
         self.rotary_dim = self.head_dim if rotary_dim is None else rotary_dim
@@ -122,33 +112,28 @@ class Attention(nnx.Module):
         return q, k, v
 
     def _attend(self, q_BxQxHxK, k_BxSxHxK, v_BxSxHxK, mask_Bx1xQxS, key_bias_BxS=None, record: bool = False):
-        scale = 1.0 / math.sqrt(self.head_dim)
-        # head-major batched matmuls (3x faster than the equivalent einsum on XLA:CPU)
-        q_BxHxQxK, k_BxHxSxK = q_BxQxHxK.transpose(0, 2, 1, 3), k_BxSxHxK.transpose(0, 2, 1, 3)
-        logits = jnp.matmul(q_BxHxQxK, k_BxHxSxK.transpose(0, 1, 3, 2), preferred_element_type=jnp.float32) * scale
-        if record and self.score_reg is not None:
-            mask = jnp.broadcast_to(mask_Bx1xQxS, logits.shape)
-            excess = jnp.where(mask, jnp.maximum(logits, self.score_margin) - self.score_margin, 0.0)
+        """Dense attention under an explicit mask (decoding, cross-attention); ``record``: store the score
+        regulariser."""
+        o, reg = masked_attention(q_BxQxHxK, k_BxSxHxK, v_BxSxHxK, mask_Bx1xQxS, softmax1=self.softmax1,
+                                  key_bias_BxS=key_bias_BxS,
+                                  score_margin=self.score_margin if record and self.score_reg is not None else None)
+        if reg is not None:
             # a new Variable, not an in-place write: the caller's state variables may belong to an outer trace
-            self.score_reg = AttentionScoreReg(jnp.sum(excess) / jnp.maximum(jnp.sum(mask), 1))
-        if key_bias_BxS is not None:
-            logits = logits + key_bias_BxS[:, None, None, :].astype(jnp.float32)
-        logits = jnp.where(mask_Bx1xQxS, logits, NEG_INF)
-        if self.softmax1:
-            logits = jnp.concatenate([logits, jnp.zeros_like(logits[..., :1])], axis=-1)
-        probs = jax.nn.softmax(logits, axis=-1)
-        if self.softmax1:
-            probs = probs[..., :-1]
-        o_BxHxQxK = jnp.matmul(probs.astype(v_BxSxHxK.dtype), v_BxSxHxK.transpose(0, 2, 1, 3))
-        return o_BxHxQxK.transpose(0, 2, 1, 3)
+            self.score_reg = AttentionScoreReg(reg)
+        return o
 
     def __call__(self, x_BxLxD, segment_ids_BxL, positions_BxL, key_bias_BxL=None):
         B, L, D = x_BxLxD.shape
         q, k, v = self._qkv(x_BxLxD, positions_BxL)
         q = constrain(q, ("batch", self.length_axis, "act_heads", "act_kv"))
-        idx = jnp.broadcast_to(jnp.arange(L)[None], (B, L))
-        mask = attention_mask(segment_ids_BxL, segment_ids_BxL, idx, idx, self.window, self.causal)
-        o = self._attend(q, k, v, mask, key_bias_BxL, record=True)
+        if self.score_reg is not None:  # the kernels do not expose the scores: dense
+            idx = jnp.broadcast_to(jnp.arange(L)[None], (B, L))
+            mask = attention_mask(segment_ids_BxL, segment_ids_BxL, idx, idx, self.window, self.causal)
+            o = self._attend(q, k, v, mask, key_bias_BxL, record=True)
+        else:
+            o = dot_product_attention(q, k, v, q_segment_ids_BxQ=segment_ids_BxL, k_segment_ids_BxS=segment_ids_BxL,
+                                      causal=self.causal, window=self.window, softmax1=self.softmax1,
+                                      key_bias_BxS=key_bias_BxL, impl=self.impl)
         return self.out(o.reshape(B, L, D))
 
     # ----- incremental decoding -----
@@ -225,6 +210,7 @@ class StackConfig:
     softmax1: bool = False  # attention with a zero-logit, zero-value sink (MrT5)
     score_margin: float | None = None  # record the attention-score regulariser (MrT5 App. D)
     causal: bool = True  # False: bidirectional attention within each segment (full forward only; no step)
+    attention_impl: str = "auto"  # hnet.attention IMPLS: 'auto' | 'dense' | 'splash' | 'cudnn'
     ssm_d_state: int = 128
     ssm_d_conv: int = 4
     ssm_expand: int = 2
@@ -247,7 +233,7 @@ class Block(nnx.Module):
             self.mixer = Attention(cfg.d_model, cfg.num_heads, rotary_dim=cfg.rotary_dim, window=cfg.window,
                                    out_init_std=out_init_std, dtype=dtype, param_dtype=param_dtype,
                                    length_axis=length_axis, softmax1=cfg.softmax1, score_margin=cfg.score_margin,
-                                   causal=cfg.causal, rngs=rngs)
+                                   causal=cfg.causal, impl=cfg.attention_impl, rngs=rngs)
         else:
             from hnet.mamba2 import Mamba2
 
@@ -288,15 +274,26 @@ class Block(nnx.Module):
         return x, cache
 
 
+def remat_policy(remat: bool | str):
+    """``remat`` True: recompute everything in the backward pass; a name of ``jax.checkpoint_policies``
+    (e.g. 'dots_with_no_batch_dims_saveable'): save what that policy saves."""
+    if isinstance(remat, str):
+        if not hasattr(jax.checkpoint_policies, remat):
+            raise ValueError(f"remat policy {remat!r} is not in jax.checkpoint_policies")
+        return getattr(jax.checkpoint_policies, remat)
+    return None
+
+
 class Stack(nnx.Module):
     """Isotropic stack of blocks from a layout string, ending with an RMSNorm (fp32 output).
 
+    ``remat``: per-block rematerialisation, False / True / a ``jax.checkpoint_policies`` name.
     out_proj/fc2 use N(0, 0.02 / sqrt(n_res)); ``n_res`` defaults to the stack's own residual count
     (H-Net passes the count cumulative down the hierarchy).
     """
 
     def __init__(self, cfg: StackConfig, *, n_res: int | None = None, dtype=jnp.float32, param_dtype=jnp.float32,
-                 length_axis: str = "byte_len", remat: bool = False, rngs: nnx.Rngs):
+                 length_axis: str = "byte_len", remat: bool | str = False, rngs: nnx.Rngs):
         self.cfg, self.length_axis, self.remat = cfg, length_axis, remat
         self.n_res = n_res or layout_height(cfg.layout)
         std = 0.02 / math.sqrt(self.n_res)
@@ -311,7 +308,8 @@ class Stack(nnx.Module):
         x = x_BxLxD.astype(jnp.float32)
         for block in self.blocks:
             if self.remat:
-                x = nnx.remat(lambda b, *a: b(*a))(block, x, segment_ids_BxL, positions_BxL, key_bias_BxL)
+                x = nnx.remat(lambda b, *a: b(*a), policy=remat_policy(self.remat))(
+                    block, x, segment_ids_BxL, positions_BxL, key_bias_BxL)
             else:
                 x = block(x, segment_ids_BxL, positions_BxL, key_bias_BxL)
             x = constrain(x, ("batch", self.length_axis, "act_embed"))

@@ -93,6 +93,16 @@ def make_mesh(shape: dict[str, int] | None = None, devices=None, explicit: bool 
     return jax.make_mesh(sizes, MESH_AXES, axis_types=(kind,) * len(MESH_AXES), devices=devices)
 
 
+def target_platform() -> str:
+    """'cpu' | 'tpu' | 'gpu': the platform of the current mesh's devices, else ``jax.default_backend()``.
+
+    Kernels are chosen by this, not by the default backend: an ahead-of-time compile for a TPU
+    topology (``launch.aot``) traces on a CPU host under a mesh of TPU devices."""
+    mesh = jax.sharding.get_abstract_mesh()
+    plat = jax.default_backend() if mesh.empty else mesh.abstract_device.platform
+    return "gpu" if plat in ("cuda", "rocm") else plat
+
+
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
     """Sharding of a [batch, ...] host batch: batch over (data, fsdp), the rest replicated."""
     return NamedSharding(mesh, P(("data", "fsdp"), *([None] * (ndim - 1))))

@@ -9,7 +9,7 @@ the coordinator is the first host, as in the sbatch script.
 Example::
 
     python -m launch.slurm --nodes 4 --partition gpu --time 12:00:00 --dry-run -- \\
-        --gin_file=configs/hnet_small.gin --gin_file=configs/pretrain.gin --workdir=/shared/runs/x
+        --gin_file=configs/hnet_1stage_XL.gin --gin_file=configs/runs/pretrain_8k.gin --workdir=/shared/runs/x
 """
 
 from __future__ import annotations

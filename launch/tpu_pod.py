@@ -2,6 +2,8 @@
 
 Steps, each one command (``--dry-run`` prints them, shell-quoted, one per line):
 
+0. with ``--preflight=TOPOLOGY`` (e.g. ``v5p:4x4x4``): ``python -m launch.aot`` compiles the train and eval
+   steps of the same gin files for that topology here, and the launch stops unless they fit in HBM;
 1. tar the checkout (``git ls-files``: tracked + untracked-but-not-ignored files) locally;
 2. ``gcloud compute tpus tpu-vm scp`` the tarball to every worker (``--worker=all``);
 3. on every worker: unpack into ``--remote_dir``, create a python3.11 venv, ``pip install -e .[tpu]``
@@ -12,9 +14,9 @@ Steps, each one command (``--dry-run`` prints them, shell-quoted, one per line):
 
 Example::
 
-    python -m launch.tpu_pod --name my-v5p-64 --zone us-east5-a --project my-proj \\
-        --workdir gs://my-bucket/runs/hnet_small --dry-run -- \\
-        --gin_file=configs/hnet_small.gin --gin_file=configs/pretrain.gin --gin.train.steps=1000
+    python -m launch.tpu_pod --name my-v5p-64 --zone us-east5-a --project my-proj --preflight=v5p:4x4x4 \\
+        --workdir gs://my-bucket/runs/hnet_xl --dry-run -- \\
+        --gin_file=configs/hnet_1stage_XL.gin --gin_file=configs/runs/pretrain_8k.gin --gin.train.steps=1000
 """
 
 from __future__ import annotations
@@ -57,6 +59,10 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
                     help="pass --internal-ip to gcloud (when running inside the VPC)")
     ap.add_argument("--tarball", default=None,
                     help="local tarball path (default: /tmp/<name>-src.tar.gz)")
+    ap.add_argument("--preflight", default=None, metavar="TOPOLOGY",
+                    help="first compile the run for this TPU topology here (python -m launch.aot, e.g. "
+                         "v5p:4x4x4) and stop unless it fits, before copying anything")
+    ap.add_argument("--num_slices", "--num-slices", type=int, default=1, help="slices, for --preflight")
     ap.add_argument("--dry-run", "--dry_run", action="store_true",
                     help="print the commands, run nothing")
     args = ap.parse_args(own)
@@ -113,7 +119,13 @@ def build_commands(args: argparse.Namespace, train_args: Sequence[str],
     if env:
         run_cmd = f"env {env} {run_cmd}"
     run = _gcloud(args, "ssh", args.name) + ["--command", f"cd {rdir} && {run_cmd}"]
-    return [pack, copy, setup, run]
+    if not args.preflight:
+        return [pack, copy, setup, run]
+    gin_args = [a for a in train_args if a.startswith(("--gin_file", "--gin.", "--gin_bindings"))]
+    preflight = [sys.executable, "-m", "launch.aot", *gin_args, f"--topology={args.preflight}"]
+    if args.num_slices > 1:
+        preflight.append(f"--num_slices={args.num_slices}")
+    return [preflight, pack, copy, setup, run]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

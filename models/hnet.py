@@ -151,7 +151,7 @@ class Router(nnx.Module):
 
 class HNetStage(nnx.Module):
     def __init__(self, cfg: HNetConfig, s: int, *, d_prev: int | None, n_res_offset: int, dtype, param_dtype,
-                 remat: bool, rngs: nnx.Rngs):
+                 remat: bool | str, rngs: nnx.Rngs):
         self.cfg, self.s, self.deterministic = cfg, s, False  # model.eval(): no capacity overflow
         D = cfg.d_model[s]
         self.d_prev = d_prev
@@ -267,7 +267,8 @@ class HNetLM(nnx.Module):
     """Embedding(256, D_0) -> HNetStage(0) -> lm_head; loss aux = α Σ_s ratio_loss_s."""
 
     def __init__(self, config: HNetConfig = HNetConfig(), *, dtype="float32", param_dtype="float32",
-                 remat: bool = False, seed: int = 0):
+                 remat: bool | str = False, seed: int = 0):
+        """``remat``: False, True or a ``jax.checkpoint_policies`` name (see ``hnet.layers.remat_policy``)."""
         rngs = nnx.Rngs(seed)
         self.config = config
         dtype, param_dtype = dtype_from_name(dtype), dtype_from_name(param_dtype)

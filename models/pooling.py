@@ -89,12 +89,9 @@ def chunk_layout(starts_BxL, segment_ids_BxL, M: int) -> ChunkLayout:
 
 
 def gather_chunks(v_BxMx_, idx_BxL):
-    """out[b, t] = v[b, idx[b, t]] if 0 <= idx < M else 0 (any trailing dims)."""
-    M = v_BxMx_.shape[1]
-    ok = (idx_BxL >= 0) & (idx_BxL < M)
-    g = jnp.take_along_axis(v_BxMx_, jnp.clip(idx_BxL, 0, M - 1).reshape(idx_BxL.shape + (1,) * (v_BxMx_.ndim - 2)),
-                            axis=1)
-    return jnp.where(ok.reshape(ok.shape + (1,) * (v_BxMx_.ndim - 2)), g, 0)
+    """out[b, t] = v[b, idx[b, t]] if 0 <= idx < M else 0 (any trailing dims; the chunk gather kernel on
+    TPU/GPU)."""
+    return chunking.take_chunks(v_BxMx_, idx_BxL)
 
 
 def segment_sum(v_BxLx_, idx_BxL, M: int):

@@ -11,6 +11,10 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
+# The test extra installs libtpu (tests/test_aot.py compiles for TPU topologies); the tests themselves run on
+# CPU, and without this every process would first probe for a TPU (slower start, warnings on stderr).
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
 # The tests' time is XLA compilation of tiny models, not their run time: skipping LLVM's backend
 # optimisations halves the compile time of e.g. the H-Net gradient graphs. Set before JAX starts; the
 # subprocesses the tests start inherit it (append, never replace, XLA_FLAGS there).

@@ -240,3 +240,22 @@ def test_default_impl_and_bad_impl():
         chunking.compact(_x(), _masks(), 3, impl="nope")
     with pytest.raises(ValueError):
         chunking.set_default_impl("nope")
+
+
+@pytest.mark.parametrize("impl", ["jnp", "pallas"])
+def test_take_chunks_matches_take_along_axis_with_grads(impl):
+    """The pooling models' chunk -> byte read (non-monotone indices, out-of-range -> 0, trailing dims)."""
+    z = jax.random.normal(jax.random.key(0), (2, 5, 3, 2))
+    w = jax.random.normal(jax.random.key(1), (2, 8, 3, 2))
+    idx = jnp.array([[0, 0, 1, 4, 5, -1, 2, 2], [3, 3, 3, 0, 1, 9, 4, 4]])
+
+    def ref(z):
+        g = jnp.take_along_axis(z, jnp.clip(idx, 0, 4)[:, :, None, None], axis=1)
+        return jnp.where(((idx >= 0) & (idx < 5))[:, :, None, None], g, 0)
+
+    np.testing.assert_array_equal(chunking.take_chunks(z, idx, impl=impl), ref(z))
+    grad = lambda f: jax.grad(lambda z: jnp.sum(jnp.sin(f(z)) * w))(z)  # noqa: E731
+    np.testing.assert_allclose(grad(lambda z: chunking.take_chunks(z, idx, impl=impl)), grad(ref), rtol=1e-6,
+                               atol=1e-6)
+    zi = jnp.arange(30).reshape(2, 5, 3)  # integer rows: plain gather
+    np.testing.assert_array_equal(chunking.take_chunks(zi, idx), ref(zi[..., None])[..., 0])

@@ -17,7 +17,7 @@ import pytest
 from launch import local, slurm, tpu_pod
 
 REPO = local.REPO_ROOT
-TRAIN_ARGS = ["--gin_file=configs/hnet_small.gin", "--gin_file=configs/pretrain.gin",
+TRAIN_ARGS = ["--gin_file=configs/hnet_1stage_tiny.gin", "--gin_file=configs/runs/default.gin",
               "--gin.train.steps=10", "--gin.note='a b'"]
 
 
@@ -67,6 +67,20 @@ def test_tpu_pod_dry_run_options(capsys):
     assert "--project" not in " ".join(scp) and "--internal-ip" in scp and "--worker=all" in scp
     assert setup[-1] == "mkdir -p src && tar -xzf /tmp/v4-src.tar.gz -C src"
     assert run[-1] == "cd src && env TPU_STDERR_LOG_LEVEL=0 .venv/bin/python -m train.main"
+
+
+def test_tpu_pod_preflight_compiles_first_and_stops_the_launch(capsys, tmp_path, monkeypatch):
+    args = ["--name", "pod1", "--zone", "z", "--preflight", "v5p:4x4x4", "--num_slices", "2"]
+    tpu_pod.main([*args, "--dry-run", "--", *TRAIN_ARGS, "--compilation_cache_dir="])
+    lines = [shlex.split(line) for line in _lines(capsys)]
+    assert len(lines) == 5 and lines[1][:2] == ["bash", "-c"]  # preflight, then pack, copy, setup, run
+    assert lines[0] == [sys.executable, "-m", "launch.aot", *TRAIN_ARGS, "--topology=v5p:4x4x4", "--num_slices=2"]
+    # A preflight that fails (here: an unknown topology, config error 2) stops before anything is packed.
+    monkeypatch.chdir(REPO)
+    tarball = tmp_path / "src.tar.gz"
+    rc = tpu_pod.main(["--name", "pod1", "--zone", "z", "--preflight", "v9z:1x1", "--tarball", str(tarball),
+                       "--", *TRAIN_ARGS])
+    assert rc == 2 and not tarball.exists()
 
 
 @pytest.mark.skipif(not os.path.exists(os.path.join(REPO, ".git")) or not shutil.which("git"),

@@ -16,6 +16,7 @@ import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 
 from hnet import sharding
@@ -48,7 +49,9 @@ class Setup:
 
 def build_state(model_fn: Callable[[], nnx.Module], opt_cfg: OptimizerConfig, total_steps: int, mesh,
                 *, allocate: bool = True) -> Setup:
-    """Graphdef + TrainState initialised inside jit under the mesh, so every array is born sharded."""
+    """Graphdef + TrainState initialised inside jit under the mesh, so every array is born sharded
+    (``state_shardings``). ``allocate=False``: abstract state (ShapeDtypeStructs with shardings), nothing
+    compiled or allocated (``launch.aot``)."""
     with sharding.mesh_context(mesh):
         abstract_model = nnx.eval_shape(model_fn)
         graphdef, abs_params, abs_rest = nnx.split(abstract_model, nnx.Param, ...)
@@ -62,11 +65,25 @@ def build_state(model_fn: Callable[[], nnx.Module], opt_cfg: OptimizerConfig, to
             return TrainState(step=zero, params=params, rest=rest, opt_state=tx.init(params), bad_steps=zero,
                               skipped_steps=zero)
 
-        init_jit = jax.jit(init)
-        shardings = init_jit.lower().compile().output_shardings
+    shardings = state_shardings(tx, abs_params, abs_rest, mesh)  # off the mesh: optax inits eagerly here
+    with sharding.mesh_context(mesh):
+        init_jit = jax.jit(init, out_shardings=shardings)
         state = init_jit() if allocate else abstract_like(jax.eval_shape(init), shardings)
     return Setup(mesh, graphdef, state, shardings, tx, schedule, lr_mult,
                  getattr(abstract_model, "supports_decoding", True))
+
+
+def state_shardings(tx, abs_params, abs_rest, mesh) -> TrainState:
+    """Every leaf's sharding, pinned rather than left to propagation: parameters and ``rest`` from their
+    logical axes; the optimizer's per-parameter leaves (Adam moments, ...) like their parameter (so FSDP
+    shards them too); its other leaves (counts) and the counters replicated."""
+    repl = sharding.replicated(mesh)
+    with sharding.axis_rules():
+        params, rest = nnx.get_named_sharding(abs_params, mesh), nnx.get_named_sharding(abs_rest, mesh)
+    opt = optax.tree_map_params(tx, lambda _, s: s, jax.eval_shape(tx.init, abs_params), params,
+                                transform_non_params=lambda _: repl)
+    return TrainState(step=repl, params=params, rest=rest, opt_state=opt,
+                      bad_steps=repl, skipped_steps=repl)
 
 
 def evaluate(setup: Setup, eval_cfg: data_lib.DataConfig, docs: list[bytes], eval_fn=None) -> dict[str, float]:

@@ -32,6 +32,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
+from hnet.sharding import target_platform
+
 __all__ = [
     "gather_rows",
     "gather_rows_sharded",
@@ -53,13 +55,10 @@ def reference_gather_rows(x_BxLxD: jax.Array, idx_BxM: jax.Array) -> jax.Array:
 
 
 def default_backend() -> str:
-    """'tpu' | 'gpu' | 'reference' from ``jax.default_backend()``."""
-    plat = jax.default_backend()
-    if plat == "tpu":
-        return "tpu"
-    if plat in ("gpu", "cuda", "rocm"):
-        return "gpu"
-    return "reference"
+    """'tpu' | 'gpu' | 'reference' from the target platform (the current mesh's devices, else
+    ``jax.default_backend()``; see ``hnet.sharding.target_platform``)."""
+    plat = target_platform()
+    return plat if plat in ("tpu", "gpu") else "reference"
 
 
 def _round_up(n: int, m: int) -> int:
@@ -247,7 +246,7 @@ def gather_rows(
     Args:
         x_BxLxD: rows to gather from; any dtype.
         idx_BxM: int indices in [0, L).
-        backend: 'tpu' | 'gpu' | 'reference'; default from ``jax.default_backend()``.
+        backend: 'tpu' | 'gpu' | 'reference'; default ``default_backend()``.
         interpret: False, True, or (TPU only) a ``pltpu.InterpretParams``; runs on CPU.
         tile_rows: rows per grid step (default 128 on TPU, 32 on GPU).
         tpu_blocked_idx: TPU only. False: scalar-prefetch all of idx into SMEM; True: stream

@@ -1,0 +1,48 @@
+"""hnet.attention: the splash kernel (CPU interpret mode) equals the dense reference under segment, causal
+and local-window masks; 'auto' picks the kernel by the mesh devices' platform and falls back to dense for
+features the kernel lacks."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from hnet import attention
+
+
+@pytest.mark.parametrize("causal,window", [(True, 16), (False, -1)])
+def test_splash_matches_dense(causal, window):
+    B, L, H, K = 2, 256, 2, 64
+    q, k, v = (jax.random.normal(kk, (B, L, H, K)) for kk in jax.random.split(jax.random.key(0), 3))
+    seg = jnp.concatenate([jnp.full((B, 100), 1), jnp.full((B, 120), 2), jnp.zeros((B, 36), int)], 1)  # + padding
+    o = attention._splash_local(q, k, v, seg, seg, causal=causal, window=window, interpret=True)
+    ref = attention.dot_product_attention(q, k, v, q_segment_ids_BxQ=seg, k_segment_ids_BxS=seg, causal=causal,
+                                          window=window, impl="dense")
+    np.testing.assert_allclose(np.asarray(o), np.asarray(ref), atol=2e-6)
+    full = attention.dot_product_attention(q, k, v, q_segment_ids_BxQ=seg, k_segment_ids_BxS=seg, causal=causal,
+                                           window=-1 if window >= 0 else 8, impl="dense")
+    assert np.abs(np.asarray(full - ref)).max() > 1e-2  # the mask matters: the comparison can fail
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="needs libtpu's TPU topology devices")
+def test_auto_picks_by_mesh_platform():
+    from jax.experimental import topologies
+
+    from hnet import sharding
+
+    q = jax.ShapeDtypeStruct((4, 256, 2, 64), jnp.bfloat16)
+    feats = dict(causal=True, window=-1, softmax1=False, key_bias_BxS=None)
+    assert attention.resolve_impl("auto", q, q, **feats) == "dense"  # CPU
+    devices = topologies.get_topology_desc(topology_name="v5e:2x2", platform="tpu").devices
+    with jax.set_mesh(sharding.make_mesh({"data": -1}, devices=devices)):
+        assert jax.default_backend() == "cpu" and sharding.target_platform() == "tpu"
+        assert attention.resolve_impl("auto", q, q, **feats) == "splash"
+        assert attention.resolve_impl("auto", q, q, **dict(feats, softmax1=True)) == "dense"
+        assert attention.resolve_impl("auto", q, q, **dict(feats, key_bias_BxS=q)) == "dense"
+        q100 = jax.ShapeDtypeStruct((4, 100, 2, 64), jnp.bfloat16)
+        assert attention.resolve_impl("auto", q100, q100, **feats) == "dense"  # not a multiple of 128
+        assert attention.resolve_impl("cudnn", q, q, **feats) == "cudnn"  # explicit choice is kept
