@@ -9,8 +9,9 @@ the blockwise kernel (one variant per --block_q) and gin bindings (--variant NAM
     .venv/bin/python benchmarks/ab_step.py --config hnet_1stage_tiny --block_q --variant \
         chunk32=models.HNetConfig.ssm_chunk_size=32
 
-The blockwise path is switched in by replacing ``Attention.__call__`` for the compile of that variant
-(a benchmark-only patch; the model's own dispatch is hnet/attention.py's job).
+Each variant is compiled with hnet.attention's CPU rule forced ('dense' for the baseline and the gin
+variants, 'blockwise' with the given block sizes), so the comparison does not depend on the automatic
+length threshold.
 """
 
 from __future__ import annotations
@@ -28,25 +29,21 @@ import throughput  # noqa: E402  (same directory)
 
 
 @contextlib.contextmanager
-def blockwise_attention_patched(block_q: int, block_k: int, skip_padding: bool = False):
-    from hnet import layers
-    from hnet.kernels.blockwise_attention import blockwise_attention
+def attention_kernel(impl: str, **kernel_kw):
+    """Every self-attention of the compiled step through ``impl`` ('dense' | 'blockwise', the latter with
+    ``kernel_kw`` such as block_q / skip_padding), whatever hnet.attention's automatic rule would pick."""
+    import functools
 
-    def call(self, x_BxLxD, segment_ids_BxL, positions_BxL, key_bias_BxL=None):
-        B, L, D = x_BxLxD.shape
-        q, k, v = self._qkv(x_BxLxD, positions_BxL)
-        o = blockwise_attention(q, k, v, q_segment_ids_BxQ=segment_ids_BxL, k_segment_ids_BxS=segment_ids_BxL,
-                                causal=self.causal, window=self.window, softmax1=self.softmax1,
-                                key_bias_BxS=key_bias_BxL, block_q=block_q, block_k=block_k,
-                                skip_padding=skip_padding)
-        return self.out(o.reshape(B, L, D))
+    from hnet import attention
 
-    dense = layers.Attention.__call__
-    layers.Attention.__call__ = call
+    saved = attention.BLOCKWISE_MIN_LEN, dict(attention._KERNELS)
+    attention.BLOCKWISE_MIN_LEN = 1 if impl == "blockwise" else 1 << 62
+    attention._KERNELS["blockwise"] = functools.partial(saved[1]["blockwise"], **kernel_kw)
     try:
         yield
     finally:
-        layers.Attention.__call__ = dense
+        attention.BLOCKWISE_MIN_LEN = saved[0]
+        attention._KERNELS.update(saved[1])
 
 
 def main(argv=None):
@@ -66,15 +63,16 @@ def main(argv=None):
 
     from hnet import sharding
 
-    variants = {} if args.only else {"dense": (contextlib.nullcontext, [])}
+    variants = {} if args.only else {"dense": (lambda: attention_kernel("dense"), [])}
     for bq in args.block_q:
-        variants[f"blockwise bq={bq}"] = (lambda bq=bq: blockwise_attention_patched(bq, args.block_k), [])
+        variants[f"blockwise bq={bq}"] = (
+            lambda bq=bq: attention_kernel("blockwise", block_q=bq, block_k=args.block_k), [])
         if args.skip_padding:
             variants[f"blockwise bq={bq} skip_padding"] = (
-                lambda bq=bq: blockwise_attention_patched(bq, args.block_k, True), [])
+                lambda bq=bq: attention_kernel("blockwise", block_q=bq, block_k=args.block_k, skip_padding=True), [])
     for v in args.variant:
         name, binding = v.split("=", 1)
-        variants[name] = (contextlib.nullcontext, [binding])
+        variants[name] = (lambda: attention_kernel("dense"), [binding])
     steps = {}
     for name, (ctx, bindings) in variants.items():
         with ctx():

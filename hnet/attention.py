@@ -10,9 +10,12 @@ q and k positions are their indices. ``impl``:
     * 'splash': Pallas splash attention (``jax.experimental.pallas.ops.tpu.splash_attention``; TPU):
                 segment ids, causal / local masks, never materialises [Q, S].
     * 'cudnn':  ``jax.nn.dot_product_attention(implementation='cudnn')`` (GPU flash attention).
+    * 'blockwise': ``hnet.kernels.blockwise_attention`` (XLA:CPU; every feature; no [Q, S] tensor, no work
+                on blocks the causal mask or the window rule out).
     * 'auto':   by the target platform (``hnet.sharding.target_platform``: the mesh's devices): splash on
-                TPU, cudnn on GPU, dense on CPU, and dense wherever the kernel lacks a feature
-                (softmax1, key_bias) or a shape (splash: Q and S multiples of 128).
+                TPU, cudnn on GPU, on CPU blockwise for self-attention of length >= ``BLOCKWISE_MIN_LEN``
+                (dense below: one or two blocks save little and cost compile time), and dense wherever
+                the kernel lacks a feature (softmax1, key_bias) or a shape (splash: Q and S multiples of 128).
 New kernels are one more entry of ``_KERNELS`` plus a line in ``_supports``.
 """
 
@@ -24,11 +27,15 @@ import math
 import jax
 import jax.numpy as jnp
 
+from hnet.kernels.blockwise_attention import blockwise_attention
 from hnet.sharding import target_platform
 
 NEG_INF = -1e30
-IMPLS = ("auto", "dense", "splash", "cudnn")
+IMPLS = ("auto", "dense", "splash", "cudnn", "blockwise")
 _SPLASH_BLOCK = 128
+# CPU train step, blockwise vs dense (docs/benchmarks.md, issue 18): 1.20x at L = 256, 1.6-1.7x at 512,
+# 2.3x at 1024 (isotropic_tiny); 512 keeps the short sequences of the test suite on the cheaper compile.
+BLOCKWISE_MIN_LEN = 512
 
 
 def attention_mask(q_seg_BxQ, k_seg_BxK, q_idx_BxQ, k_idx_BxK, window: int, causal: bool = True) -> jax.Array:
@@ -128,11 +135,11 @@ def _cudnn(q, k, v, *, q_segment_ids_BxQ, k_segment_ids_BxS, causal, window, sof
                                         implementation="cudnn")
 
 
-_KERNELS = {"dense": _dense, "splash": _splash, "cudnn": _cudnn}
+_KERNELS = {"dense": _dense, "splash": _splash, "cudnn": _cudnn, "blockwise": blockwise_attention}
 
 
 def _supports(impl: str, q_BxQxHxK, k_BxSxHxK, *, causal, window, softmax1, key_bias_BxS) -> bool:
-    if impl == "dense":
+    if impl in ("dense", "blockwise"):
         return True
     if softmax1 or key_bias_BxS is not None:
         return False
@@ -149,7 +156,10 @@ def resolve_impl(impl: str, q_BxQxHxK, k_BxSxHxK, **features) -> str:
         raise ValueError(f"attention impl must be one of {IMPLS}, got {impl!r}")
     if impl != "auto":
         return impl
-    kernel = {"tpu": "splash", "gpu": "cudnn"}.get(target_platform(), "dense")
+    platform = target_platform()
+    kernel = {"tpu": "splash", "gpu": "cudnn"}.get(platform, "dense")
+    if platform == "cpu" and q_BxQxHxK.shape[1] == k_BxSxHxK.shape[1] >= BLOCKWISE_MIN_LEN:
+        kernel = "blockwise"
     return kernel if _supports(kernel, q_BxQxHxK, k_BxSxHxK, **features) else "dense"
 
 

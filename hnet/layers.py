@@ -210,7 +210,7 @@ class StackConfig:
     softmax1: bool = False  # attention with a zero-logit, zero-value sink (MrT5)
     score_margin: float | None = None  # record the attention-score regulariser (MrT5 App. D)
     causal: bool = True  # False: bidirectional attention within each segment (full forward only; no step)
-    attention_impl: str = "auto"  # hnet.attention IMPLS: 'auto' | 'dense' | 'splash' | 'cudnn'
+    attention_impl: str = "auto"  # hnet.attention IMPLS: 'auto' | 'dense' | 'splash' | 'cudnn' | 'blockwise'
     ssm_d_state: int = 128
     ssm_d_conv: int = 4
     ssm_expand: int = 2

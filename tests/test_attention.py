@@ -1,6 +1,6 @@
 """hnet.attention: the splash kernel (CPU interpret mode) equals the dense reference under segment, causal
-and local-window masks; 'auto' picks the kernel by the mesh devices' platform and falls back to dense for
-features the kernel lacks."""
+and local-window masks; 'auto' picks the kernel by the mesh devices' platform (blockwise on CPU from
+BLOCKWISE_MIN_LEN on) and falls back to dense for features the kernel lacks."""
 
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def test_auto_picks_by_mesh_platform():
 
     q = jax.ShapeDtypeStruct((4, 256, 2, 64), jnp.bfloat16)
     feats = dict(causal=True, window=-1, softmax1=False, key_bias_BxS=None)
-    assert attention.resolve_impl("auto", q, q, **feats) == "dense"  # CPU
+    assert attention.resolve_impl("auto", q, q, **feats) == "dense"  # CPU, below BLOCKWISE_MIN_LEN
     devices = topologies.get_topology_desc(topology_name="v5e:2x2", platform="tpu").devices
     with jax.set_mesh(sharding.make_mesh({"data": -1}, devices=devices)):
         assert jax.default_backend() == "cpu" and sharding.target_platform() == "tpu"
@@ -46,3 +46,19 @@ def test_auto_picks_by_mesh_platform():
         q100 = jax.ShapeDtypeStruct((4, 100, 2, 64), jnp.bfloat16)
         assert attention.resolve_impl("auto", q100, q100, **feats) == "dense"  # not a multiple of 128
         assert attention.resolve_impl("cudnn", q, q, **feats) == "cudnn"  # explicit choice is kept
+
+
+def test_auto_on_cpu_takes_blockwise_for_long_self_attention_and_it_matches_dense():
+    L = attention.BLOCKWISE_MIN_LEN
+    feats = dict(causal=True, window=-1, softmax1=True, key_bias_BxS=None)
+    short, long_ = (jax.ShapeDtypeStruct((1, n, 2, 16), jnp.float32) for n in (L - 1, L))
+    assert attention.resolve_impl("auto", short, short, **feats) == "dense"
+    assert attention.resolve_impl("auto", long_, long_, **feats) == "blockwise"
+    assert attention.resolve_impl("auto", long_, short, **feats) == "dense"  # cross-attention stays dense
+    q, k, v = (jax.random.normal(kk, (1, L, 2, 16)) for kk in jax.random.split(jax.random.key(1), 3))
+    seg = jnp.concatenate([jnp.full((1, L // 3), 1), jnp.full((1, L - L // 3 - 7), 2), jnp.zeros((1, 7), int)], 1)
+    bias = jax.random.normal(jax.random.key(2), (1, L))
+    kw = dict(q_segment_ids_BxQ=seg, k_segment_ids_BxS=seg, causal=True, window=40, softmax1=True, key_bias_BxS=bias)
+    o = attention.dot_product_attention(q, k, v, impl="auto", **kw)
+    ref = attention.dot_product_attention(q, k, v, impl="dense", **kw)
+    np.testing.assert_allclose(np.asarray(o), np.asarray(ref), atol=2e-5)
