@@ -116,6 +116,15 @@ def _utf8_length(cp):
     return 1 + (cp >= 0x80) + (cp >= 0x800) + (cp >= 0x10000)
 
 
+def _decode(data: bytes):
+    """Characters of ``data``: code points int64 [C] (an invalid byte b -> U+DC00 + b), which of them are
+    invalid bytes bool [C] (valid UTF-8 never encodes U+DC80..U+DCFF), and their UTF-8 lengths int [C]."""
+    s = data.decode("utf-8", errors="surrogateescape")
+    cp_C = np.frombuffer(s.encode("utf-32-le", errors="surrogatepass"), dtype=np.uint32).astype(np.int64)
+    escaped_C = (cp_C >= 0xDC80) & (cp_C <= 0xDCFF)
+    return cp_C, escaped_C, np.where(escaped_C, 1, _utf8_length(cp_C))
+
+
 def route_names(groups: Mapping[str, Sequence[str]] = SCRIPT_GROUPS) -> list[str]:
     """Route id -> group name."""
     return list(groups)
@@ -258,9 +267,7 @@ def byte_routes(
     cp_route, prefix_tables = _tables(_freeze(groups))
     if not data:
         return np.zeros(0, dtype=np.int32)
-    s = data.decode("utf-8", errors="surrogateescape")
-    cp_C = np.frombuffer(s.encode("utf-32-le", errors="surrogatepass"), dtype=np.uint32).astype(np.int64)
-    escaped_C = (cp_C >= 0xDC80) & (cp_C <= 0xDCFF)  # invalid bytes (valid UTF-8 never encodes these)
+    cp_C, escaped_C, nbytes_C = _decode(data)
     own_C = np.where(escaped_C, _INHERIT, cp_route[np.where(escaped_C, 0, cp_C)]).astype(np.int64)
 
     # route in effect *after* each char (forward fill of own routes), and *before* it (r_prev)
@@ -269,7 +276,6 @@ def byte_routes(
     after_C = np.where(idx_C >= 0, own_C[np.maximum(idx_C, 0)], default_route)
     before_C = np.concatenate([[default_route], after_C[:-1]])
 
-    nbytes_C = np.where(escaped_C, 1, _utf8_length(cp_C))
     char_of_N = np.repeat(np.arange(C), nbytes_C)
     first_N = np.repeat(np.cumsum(nbytes_C) - nbytes_C, nbytes_C)
     k_N = np.arange(len(data)) - first_N + 1  # bytes of the char seen so far (1..n)
@@ -360,9 +366,7 @@ def parity_priors(counts_LxR: np.ndarray, english_index: int, alpha_english: flo
 
 def char_lengths(doc_bytes: bytes) -> np.ndarray:
     """UTF-8 length of the character each byte belongs to (1 for bytes of no valid character). -> int [len]."""
-    s = bytes(doc_bytes).decode("utf-8", errors="surrogateescape")
-    cp_C = np.frombuffer(s.encode("utf-32-le", errors="surrogatepass"), dtype=np.uint32).astype(np.int64)
-    n_C = np.where((cp_C >= 0xDC80) & (cp_C <= 0xDCFF), 1, _utf8_length(cp_C))
+    n_C = _decode(bytes(doc_bytes))[2]
     return np.repeat(n_C, n_C)
 
 
@@ -379,7 +383,8 @@ def length_class_priors(priors_R, length_counts_Rx4: np.ndarray, lengths: Sequen
 
     Route r's length is the UTF-8 length that holds most of its bytes (``route_length_counts`` on the
     training text; routes without bytes are not seen). α_n = the mean of the seen α_r of length n weighted
-    by their bytes, i.e. the ``parity_priors`` value of those routes merged into one (α_r ∝ E_r / N_r).
+    by their bytes N_r, i.e. the ``parity_priors`` value (same scale c) of those routes merged into one, as
+    α_r = c E_r / N_r.
     A length without seen routes takes α_m · m / n from the longest shorter length m that has them (the
     same content in n- instead of m-byte characters). -> float64 [len(lengths)]."""
     a_R = np.asarray(priors_R, np.float64)
@@ -400,6 +405,6 @@ def length_class_priors(priors_R, length_counts_Rx4: np.ndarray, lengths: Sequen
     return np.array([alpha.get(n, alpha[first] * first / n) for n in lengths])
 
 
-__all__ = ["SCRIPT_GROUPS", "NTREX_SCRIPT_GROUPS", "NTREX_LSO_GROUPS", "NTREX_LSO_UTF8_GROUPS", "GROUPINGS", "LANGUAGE_SETS", "route_names", "num_routes",
-           "byte_routes", "routes_for_window", "routes_for_batch", "route_counts", "parity_priors", "char_lengths", "route_length_counts",
-           "length_class_priors"]
+__all__ = ["SCRIPT_GROUPS", "NTREX_SCRIPT_GROUPS", "NTREX_LSO_GROUPS", "NTREX_LSO_UTF8_GROUPS", "GROUPINGS",
+           "LANGUAGE_SETS", "route_names", "num_routes", "byte_routes", "routes_for_window", "routes_for_batch",
+           "route_counts", "parity_priors", "char_lengths", "route_length_counts", "length_class_priors"]
