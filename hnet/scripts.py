@@ -3,9 +3,13 @@
 Route ids: the position of a group in ``groups`` (an ordered mapping name -> Unicode script names, as
 the ``regex`` package spells them in ``\\p{Script=...}``). The group with an empty script list is the
 catch-all (exactly one is required): every script not listed elsewhere, including Unknown (unassigned
-and private-use code points). Characters whose script is Common or Inherited (spaces, digits,
-punctuation, most symbols, combining marks, the Devanagari danda) have no route of their own: they
-*inherit* the route in effect, i.e. the route of the last character that had one.
+and private-use code points). Optionally the catch-all is split by UTF-8 length (the byte premium of an
+unseen script): a group listing only pseudo-scripts ``'utf8-N'`` (N in 1..4) takes the characters of the
+unlisted scripts whose UTF-8 encoding has N bytes; the empty group keeps the lengths no class claims
+(e.g. ``NTREX_LSO_UTF8_GROUPS``: 'other2' (), 'other3' ('utf8-3',), 'other4' ('utf8-4',)).
+Characters whose script is Common or Inherited (spaces, digits, punctuation, most symbols, combining
+marks, the Devanagari danda) have no route of their own: they *inherit* the route in effect, i.e. the
+route of the last character that had one (so the spaces of an unseen script take its length class).
 
 Exact per-byte rule (causal: the route of byte t depends only on bytes <= t). The document is read as
 a stream of UTF-8 characters; ``r_prev`` is the route of the last completed character with its own
@@ -18,6 +22,10 @@ route (``default_route`` at the document start).
     = U+0400..U+043F -> Cyrillic, and E0 A4 = U+0900..U+093F -> Devanagari); otherwise ``r_prev``
     (e.g. the lead 0xE0 alone, or 0xC3 which also covers × and ÷). If the character then turns out to
     be unassigned, only its last byte says so.
+    With length classes the rule is the same, applied to the class routes: every code point under a
+    prefix has the length the lead byte announces, so a prefix whose assigned code points are all of
+    unlisted scripts gets that length's class (E0 AA = U+0A80..U+0ABF, Gujarati -> the 3-byte class);
+    a prefix mixing a class with a listed script or with Common/Inherited still gets ``r_prev``.
   * A byte that is not part of a valid character (stray continuation byte, 0xC0/0xC1/0xF5..0xFF, i.e.
     BOS/EOS too) gets ``r_prev``. The bytes of a character interrupted by such a byte keep the
     prefix routes they got when they arrived; an interrupted character never updates ``r_prev``.
@@ -77,7 +85,17 @@ NTREX_SCRIPT_GROUPS: dict[str, tuple[str, ...]] = {
     "other": (),
 }
 
-GROUPINGS: dict[str, dict[str, tuple[str, ...]]] = {"magnet": SCRIPT_GROUPS, "ntrex": NTREX_SCRIPT_GROUPS}
+# Leave-scripts-out protocol (configs/runs/ntrex_leave_scripts_out.gin): NTREX's groups without the scripts of
+# the four held-out languages (kat geor, hye armn, amh ethi, tha thai), which fall to the catch-all: one
+# 'other' route (as today), or split by UTF-8 length (hye is 2-byte; kat, amh, tha 3-byte).
+LEFT_OUT_SCRIPTS = ("thai", "ethi", "geor", "armn")
+NTREX_LSO_GROUPS = {k: v for k, v in NTREX_SCRIPT_GROUPS.items() if k not in LEFT_OUT_SCRIPTS}
+NTREX_LSO_UTF8_GROUPS = {**{k: v for k, v in NTREX_LSO_GROUPS.items() if v},
+                         "other2": (), "other3": ("utf8-3",), "other4": ("utf8-4",)}
+
+GROUPINGS: dict[str, dict[str, tuple[str, ...]]] = {
+    "magnet": SCRIPT_GROUPS, "ntrex": NTREX_SCRIPT_GROUPS, "ntrex_lso": NTREX_LSO_GROUPS,
+    "ntrex_lso_utf8": NTREX_LSO_UTF8_GROUPS}
 
 # Language sets for per-document routing by a language label (MAGNET's per-sequence mode with one
 # route, and one prior, per language): the label of a document is its file's stem (ntrex128/*/<lang>.txt).
@@ -90,6 +108,21 @@ _INHERIT = -1
 _MAX_CP = 0x110000
 # (n bytes per char, code-point range)
 _NBYTE_RANGES = ((1, 0x0, 0x7F), (2, 0x80, 0x7FF), (3, 0x800, 0xFFFF), (4, 0x10000, 0x10FFFF))
+_LENGTH_CLASSES = {f"utf8-{n}": n for n in (1, 2, 3, 4)}  # pseudo-scripts of the catch-all's length classes
+
+
+def _utf8_length(cp):
+    """UTF-8 bytes of code point(s) ``cp``."""
+    return 1 + (cp >= 0x80) + (cp >= 0x800) + (cp >= 0x10000)
+
+
+def _decode(data: bytes):
+    """Characters of ``data``: code points int64 [C] (an invalid byte b -> U+DC00 + b), which of them are
+    invalid bytes bool [C] (valid UTF-8 never encodes U+DC80..U+DCFF), and their UTF-8 lengths int [C]."""
+    s = data.decode("utf-8", errors="surrogateescape")
+    cp_C = np.frombuffer(s.encode("utf-32-le", errors="surrogatepass"), dtype=np.uint32).astype(np.int64)
+    escaped_C = (cp_C >= 0xDC80) & (cp_C <= 0xDCFF)
+    return cp_C, escaped_C, np.where(escaped_C, 1, _utf8_length(cp_C))
 
 
 def route_names(groups: Mapping[str, Sequence[str]] = SCRIPT_GROUPS) -> list[str]:
@@ -118,6 +151,8 @@ def _tables(frozen_groups):
         raise ValueError(f"exactly one group must have an empty script list (the catch-all), got {names}")
     seen: dict[str, str] = {}
     for name, scripts in frozen_groups:
+        if any(sc in _LENGTH_CLASSES for sc in scripts) and not all(sc in _LENGTH_CLASSES for sc in scripts):
+            raise ValueError(f"group {name!r} mixes UTF-8 length classes and scripts: {scripts}")
         for sc in scripts:
             if sc in ("Common", "Inherited"):
                 raise ValueError("Common/Inherited always inherit the previous route; do not list them")
@@ -135,8 +170,13 @@ def _tables(frozen_groups):
         return m_C
 
     route_C = np.full(len(cps_C), catch_all[0], dtype=np.int8)
+    len_C = _utf8_length(cps_C)
     for gi, (_, scripts) in enumerate(frozen_groups):
-        if scripts:
+        for sc in scripts:
+            if sc in _LENGTH_CLASSES:
+                route_C[len_C == _LENGTH_CLASSES[sc]] = gi  # listed scripts and Common/Inherited override below
+    for gi, (_, scripts) in enumerate(frozen_groups):
+        if scripts and scripts[0] not in _LENGTH_CLASSES:
             cls = "".join(r"\p{Script=%s}" % sc for sc in scripts)
             route_C[mark("[%s]+" % cls)] = gi
     route_C[mark(r"[\p{Script=Common}\p{Script=Inherited}]+")] = _INHERIT
@@ -227,9 +267,7 @@ def byte_routes(
     cp_route, prefix_tables = _tables(_freeze(groups))
     if not data:
         return np.zeros(0, dtype=np.int32)
-    s = data.decode("utf-8", errors="surrogateescape")
-    cp_C = np.frombuffer(s.encode("utf-32-le", errors="surrogatepass"), dtype=np.uint32).astype(np.int64)
-    escaped_C = (cp_C >= 0xDC80) & (cp_C <= 0xDCFF)  # invalid bytes (valid UTF-8 never encodes these)
+    cp_C, escaped_C, nbytes_C = _decode(data)
     own_C = np.where(escaped_C, _INHERIT, cp_route[np.where(escaped_C, 0, cp_C)]).astype(np.int64)
 
     # route in effect *after* each char (forward fill of own routes), and *before* it (r_prev)
@@ -238,7 +276,6 @@ def byte_routes(
     after_C = np.where(idx_C >= 0, own_C[np.maximum(idx_C, 0)], default_route)
     before_C = np.concatenate([[default_route], after_C[:-1]])
 
-    nbytes_C = np.where(escaped_C, 1, 1 + (cp_C >= 0x80) + (cp_C >= 0x800) + (cp_C >= 0x10000))
     char_of_N = np.repeat(np.arange(C), nbytes_C)
     first_N = np.repeat(np.cumsum(nbytes_C) - nbytes_C, nbytes_C)
     k_N = np.arange(len(data)) - first_N + 1  # bytes of the char seen so far (1..n)
@@ -327,5 +364,47 @@ def parity_priors(counts_LxR: np.ndarray, english_index: int, alpha_english: flo
     return c * inv_premium_R
 
 
-__all__ = ["SCRIPT_GROUPS", "NTREX_SCRIPT_GROUPS", "GROUPINGS", "LANGUAGE_SETS", "route_names", "num_routes",
-           "byte_routes", "routes_for_window", "routes_for_batch", "route_counts", "parity_priors"]
+def char_lengths(doc_bytes: bytes) -> np.ndarray:
+    """UTF-8 length of the character each byte belongs to (1 for bytes of no valid character). -> int [len]."""
+    n_C = _decode(bytes(doc_bytes))[2]
+    return np.repeat(n_C, n_C)
+
+
+def route_length_counts(docs: Sequence[bytes], groups: Mapping[str, Sequence[str]] = SCRIPT_GROUPS) -> np.ndarray:
+    """Bytes of route r that belong to n-byte characters, summed over ``docs``. -> int64 [R, 4] (column n - 1)."""
+    out_Rx4 = np.zeros((num_routes(groups), 4), np.int64)
+    for d in docs:
+        np.add.at(out_Rx4, (byte_routes(d, groups), char_lengths(d) - 1), 1)
+    return out_Rx4
+
+
+def length_class_priors(priors_R, length_counts_Rx4: np.ndarray, lengths: Sequence[int] = (2, 3, 4)) -> np.ndarray:
+    """Priors of the catch-all's UTF-8 length classes, scaled like the seen routes' priors.
+
+    Route r's length is the UTF-8 length that holds most of its bytes (``route_length_counts`` on the
+    training text; routes without bytes are not seen). α_n = the mean of the seen α_r of length n weighted
+    by their bytes N_r, i.e. the ``parity_priors`` value (same scale c) of those routes merged into one, as
+    α_r = c E_r / N_r.
+    A length without seen routes takes α_m · m / n from the longest shorter length m that has them (the
+    same content in n- instead of m-byte characters). -> float64 [len(lengths)]."""
+    a_R = np.asarray(priors_R, np.float64)
+    n_Rx4 = np.asarray(length_counts_Rx4, np.float64)
+    bytes_R = n_Rx4.sum(1)
+    len_R = np.where(bytes_R > 0, n_Rx4.argmax(1) + 1, 0)
+    alpha = {}
+    for n in range(1, 5):
+        w_R = np.where(len_R == n, bytes_R, 0.0)
+        if w_R.sum() > 0:
+            alpha[n] = float(w_R @ a_R / w_R.sum())
+        elif alpha:
+            m = max(alpha)
+            alpha[n] = alpha[m] * m / n
+    if not alpha:
+        raise ValueError("no seen route: the counts are all zero")
+    first = min(alpha)  # lengths below the shortest seen one: scale it up the same way
+    return np.array([alpha.get(n, alpha[first] * first / n) for n in lengths])
+
+
+__all__ = ["SCRIPT_GROUPS", "NTREX_SCRIPT_GROUPS", "NTREX_LSO_GROUPS", "NTREX_LSO_UTF8_GROUPS", "GROUPINGS",
+           "LANGUAGE_SETS", "route_names", "num_routes", "byte_routes", "routes_for_window", "routes_for_batch",
+           "route_counts", "parity_priors", "char_lengths", "route_length_counts", "length_class_priors"]

@@ -12,7 +12,8 @@ from flax import nnx
 
 from hnet.boundary_rules import end_to_start
 from hnet import sharding
-from hnet.scripts import LANGUAGE_SETS, NTREX_SCRIPT_GROUPS, byte_routes, parity_priors, route_counts, routes_for_batch
+from hnet.scripts import (GROUPINGS, LANGUAGE_SETS, NTREX_SCRIPT_GROUPS, byte_routes, length_class_priors, parity_priors,
+                          route_counts, route_length_counts, routes_for_batch)
 from models import dtp_targets as tg
 from models.dtp import DTPConfig, DTPLM, route_key
 from tests.helpers import packed_row, shared_text_path, stack_rows, to_jnp
@@ -289,3 +290,70 @@ def test_magnet_config_trains_with_falling_loss(tmp_path):
     losses = [h["ce"] for h in res["history"]]
     assert np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.03, losses  # 22 languages: slower than pydoc
     assert "bytes_per_chunk_latin" in res["history"][-1]
+
+
+# ------------------------------------------------------------------------------------------------
+# Leave-scripts-out protocol (issue 19): catch-all 'other' vs the catch-all split by UTF-8 length
+# ------------------------------------------------------------------------------------------------
+
+LSO_LANGS = ("kat", "eng", "amh", "hye", "rus", "tha")  # four held-out scripts (2- and 3-byte) + two seen
+
+
+@pytest.mark.shared_data
+def test_lso_utf8_decode_step_matches_forward():
+    """Decoding ≡ forward (eval rule) for MAGNET with the catch-all split by UTF-8 length, on real text of the
+    held-out scripts; the routes the generation trackers (``decode_trackers``) compute byte by byte equal the
+    annotation's."""
+    groups = "ntrex_lso_utf8"
+    names = tuple(GROUPINGS[groups])
+    model = DTPLM(DTPConfig(**TINY, routing="script", script_groups=groups, route_names=names,
+                            priors=tuple(np.linspace(0.08, 0.25, len(names)))), seed=6)
+    parts = [d.decode()[:16].encode() for d in _ntrex_lines(LSO_LANGS).values()]
+    doc = b" ".join(parts)
+    batch = stack_rows([packed_row([b" ".join(parts[:3]), b" ".join(parts[3:])], 256), packed_row([doc], 256)])
+    key = route_key("script", groups)
+    batch[key] = routes_for_batch(batch["inputs"], batch["segment_ids"], GROUPINGS[groups]).astype(np.int32)
+    real = batch["segment_ids"] > 0
+    assert {"other2", "other3"} <= {names[r] for r in batch[key][real]}
+    tracker = model.decode_trackers([b""])[0]
+    n = len(doc) + 1  # BOS + document
+    assert [tracker.push(int(t)) for t in batch["inputs"][1, :n]] == batch[key][1, :n].tolist()
+
+    jb = to_jnp(batch)
+    lf, bf, _ = make_fwd(model, True)[0](nnx.split(model)[1], jb)
+    ld = _decode_all(model, jb, routes=key)
+    np.testing.assert_allclose(np.asarray(ld)[real], np.asarray(lf)[real], atol=1e-4)
+    assert 0 < int(np.asarray(bf).sum())
+
+
+@pytest.mark.shared_data
+@pytest.mark.parametrize("gin_file", ["configs/magnet_lso_tiny.gin", "configs/magnet_lso_utf8_tiny.gin"])
+def test_lso_config_priors_are_recomputed_from_the_seen_languages(gin_file, gin_clean):
+    """The leave-scripts-out configs' priors (3 decimals) = parity_priors on the run file's 18 training files (the
+    held-out languages' bytes are never used); the UTF-8 length classes' = length_class_priors of those."""
+    import gin
+
+    from train import config
+    from train.data import shared_path
+
+    config.parse([gin_file, "configs/runs/ntrex_leave_scripts_out.gin"], [])
+    sources = gin.query_parameter("%LSO_TRAIN")
+    langs = [s.rsplit("/", 1)[1][:-4] for s in sources]
+    assert len(langs) == 18 and not {"kat", "hye", "amh", "tha"} & set(langs)
+    assert gin.query_parameter("train/train.DataConfig.sources").scoped_configurable_fn() == sources  # the macro
+    docs = []
+    for s in sources:
+        with open(shared_path(s[len("shared:"):]), "rb") as f:
+            docs.append(f.read())
+    cfg = gin.get_configurable("models.DTPConfig")()
+    groups = GROUPINGS[cfg.script_groups]
+    assert tuple(cfg.route_names) == tuple(groups)
+    if cfg.script_groups == "ntrex_lso":
+        assert tuple(groups) == tuple(k for k in NTREX_NAMES if k not in ("thai", "ethi", "geor", "armn"))
+        want = parity_priors(route_counts(docs, groups), langs.index("eng"))
+    else:  # seen routes as in ntrex_lso, then the classes from the seen routes of each UTF-8 length
+        base = GROUPINGS["ntrex_lso"]
+        seen = parity_priors(route_counts(docs, base), langs.index("eng"))[:-1]
+        classes = length_class_priors(seen, route_length_counts(docs, base)[:-1], (2, 3, 4))
+        want = np.r_[seen, classes]
+    np.testing.assert_allclose(cfg.priors, want, atol=5e-4)

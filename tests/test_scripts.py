@@ -187,3 +187,77 @@ def test_parity_priors_hand_values():
 def test_route_counts():
     text = "ab мир".encode()  # a b ␣ (latin) м и р (2 bytes each)
     np.testing.assert_array_equal(sc.route_counts([text, b"x"]), [[3, 6, 0, 0], [1, 0, 0, 0]])
+
+
+# ------------------------------------------------------------------------------------------------
+# Leave-scripts-out groupings and the catch-all's UTF-8 length classes (issue 19)
+# ------------------------------------------------------------------------------------------------
+
+UNSEEN = {  # unseen script -> UTF-8 bytes per letter
+    "ગુજરાતી": 3, "ಕನ್ನಡ": 3, "ខ្មែរ": 3, "မြန်မာ": 3, "ქართული": 3, "አማርኛ": 3, "ไทย": 3, "Հայերեն": 2, "𐌰𐌱𐌲": 4}
+LSO_DOC = "Hello мир, " + " ".join(UNSEEN) + " हिन्दी 中文 ok."
+
+
+def test_utf8_class_causality_every_byte_prefix():
+    """The length classes keep the prefix rule: routes of d[:k] == first k routes of d, cuts inside characters
+    included, on unseen scripts of every length and the random mixed documents."""
+    g = sc.NTREX_LSO_UTF8_GROUPS
+    n_mid = 0
+    for d in [LSO_DOC.encode()] + _random_docs(100, seed=1):
+        full = sc.byte_routes(d, g)
+        for k in range(len(d) + 1):
+            np.testing.assert_array_equal(sc.byte_routes(d[:k], g), full[:k], err_msg=f"{d!r} k={k}")
+            n_mid += 0 < k < len(d) and 0x80 <= d[k] <= 0xBF
+    assert n_mid > 100
+
+
+def test_unseen_scripts_land_on_their_utf8_length_class():
+    """Under 'ntrex_lso_utf8' every letter of an unseen script closes on the class of its UTF-8 length (and the
+    space after it inherits it), seen scripts keep their routes; under 'ntrex_lso' all unseen go to 'other'."""
+    cls = {2: "other2", 3: "other3", 4: "other4"}
+    for grouping, name_of in (("ntrex_lso_utf8", cls.get), ("ntrex_lso", lambda n: "other")):
+        g = sc.GROUPINGS[grouping]
+        names = sc.route_names(g)
+        d = LSO_DOC.encode()
+        r = sc.byte_routes(d, g)
+        for word, n in UNSEEN.items():
+            i = d.index(word.encode())
+            w = r[i:i + len(word.encode())]
+            ends = [j + len(word[:c + 1].encode()) - 1 for j in [0] for c in range(len(word))]
+            assert {names[x] for x in w[ends]} == {name_of(n)}, (grouping, word, [names[x] for x in w])
+            assert names[r[i + len(word.encode())]] == name_of(n)  # the following space inherits
+        for word, want in (("мир", "cyrl"), ("हिन्दी", "deva"), ("中文", "hani"), ("ok", "latin")):
+            i = d.index(word.encode())
+            assert names[r[i + len(word.encode()) - 1]] == want
+    # a prefix decides the class before the character ends: E0 AA = U+0A80..U+0ABF is all Gujarati
+    g = sc.NTREX_LSO_UTF8_GROUPS
+    assert sc.route_names(g)[sc.byte_routes("ab".encode() + "ગ".encode()[:2], g)[-1]] == "other3"
+    assert sc.route_names(g)[sc.byte_routes("ab".encode() + "ગ".encode()[:1], g)[-1]] == "latin"  # E0: mixed
+
+
+def test_utf8_class_groupings_are_validated():
+    with pytest.raises(ValueError, match="mixes"):
+        sc.byte_routes(b"a", {"latin": ("Latin",), "x": ("Greek", "utf8-2"), "other": ()})
+    with pytest.raises(ValueError, match="is in groups"):
+        sc.byte_routes(b"a", {"latin": ("Latin",), "a": ("utf8-3",), "b": ("utf8-3",), "other": ()})
+    # the existing groupings have no length classes: every unseen script still goes to the one catch-all
+    assert all(not any(s.startswith("utf8-") for v in sc.GROUPINGS[k].values() for s in v) for k in ("magnet", "ntrex"))
+
+
+def test_char_lengths_and_route_length_counts():
+    d = "aé中😀".encode() + b"\xff"
+    np.testing.assert_array_equal(sc.char_lengths(d), [1, 2, 2, 3, 3, 3, 4, 4, 4, 4, 1])
+    # magnet groups; 中's lead byte E4 also covers Common U+4DC0.. so it keeps the previous route (latin)
+    c = sc.route_length_counts(["ab мир".encode(), "x中".encode()])
+    np.testing.assert_array_equal(c, [[4, 0, 1, 0], [0, 6, 0, 0], [0, 0, 0, 0], [0, 0, 2, 0]])
+
+
+def test_length_class_priors_hand_values():
+    """Routes: A 1-byte (α .2), B and C 2-byte (α .1 with 300 bytes, .16 with 100), D 3-byte (α .09), E no bytes.
+    α_2 = (.1·300 + .16·100) / 400 = .115, α_3 = .09, α_4 = .09 · 3/4 (no 4-byte route seen)."""
+    priors = [0.2, 0.1, 0.16, 0.09, 0.3]
+    counts = [[500, 20, 0, 0], [30, 270, 0, 0], [10, 90, 0, 0], [40, 0, 200, 0], [0, 0, 0, 0]]
+    np.testing.assert_allclose(sc.length_class_priors(priors, counts), [0.115, 0.09, 0.0675], rtol=1e-12)
+    np.testing.assert_allclose(sc.length_class_priors(priors, counts, (1,)), [0.2], rtol=1e-12)
+    # no 2-byte route: the 1-byte α halves
+    np.testing.assert_allclose(sc.length_class_priors([0.2], [[10, 0, 0, 0]], (2, 3)), [0.1, 0.2 / 3], rtol=1e-12)
