@@ -48,10 +48,11 @@ SPACE = 0x20
 # ---------------------------------------------------------------------------------------------------
 
 
-def doc_starts(segment_ids_BxL: jnp.ndarray) -> jnp.ndarray:
-    """bool [B, L]: True at t = 0 and wherever the segment id changes (documents and padding runs)."""
-    seg_BxL = jnp.asarray(segment_ids_BxL)
-    prev_BxL = jnp.concatenate([jnp.full_like(seg_BxL[:, :1], -1), seg_BxL[:, :-1]], axis=1)
+def doc_starts(segment_ids_BxL: jnp.ndarray, xp=jnp) -> jnp.ndarray:
+    """bool [B, L]: True at t = 0 and wherever the segment id changes (documents and padding runs).
+    ``xp``: jax.numpy (in-graph) or numpy (host)."""
+    seg_BxL = xp.asarray(segment_ids_BxL)
+    prev_BxL = xp.concatenate([xp.full_like(seg_BxL[:, :1], -1), seg_BxL[:, :-1]], axis=1)
     return seg_BxL != prev_BxL
 
 

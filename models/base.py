@@ -59,6 +59,12 @@ def token_nll(out: ModelOutput, batch) -> tuple[jax.Array, jax.Array, jax.Array]
     return nll_BxL, w_BxL, batch["byte_mask"] & w_BxL
 
 
+def masked_by_model(batch, w_BxL) -> jax.Array:
+    """Real UTF-8 bytes whose targets the model did not score (``w_BxL`` from ``token_nll``; capacity
+    overflow): counted, never silently dropped. fp32 scalar."""
+    return jnp.sum(batch["byte_mask"] & ~w_BxL).astype(jnp.float32)
+
+
 def cross_entropy_sums(out: ModelOutput, batch) -> dict[str, jax.Array]:
     """Summed next-byte NLL over scored targets, and over real UTF-8 bytes (the BPB numerator)."""
     nll_BxL, w, byte_w = token_nll(out, batch)
@@ -67,6 +73,5 @@ def cross_entropy_sums(out: ModelOutput, batch) -> dict[str, jax.Array]:
         "n_targets": jnp.sum(w).astype(jnp.float32),
         "byte_nll_sum": jnp.sum(nll_BxL * byte_w),
         "n_bytes": jnp.sum(byte_w).astype(jnp.float32),
-        # bytes whose targets had to be dropped (capacity overflow): counted, never silently scored
-        "n_masked_by_model": jnp.sum(batch["byte_mask"] & ~w).astype(jnp.float32),
+        "n_masked_by_model": masked_by_model(batch, w),
     }

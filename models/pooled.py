@@ -21,7 +21,6 @@ with per-row masked backbone steps (``decode_step`` ≡ full forward).
 
 from __future__ import annotations
 
-
 import jax
 import jax.numpy as jnp
 from flax import nnx

@@ -62,8 +62,7 @@ def causal_word_starts(word_starts_BxL, inputs_BxL, segment_ids_BxL, xp=jnp):
     n_lead = utf8_len(xp.take_along_axis(x, lead, axis=1), xp)
     run = idx - lead + 1
     decided = (xp.take_along_axis(ws, lead, axis=1) & (run == n_lead)) | (ws & (run > n_lead))
-    first = seg != xp.concatenate([xp.full_like(seg[:, :1], -1), seg[:, :-1]], axis=1)  # doc_starts
-    return (decided & (seg > 0)) | first
+    return (decided & (seg > 0)) | doc_starts(seg, xp)
 
 
 class ChunkLayout(NamedTuple):

@@ -15,7 +15,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from hnet.sharding import mesh_context
 from tests.helpers import REPO_ROOT, pydoc_text

@@ -33,13 +33,13 @@ import sys
 import tempfile
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
 from hnet import sharding
 from hnet.bytes import BOS
 from hnet.scripts import route_names
+from models.base import masked_by_model
 from train import data as data_lib
 from train import metrics as M
 from train import storage
@@ -71,7 +71,7 @@ def make_detail_fn(graphdef):
         out = eval_forward(graphdef, params, rest, batch)
         nll_BxL, w_BxL, byte_w_BxL = token_nll(out, batch)
         return {"nll": nll_BxL, "byte_w": byte_w_BxL, "boundaries": out.boundaries,
-                "n_masked_by_model": jnp.sum(batch["byte_mask"] & ~w_BxL)}
+                "n_masked_by_model": masked_by_model(batch, w_BxL)}
 
     return detail
 
