@@ -72,9 +72,8 @@ def compiled_step(config: str, seq_len: int, bytes_per_step: int, bindings: list
     from hnet import sharding
     from train import config as cfg_lib
     from train import data as data_lib
-    from train.loop import build_state
+    from train.loop import build_state, jit_train_step
     from train.optim import OptimizerConfig
-    from train.step import make_train_step
 
     cfg_lib.parse([os.path.join(ROOT, "configs", f"{config}.gin"), os.path.join(ROOT, "configs/runs/default.gin")],
                   bindings)
@@ -87,9 +86,7 @@ def compiled_step(config: str, seq_len: int, bytes_per_step: int, bindings: list
     mesh = sharding.make_mesh()
     setup = build_state(model_fn, OptimizerConfig(), 1000, mesh)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(setup.state.params))
-    step = jax.jit(make_train_step(setup.graphdef, setup.tx, setup.schedule),
-                   in_shardings=(setup.state_shardings, sharding.batch_sharding(mesh)),
-                   out_shardings=(setup.state_shardings, None), donate_argnums=(0,))
+    step = jit_train_step(setup)
 
     def next_batch():
         return sharding.global_batch_from_local(mesh, next(it))

@@ -187,8 +187,8 @@ def compile_for(topology: str, num_slices: int = 1, mesh_shape: dict | None = No
     import jax
 
     from hnet import sharding
-    from train.loop import build_state
-    from train.step import make_eval_step, make_train_step
+    from train.loop import build_state, jit_train_step
+    from train.step import make_eval_step
 
     b = gin.get_bindings("train.train")
     if "model" not in b or "train_data" not in b:
@@ -215,9 +215,7 @@ def compile_for(topology: str, num_slices: int = 1, mesh_shape: dict | None = No
     report["state_bytes_per_chip"] = shard_bytes(setup.state)
     report["params_bytes_per_chip"] = shard_bytes(setup.state.params)
     report["opt_state_bytes_per_chip"] = shard_bytes(setup.state.opt_state)
-    step = jax.jit(make_train_step(setup.graphdef, setup.tx, setup.schedule, grad_accum_steps=accum),
-                   in_shardings=(setup.state_shardings, sharding.batch_sharding(mesh)),
-                   out_shardings=(setup.state_shardings, None), donate_argnums=(0,))
+    step = jit_train_step(setup, grad_accum_steps=accum)
     batch = abstract_batch(train_cfg, mesh)
     t0 = time.time()
     with sharding.mesh_context(mesh):

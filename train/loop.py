@@ -73,6 +73,14 @@ def build_state(model_fn: Callable[[], nnx.Module], opt_cfg: OptimizerConfig, to
                  getattr(abstract_model, "supports_decoding", True))
 
 
+def jit_train_step(setup: Setup, **step_kw):
+    """``make_train_step`` jitted with the state's pinned shardings in and out, the batch sharded over the
+    batch axes and the state donated (the trainer, ``launch.aot`` and the benchmarks compile this one)."""
+    step_fn = make_train_step(setup.graphdef, setup.tx, setup.schedule, **step_kw)
+    return jax.jit(step_fn, in_shardings=(setup.state_shardings, sharding.batch_sharding(setup.mesh)),
+                   out_shardings=(setup.state_shardings, None), donate_argnums=(0,))
+
+
 def state_shardings(tx, abs_params, abs_rest, mesh) -> TrainState:
     """Every leaf's sharding, pinned rather than left to propagation: parameters and ``rest`` from their
     logical axes; the optimizer's per-parameter leaves (Adam moments, ...) like their parameter (so FSDP
@@ -241,11 +249,7 @@ def train(
                                "train_invalid_utf8_docs": train_stats.invalid_utf8,
                                "train_bad_json": train_stats.bad_json}, "data/")
 
-    step_fn = make_train_step(setup.graphdef, setup.tx, setup.schedule, grad_accum_steps=grad_accum_steps,
-                              max_bad_steps=max_bad_steps)
-    batch_shard = sharding.batch_sharding(mesh)
-    train_step = jax.jit(step_fn, in_shardings=(setup.state_shardings, batch_shard),
-                         out_shardings=(setup.state_shardings, None), donate_argnums=(0,))
+    train_step = jit_train_step(setup, grad_accum_steps=grad_accum_steps, max_bad_steps=max_bad_steps)
     eval_fn, boundaries_fn = make_eval_fn(setup), make_boundaries_fn(setup)
     viz_batch = next(data_lib.iterate_eval_batches(eval_data, eval_docs)) if eval_docs is not None else None
 
