@@ -181,6 +181,24 @@ def is_out_of_memory(e: Exception) -> bool:
     return "RESOURCE_EXHAUSTED" in str(e)
 
 
+def compile_and_analyse(jitted, args, mesh, chip: Chip) -> dict:
+    """Lower and compile ``jitted(*args)`` under ``mesh``: ``analyse``'s report with ``compile_s`` and ``fits``
+    (total bytes within the chip's HBM), or {fits: False, error, compile_s} when the compiler runs out of HBM."""
+    from hnet import sharding
+
+    t0 = time.time()
+    with sharding.mesh_context(mesh):
+        try:
+            compiled = jitted.lower(*args).compile()
+        except Exception as e:  # noqa: BLE001 - XLA raises JaxRuntimeError
+            if not is_out_of_memory(e):
+                raise
+            return {"fits": False, "error": str(e).splitlines()[0][:500], "compile_s": time.time() - t0}
+    report = dict(analyse(compiled), compile_s=time.time() - t0)
+    report["fits"] = report["total_bytes_per_chip"] <= chip.hbm_bytes
+    return report
+
+
 def compile_for(topology: str, num_slices: int = 1, mesh_shape: dict | None = None, eval_step: bool = True) -> dict:
     """Compile the gin-configured run (already parsed) for ``topology``; returns the report dict."""
     import gin
@@ -217,18 +235,9 @@ def compile_for(topology: str, num_slices: int = 1, mesh_shape: dict | None = No
     report["opt_state_bytes_per_chip"] = shard_bytes(setup.state.opt_state)
     step = jit_train_step(setup, grad_accum_steps=accum)
     batch = abstract_batch(train_cfg, mesh)
-    t0 = time.time()
-    with sharding.mesh_context(mesh):
-        try:
-            compiled = step.lower(setup.state, batch).compile()
-        except Exception as e:  # noqa: BLE001 - XLA raises JaxRuntimeError
-            if not is_out_of_memory(e):
-                raise
-            report.update(fits=False, error=str(e).splitlines()[0][:500], compile_s=time.time() - t0)
-            return report
-    report["compile_s"] = time.time() - t0
-    report.update(analyse(compiled))
-    report["fits"] = report["total_bytes_per_chip"] <= chip.hbm_bytes
+    report.update(compile_and_analyse(step, (setup.state, batch), mesh, chip))
+    if "error" in report:
+        return report
     report["headroom"] = 1.0 - report["total_bytes_per_chip"] / chip.hbm_bytes
     report["roofline_step_s"], report["mfu_bound"] = roofline(report["flops_per_chip"],
                                                               report["bytes_accessed_per_chip"], chip)
@@ -237,16 +246,8 @@ def compile_for(topology: str, num_slices: int = 1, mesh_shape: dict | None = No
         eval_cfg = b.get("eval_data") or train_cfg
         params_sh, rest_sh = setup.state_shardings.params, setup.state_shardings.rest
         ev = jax.jit(make_eval_step(setup.graphdef), in_shardings=(params_sh, rest_sh, sharding.batch_sharding(mesh)))
-        t0 = time.time()
-        with sharding.mesh_context(mesh):
-            try:
-                ev_compiled = ev.lower(setup.state.params, setup.state.rest, abstract_batch(eval_cfg, mesh)).compile()
-                report["eval"] = dict(analyse(ev_compiled), compile_s=time.time() - t0)
-                report["eval"]["fits"] = report["eval"]["total_bytes_per_chip"] <= chip.hbm_bytes
-            except Exception as e:  # noqa: BLE001
-                if not is_out_of_memory(e):
-                    raise
-                report["eval"] = {"fits": False, "error": str(e).splitlines()[0][:500]}
+        report["eval"] = compile_and_analyse(ev, (setup.state.params, setup.state.rest,
+                                                  abstract_batch(eval_cfg, mesh)), mesh, chip)
         report["fits"] = report["fits"] and report["eval"]["fits"]
     return report
 
