@@ -9,8 +9,8 @@ model configs at several sequence lengths (one subprocess per measurement, so pe
     # the families at matched FLOPs per byte: configs and per-model bindings of a sweep file
     .venv/bin/python benchmarks/throughput.py --models_from configs/sweeps/matched_models.gin
 
-Each config is trained on its run's data pipeline (configs/runs/default.gin), so models that need per-byte
-annotations (HAT/LYT word starts, MAGNET script routes) get them. FLOPs are XLA's own count for the
+Each config is trained on its run's data pipeline (configs/runs/default.gin), with the per-byte
+annotations each model declares (HAT/LYT word starts, MAGNET script routes). FLOPs are XLA's own count for the
 compiled train step (forward + backward + update) divided by the bytes in the step: what the hardware
 actually executes, including static chunk capacities. Every row records os.getloadavg() before and after
 its subprocess: on a shared machine, compare rows measured under similar load.
@@ -79,12 +79,13 @@ def compiled_step(config: str, seq_len: int, bytes_per_step: int, bindings: list
                   bindings)
     model_fn = gin.query_parameter("train.train.model").scoped_configurable_fn
     batch = max(1, bytes_per_step // seq_len)
-    data_cfg = gin.query_parameter("train.train.train_data").scoped_configurable_fn()  # keeps its annotations
+    data_cfg = gin.query_parameter("train.train.train_data").scoped_configurable_fn()
     data_cfg = dataclasses.replace(data_cfg, seq_len=seq_len, batch_size=batch)
-    docs, _ = data_lib.load_documents(data_cfg)
-    it = data_lib.make_train_iterator(data_cfg, docs)
     mesh = sharding.make_mesh()
     setup = build_state(model_fn, OptimizerConfig(), 1000, mesh)
+    data_cfg = setup.data_config(data_cfg)  # the annotations the model reads
+    docs, _ = data_lib.load_documents(data_cfg)
+    it = data_lib.make_train_iterator(data_cfg, docs)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(setup.state.params))
     step = jit_train_step(setup)
 

@@ -234,7 +234,7 @@ def compile_for(topology: str, num_slices: int = 1, mesh_shape: dict | None = No
     report["params_bytes_per_chip"] = shard_bytes(setup.state.params)
     report["opt_state_bytes_per_chip"] = shard_bytes(setup.state.opt_state)
     step = jit_train_step(setup, grad_accum_steps=accum)
-    batch = abstract_batch(train_cfg, mesh)
+    batch = abstract_batch(setup.data_config(train_cfg), mesh)
     report.update(compile_and_analyse(step, (setup.state, batch), mesh, chip))
     if "error" in report:
         return report

@@ -1,6 +1,7 @@
-"""The contract every language model in ``models/`` fulfils, so one trainer serves them all.
+"""The contract between a model and the rest of the code: one trainer, evaluator and sampler serve every
+model that subclasses ``ByteLM``. Nothing outside a model's own module asks it anything else.
 
-    out = model(batch)                      # batch: inputs/segment_ids/positions [B, L]
+    out = model(batch)                      # batch: inputs/segment_ids/positions [B, L] + its annotations
     out.logits_BxLxV                        # next-byte logits (fp32)
     out.aux_loss                            # scalar, already weighted (ratio loss, priors, ...)
     out.target_mask_BxL                     # False where a target must not be scored (capacity overflow in
@@ -8,22 +9,36 @@
     out.metrics                             # scalars for logging (boundary rate, bytes/chunk, ...)
     out.boundaries                          # {stage name: bool[B, L]} chunk starts, for visualisation
 
+    model.required_annotations()            # per-byte data annotations the forward reads (the data pipeline
+                                            # provides them: train.annotations names)
+    model.lr_multiplier(path)               # per-parameter LR factor (H-Net's Eq. 11); default 1
+    model.chunk_stage                       # the ``boundaries`` key counted as chunks (None: one per byte)
+    model.supports_decoding                 # False: no byte-LM decoding (the trainer skips sampling)
     cache = model.init_cache(batch_size, max_len)
-    logits_BxV, cache = model.decode_step(tokens_B, cache, reset_B)   # one byte per row
+    trackers = model.decode_trackers(prompts, langs)                  # None, or one host tracker per row
+    logits_BxV, cache = model.decode_step(tokens_B, cache, reset_B, side_B)   # one byte per row
 
 ``decode_step`` must reproduce the full forward's logits position by position (tested for every model).
-A model without byte-LM decoding sets the class attribute ``supports_decoding = False`` (the trainer then
-skips sampling; default True).
+``side_B`` is the per-byte host input of a model whose ``decode_trackers`` returns trackers
+(``tracker.push(byte) -> side value``: HAT/LYT word starts, MAGNET routes); None otherwise.
+
+Registration: every ``ByteLM`` subclass is bindable in .gin files as ``models.<ClassName>`` as soon as
+its class is defined; ``configurable`` does the same for a model's config dataclass. ``train.config``
+imports every module of this package before parsing, so a new family is one new module.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, ClassVar, Sequence
 
+import gin
 import jax
 import jax.numpy as jnp
+from flax import nnx
+
+from hnet.layers import StackConfig
 
 LN2 = math.log(2.0)
 
@@ -36,6 +51,61 @@ class ModelOutput:
     target_mask_BxL: jax.Array | None = None
     metrics: dict[str, jax.Array] = dataclasses.field(default_factory=dict)
     boundaries: dict[str, jax.Array] = dataclasses.field(default_factory=dict)
+
+
+def configurable(cls, module: str = "models"):
+    """Make ``cls`` bindable in .gin files as ``<module>.<name>``; returns ``cls`` itself (usable as a
+    decorator). Registering the same name again replaces the binding target (a re-imported module)."""
+    gin.external_configurable(cls, module=module)
+    return cls
+
+
+configurable(StackConfig, module="hnet")
+
+
+_REGISTERING: list[type] = []
+
+
+class ByteLM(nnx.Module):
+    """Base class of every byte language model; see the module docstring for the contract. Subclasses are
+    registered with gin (``models.<ClassName>``) when they are defined."""
+
+    supports_decoding: ClassVar[bool] = True
+    chunk_stage: ClassVar[str | None] = "s0"
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if not _REGISTERING:  # gin's own wrapper subclass is not registered again
+            _REGISTERING.append(cls)
+            try:
+                configurable(cls)
+            finally:
+                _REGISTERING.pop()
+
+    def __call__(self, batch) -> "ModelOutput":
+        raise NotImplementedError
+
+    def required_annotations(self) -> tuple[str, ...]:
+        """Names of the per-byte annotations ``__call__`` reads from the batch (``train.annotations``)."""
+        return ()
+
+    def lr_multiplier(self, path: Sequence[str]) -> float:
+        """LR factor of the parameter at ``path`` (its pytree key names)."""
+        del path
+        return 1.0
+
+    def decode_trackers(self, prompts: list[bytes], langs: list[str] | None = None) -> list | None:
+        """One host-side tracker per row whose ``push(byte)`` gives ``decode_step``'s ``side_B`` value of each
+        fed byte; None when ``decode_step`` needs no host input. ``langs``: the document language of each
+        prompt (language-routed models)."""
+        del prompts, langs
+        return None
+
+    def init_cache(self, batch_size: int, max_len: int):
+        raise NotImplementedError(f"{type(self).__name__} does not decode bytes")
+
+    def decode_step(self, tokens_B, cache, reset_B, side_B=None):
+        raise NotImplementedError(f"{type(self).__name__} does not decode bytes")
 
 
 def capacity_slots(capacity: float, L: int, evaluation: bool = False) -> int:

@@ -51,7 +51,7 @@ from hnet.layers import Stack, StackConfig, normal
 from hnet.scripts import GROUPINGS, LANGUAGE_SETS, byte_routes, dominant_route
 from hnet.sharding import constrain, param_init
 from models import dtp_targets as tg
-from models.base import ModelOutput, capacity_slots, dtype_from_name
+from models.base import ByteLM, ModelOutput, capacity_slots, configurable, dtype_from_name
 from models.hnet import positions_within_docs, ste_one
 
 
@@ -198,6 +198,7 @@ class NoiseStep(nnx.Variable):
     """Counter of training forwards (not a parameter; checkpointed in TrainState.rest): the Gumbel key."""
 
 
+@configurable
 @dataclasses.dataclass(frozen=True)
 class DTPConfig:
     """``boundary``: 'gumbel' | 'entropy' | 'unigram'. ``routing``: 'single' (one predictor, plain DTP),
@@ -260,7 +261,7 @@ class RouteTracker:
         return int(byte_routes(bytes(self.content), self.groups)[-1])
 
 
-class DTPLM(nnx.Module):
+class DTPLM(ByteLM):
     """Hourglass byte LM with DTP pooling and (routed) learned boundaries; see the module docstring."""
 
     def __init__(self, config: DTPConfig = DTPConfig(), *, dtype="float32", param_dtype="float32",
@@ -290,6 +291,10 @@ class DTPLM(nnx.Module):
         self.lm_head = nnx.Linear(D, VOCAB_SIZE, use_bias=False, dtype=dtype, param_dtype=param_dtype,
                                   kernel_init=param_init(normal(0.02), ("embed", "vocab")), rngs=rngs)
         self.noise_step = NoiseStep(jnp.zeros((), jnp.uint32))
+
+    def required_annotations(self) -> tuple[str, ...]:
+        key = route_key(self.config.routing, self.config.script_groups)
+        return ((key,) if key else ()) + (("unigram_ends",) if self.config.boundary == "unigram" else ())
 
     def routes(self, batch):
         key = route_key(self.config.routing, self.config.script_groups)
@@ -393,14 +398,14 @@ class DTPLM(nnx.Module):
             return [RouteTracker(route=dominant_route(p, groups)) for p in prompts]
         return [RouteTracker(groups=groups) for _ in prompts]
 
-    def decode_step(self, tokens_B, cache, reset_B, routes_B=None):
-        """One byte per row. ``routes_B``: the byte's route (script / document route) for routed models, from
+    def decode_step(self, tokens_B, cache, reset_B, side_B=None):
+        """One byte per row. ``side_B``: the byte's route (script / document route) for routed models, from
         ``decode_trackers``; None keeps the row's previous route (route 0 from the start). Decisions follow
         ``decide``; the 'noise' rule keys the noise by the row index and the row position t counted from
         ``init_cache``."""
         B = tokens_B.shape[0]
         h, pre = self.pre.step(self.embed(tokens_B).astype(jnp.float32), cache["pre"], reset_B)
-        route = cache["route"] if routes_B is None else routes_B.astype(jnp.int32)
+        route = cache["route"] if side_B is None else side_B.astype(jnp.int32)
         cache = dict(cache, pre=pre, route=route)
         cache = self._inner_step(self.pooling.null_slot(B), cache, reset_B, reset_B)  # a document opens
         s = jnp.where(reset_B[:, None], 0.0, cache["sum"]) + h

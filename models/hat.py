@@ -28,7 +28,7 @@ from flax import nnx
 
 from hnet.layers import RMSNorm, Stack, StackConfig, normal
 from hnet.sharding import constrain, param_init
-from models.base import ModelOutput, capacity_slots, dtype_from_name
+from models.base import ByteLM, ModelOutput, capacity_slots, dtype_from_name
 from models.pooled import byte_embed, lm_head
 from models.pooling import (causal_word_starts, chunk_layout, chunk_metrics, gather_chunks, masked_update,
                             segment_sum, shift_chunks, word_start_trackers)
@@ -42,8 +42,13 @@ def _dense(d_in, d_out, std, dtype, param_dtype, rngs, names=("embed", "mlp")):
                       kernel_init=param_init(normal(std), names), rngs=rngs)
 
 
-class HATLM(nnx.Module):
-    decode_trackers = staticmethod(word_start_trackers)  # train.generate feeds the decided word-start bits
+class HATLM(ByteLM):
+    def required_annotations(self) -> tuple[str, ...]:
+        return ("word_starts",)
+
+    def decode_trackers(self, prompts, langs=None):
+        """The decided word-start bit of every fed byte (``WordStartTracker``)."""
+        return word_start_trackers(prompts, langs)
 
     def __init__(self, encoder: StackConfig, backbone: StackConfig, decoder: StackConfig, *, connector_heads: int = 4,
                  capacity: float = 0.5, dtype="float32", param_dtype="float32", remat: bool = False, seed: int = 0):
@@ -129,7 +134,9 @@ class HATLM(nnx.Module):
                 "zprev": jnp.zeros((B, self.latent.shape[0]), jnp.float32), "count": zi,
                 "cur_first": jnp.zeros((B,), bool), "cap": jnp.full((B,), M, jnp.int32)}
 
-    def decode_step(self, tokens_B, cache, reset_B, word_start_B=None):
+    def decode_step(self, tokens_B, cache, reset_B, side_B=None):
+        """``side_B``: the decided word-start bit of each fed byte (``decode_trackers``)."""
+        word_start_B = side_B
         if word_start_B is None:
             raise ValueError(NEED_WORD_STARTS.format(type(self).__name__))
         c = dict(cache)

@@ -25,9 +25,10 @@ from hnet import chunking
 from hnet.bytes import VOCAB_SIZE
 from hnet.layers import Stack, StackConfig, layout_height, normal
 from hnet.sharding import constrain, param_init
-from models.base import ModelOutput, capacity_slots, dtype_from_name
+from models.base import ByteLM, ModelOutput, capacity_slots, configurable, dtype_from_name
 
 
+@configurable
 @dataclasses.dataclass(frozen=True)
 class HNetConfig:
     """Per-stage lists are indexed by stage (0 = bytes). ``arch_layout`` nests like the reference:
@@ -263,7 +264,7 @@ class HNetStage(nnx.Module):
         return self._truncate(y), {"encoder": enc, "decoder": dec, "inner": inner, "last_x": xh, "last_z": zbar}
 
 
-class HNetLM(nnx.Module):
+class HNetLM(ByteLM):
     """Embedding(256, D_0) -> HNetStage(0) -> lm_head; loss aux = α Σ_s ratio_loss_s."""
 
     def __init__(self, config: HNetConfig = HNetConfig(), *, dtype="float32", param_dtype="float32",
@@ -304,6 +305,6 @@ class HNetLM(nnx.Module):
     def init_cache(self, batch_size: int, max_len: int):
         return self.backbone.init_cache(batch_size, max_len)
 
-    def decode_step(self, tokens_B, cache, reset_B):
+    def decode_step(self, tokens_B, cache, reset_B, side_B=None):
         h, cache = self.backbone.step(self.embed(tokens_B).astype(jnp.float32), cache, reset_B)
         return self.lm_head(h).astype(jnp.float32), cache

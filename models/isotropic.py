@@ -12,10 +12,10 @@ from flax import nnx
 from hnet.bytes import VOCAB_SIZE
 from hnet.layers import Stack, StackConfig, normal
 from hnet.sharding import constrain, param_init
-from models.base import ModelOutput, dtype_from_name
+from models.base import ByteLM, ModelOutput, dtype_from_name
 
 
-class IsotropicLM(nnx.Module):
+class IsotropicLM(ByteLM):
     def __init__(self, stack: StackConfig, *, dtype="float32", param_dtype="float32", remat: bool = False,
                  seed: int = 0):
         rngs = nnx.Rngs(seed)
@@ -36,6 +36,6 @@ class IsotropicLM(nnx.Module):
     def init_cache(self, batch_size: int, max_len: int):
         return self.backbone.init_cache(batch_size, max_len)
 
-    def decode_step(self, tokens_B, cache, reset_B):
+    def decode_step(self, tokens_B, cache, reset_B, side_B=None):
         h, cache = self.backbone.step(self.embed(tokens_B).astype(jnp.float32), cache, reset_B)
         return self.lm_head(h).astype(jnp.float32), cache

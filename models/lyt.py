@@ -25,15 +25,20 @@ from flax import nnx
 
 from hnet.layers import Stack, StackConfig, normal
 from hnet.sharding import constrain, param_init
-from models.base import ModelOutput, capacity_slots, dtype_from_name
+from models.base import ByteLM, ModelOutput, capacity_slots, dtype_from_name
 from models.hat import NEED_WORD_STARTS, _dense
 from models.pooled import byte_embed, lm_head
 from models.pooling import (causal_word_starts, chunk_layout, chunk_metrics, gather_chunks, masked_update,
                             offsets_in_chunk, segment_sum, shift_chunks, word_start_trackers)
 
 
-class LYTLM(nnx.Module):
-    decode_trackers = staticmethod(word_start_trackers)  # train.generate feeds the decided word-start bits
+class LYTLM(ByteLM):
+    def required_annotations(self) -> tuple[str, ...]:
+        return ("word_starts",)
+
+    def decode_trackers(self, prompts, langs=None):
+        """The decided word-start bit of every fed byte (``WordStartTracker``)."""
+        return word_start_trackers(prompts, langs)
 
     def __init__(self, word_encoder: StackConfig, backbone: StackConfig, word_decoder: StackConfig, *,
                  num_prefix: int = 1, max_word_bytes: int = 12, capacity: float = 0.5, dtype="float32",
@@ -110,7 +115,9 @@ class LYTLM(nnx.Module):
                 "buf": jnp.zeros((B, self.C), jnp.int32), "n": zi, "count": zi,
                 "cur_first": jnp.zeros((B,), bool), "cap": jnp.full((B,), M, jnp.int32)}
 
-    def decode_step(self, tokens_B, cache, reset_B, word_start_B=None):
+    def decode_step(self, tokens_B, cache, reset_B, side_B=None):
+        """``side_B``: the decided word-start bit of each fed byte (``decode_trackers``)."""
+        word_start_B = side_B
         if word_start_B is None:
             raise ValueError(NEED_WORD_STARTS.format(type(self).__name__))
         c = dict(cache)

@@ -34,10 +34,11 @@ from hnet import chunking
 from hnet.bytes import VOCAB_SIZE
 from hnet.layers import RMSNorm, Stack, StackConfig, normal
 from hnet.sharding import constrain, param_init
-from models.base import LN2, ModelOutput, cross_entropy_sums, dtype_from_name
+from models.base import LN2, ByteLM, ModelOutput, configurable, cross_entropy_sums, dtype_from_name
 from models.hnet import doc_starts
 
 
+@configurable
 @dataclasses.dataclass(frozen=True)
 class MrT5Config:
     """Layouts: ``encoder_layout`` = the l layers before the gate, ``backbone_layout`` = the layers after it
@@ -189,9 +190,11 @@ def hard_gather(keep_BxL, M: int, *values_BxL):
     return out
 
 
-class MrT5CausalLM(nnx.Module):
+class MrT5CausalLM(ByteLM):
     """Causal decoder-only MrT5 (§10): local encoder -> delete gate -> backbone over kept bytes -> broadcast
     from the latest kept byte -> local decoder -> lm_head."""
+
+    chunk_stage = "kept"  # the kept bytes are its chunks (compression and parity metrics)
 
     def __init__(self, config: MrT5Config = MrT5Config(), *, dtype="float32", param_dtype="float32",
                  remat: bool = False, seed: int = 0):
@@ -260,7 +263,7 @@ class MrT5CausalLM(nnx.Module):
                 "u": jnp.zeros((batch_size, self.config.d_model), jnp.float32),
                 "pos": jnp.zeros((batch_size,), jnp.int32)}
 
-    def decode_step(self, tokens_B, cache, reset_B):
+    def decode_step(self, tokens_B, cache, reset_B, side_B=None):
         pos = jnp.where(reset_B, 0, cache["pos"] + 1)
         h, enc = self.encoder.step(self.embed(tokens_B).astype(jnp.float32), cache["encoder"], reset_B)
         G = self.gate(h[:, None], jnp.ones_like(reset_B)[:, None], reset_B[:, None])[:, 0]

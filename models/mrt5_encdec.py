@@ -32,7 +32,7 @@ from hnet import chunking
 from hnet.bytes import BOS, VOCAB_SIZE
 from hnet.layers import Attention, RMSNorm, Stack, SwiGLU, _round_ff, normal, parse_layout
 from hnet.sharding import constrain, param_init
-from models.base import ModelOutput, dtype_from_name
+from models.base import ByteLM, ModelOutput, dtype_from_name
 from models.hnet import doc_starts, positions_within_docs
 from models.mrt5 import DeleteGate, MrT5Config, PIController, gate_losses, hard_gather, loss_metrics, score_regs
 
@@ -115,10 +115,11 @@ class DecoderBlock(nnx.Module):
         return x + self.mlp(self.norm2(x)).astype(jnp.float32)
 
 
-class MrT5EncDec(nnx.Module):
+class MrT5EncDec(ByteLM):
     """ByT5-style MrT5 trained on byte span corruption (see the module docstring for the output semantics)."""
 
     supports_decoding = False  # no byte-LM decoding: the trainer skips sampling, train.sample refuses
+    chunk_stage = "kept"
 
     def __init__(self, config: MrT5Config = MrT5Config(), *, dtype="float32", param_dtype="float32",
                  remat: bool = False, seed: int = 0):
@@ -200,9 +201,3 @@ class MrT5EncDec(nnx.Module):
         kept = c["enc_keep"] & (chunking.expand(keep[..., None].astype(jnp.float32), c["enc_keep"])[..., 0] > 0.5)
         return ModelOutput(logits_BxLxV=logits, aux_loss=aux + sent_aux, target_mask_BxL=target_mask,
                            metrics=metrics, boundaries={"kept": kept, "corrupted": c["noise"]})
-
-    def init_cache(self, batch_size: int, max_len: int):
-        raise NotImplementedError("MrT5EncDec is a span-corruption encoder-decoder: no byte-LM decoding")
-
-    def decode_step(self, tokens_B, cache, reset_B):
-        raise NotImplementedError("MrT5EncDec is a span-corruption encoder-decoder: no byte-LM decoding")

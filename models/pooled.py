@@ -30,7 +30,7 @@ from hnet.boundary_rules import SPACE, doc_starts, end_to_start, spacebyte_start
 from hnet.bytes import VOCAB_SIZE
 from hnet.layers import Stack, StackConfig, normal
 from hnet.sharding import constrain, param_init
-from models.base import ModelOutput, capacity_slots, dtype_from_name
+from models.base import ByteLM, ModelOutput, capacity_slots, dtype_from_name
 from models.pooling import chunk_layout, chunk_metrics, gather_chunks, masked_update, offsets_in_chunk, segment_sum
 
 
@@ -44,7 +44,7 @@ def lm_head(d: int, dtype, param_dtype, rngs):
                       kernel_init=param_init(normal(0.02), ("embed", "vocab")), rngs=rngs)
 
 
-class MeanPooledLM(nnx.Module):
+class MeanPooledLM(ByteLM):
     """DTP-style mean pooling with rule boundaries: ``rule`` = 'whitespace' (DTP) or 'fixed' (``stride``)."""
 
     def __init__(self, pre: StackConfig, backbone: StackConfig, post: StackConfig, *, rule: str = "whitespace",
@@ -109,7 +109,7 @@ class MeanPooledLM(nnx.Module):
                 "backbone": self.backbone.init_cache(B, M), "sum": jnp.zeros((B, d), jnp.float32), "cnt": zi,
                 "o": jnp.zeros((B, d), jnp.float32), "slots": zi, "cap": jnp.full((B,), M, jnp.int32), "off": zi}
 
-    def decode_step(self, tokens_B, cache, reset_B):
+    def decode_step(self, tokens_B, cache, reset_B, side_B=None):
         c = dict(cache)
         h, c["pre"] = self.pre.step(self.embed(tokens_B).astype(jnp.float32), c["pre"], reset_B)
         c["off"] = jnp.where(reset_B, 0, c["off"] + 1)
@@ -131,7 +131,7 @@ class MeanPooledLM(nnx.Module):
         return self.lm_head(y).astype(jnp.float32), c
 
 
-class SpaceByteLM(nnx.Module):
+class SpaceByteLM(ByteLM):
     """SpaceByte: local_in (width d) -> global blocks at spacelike-run starts (width D, zero-padded) written
     back only at those positions -> local_out -> head. ``capacity`` = T_G / L."""
 
@@ -172,7 +172,7 @@ class SpaceByteLM(nnx.Module):
                 "backbone": self.backbone.init_cache(B, M), "prev_spacelike": jnp.ones((B,), bool),
                 "count": jnp.zeros((B,), jnp.int32), "cap": jnp.full((B,), M, jnp.int32)}
 
-    def decode_step(self, tokens_B, cache, reset_B):
+    def decode_step(self, tokens_B, cache, reset_B, side_B=None):
         c = dict(cache)
         h, c["local_in"] = self.local_in.step(self.embed(tokens_B).astype(jnp.float32), c["local_in"], reset_B)
         sl = spacelike(tokens_B[:, None])[:, 0]

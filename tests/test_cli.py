@@ -101,13 +101,13 @@ def test_every_tiny_config_through_the_cli_and_its_generation(model_file, tmp_pa
     fed = seen["fed"]
     B, T = fed.shape
     batch = {"inputs": fed, "segment_ids": np.ones((B, T), np.int32), "positions": np.tile(np.arange(T), (B, 1))}
-    for name in gin.query_parameter("train.train.train_data").scoped_configurable_fn().annotations:
+    setup = res["setup"]
+    for name in setup.model.required_annotations():  # what the model declares, the data pipeline provided
         fn, dtype = ANNOTATIONS[name]  # each row is one document: BOS + its bytes (the EOS slot dropped)
         docs = [data_lib.Document(bytes(r[1:].astype(np.uint8).tolist()), f"{g}.txt") for r, g in zip(fed, LANGS)]
         batch[name] = np.stack([np.asarray(fn(d), dtype)[:T] for d in docs])
         if name.startswith(("script_routes", "lang_routes")):  # the rows take different routes
             assert len(np.unique(batch[name])) > 1, batch[name]
-    setup = res["setup"]
     with mesh_context(setup.mesh):
         out = jax.jit(lambda p, r, b: eval_forward(setup.graphdef, p, r, b))(
             setup.state.params, setup.state.rest, {k: jnp.asarray(v) for k, v in batch.items()})

@@ -4,15 +4,20 @@ any compilation for unknown or misspelled bindings (listing the valid parameters
 from __future__ import annotations
 
 import collections.abc
+import importlib
 import inspect
+import pkgutil
 import re
 import types
 import typing
 
 import gin
 
-import train.loop  # noqa: F401  (registers train.train / DataConfig / OptimizerConfig)
-import train.registry  # noqa: F401  (registers models)
+import models
+import train.loop  # noqa: F401  (registers train.train / DataConfig / OptimizerConfig / UnigramTargets)
+
+for _m in pkgutil.iter_modules(models.__path__):  # every model module registers its classes when imported
+    importlib.import_module(f"models.{_m.name}")
 
 
 class ConfigError(ValueError):

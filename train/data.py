@@ -492,6 +492,11 @@ def iterate_eval_batches(cfg: DataConfig, docs) -> Iterator[dict[str, np.ndarray
         yield {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
 
+def with_annotations(cfg: DataConfig, names) -> DataConfig:
+    """``cfg`` with the annotations ``names`` added (order kept, no duplicates)."""
+    return dataclasses.replace(cfg, annotations=tuple(dict.fromkeys((*cfg.annotations, *names))))
+
+
 def describe(stats: DataStats, name: str) -> str:
     return (f"{name}: {stats.documents} docs, {stats.bytes:,} bytes from {stats.files} files; "
             f"skipped {stats.empty_skipped} empty docs, {stats.bad_json} bad JSON records; "

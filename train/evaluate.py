@@ -89,7 +89,7 @@ def parse_corpus(spec: str) -> tuple[str, str, tuple[float, float]]:
 def evaluate_corpus(setup, cfg: data_lib.DataConfig, docs: list[bytes], detail_fn=None) -> dict:
     """All metrics of the module docstring (except robustness) over every window of ``docs``."""
     detail_fn = detail_fn or make_detail_fn(setup.graphdef)
-    cfg = dataclasses.replace(cfg, annotations=tuple(dict.fromkeys(cfg.annotations + EVAL_ANNOTATIONS)))
+    cfg = data_lib.with_annotations(setup.data_config(cfg), EVAL_ANNOTATIONS)
     names = route_names()
     G = len(names)
     nll_G, bytes_G = np.zeros(G), np.zeros(G)

@@ -51,7 +51,7 @@ def make_generate_fn(graphdef, total_len: int, temperature: float, top_p: float)
             cache, prev, key = carry
             key, sub = jax.random.split(key)
             tok = jnp.where(t < lens_B, prompts_BxT[:, jnp.minimum(t, prompts_BxT.shape[1] - 1)], prev)
-            logits, cache = model.decode_step(tok, cache, jnp.full((B,), t == 0))
+            logits, cache = model.decode_step(tok, cache, jnp.full((B,), t == 0), None)
             nxt = sample_logits(sub, logits, temperature, top_p)
             return (cache, nxt, key), (nxt, tok, logits)
 
@@ -94,7 +94,7 @@ def generate_arrays(model, prompts: list[bytes], *, max_new_bytes: int = 128, te
     rows = [bytes([BOS]) + p for p in prompts]
     lens = np.array([len(r) for r in rows], np.int32)
     T = int(lens.max()) + max_new_bytes
-    trackers = model.decode_trackers(prompts, langs) if hasattr(model, "decode_trackers") else None
+    trackers = model.decode_trackers(prompts, langs)
     graphdef, state = nnx.split(model)
     if trackers is None:
         arr = np.zeros((len(rows), int(lens.max())), np.int32)

@@ -20,7 +20,9 @@ import optax
 from flax import nnx
 
 from hnet import sharding
+from models.base import ByteLM
 from train import data as data_lib
+from train.annotations import UnigramTargets
 from train import storage
 from train.checkpoint import Checkpointer, abstract_like
 from train.generate import generate
@@ -31,6 +33,7 @@ from train.step import LN2, TrainState, eval_forward, flops_per_byte, make_eval_
 # gin registrations for the dataclasses the .gin files bind
 DataConfig = gin.external_configurable(data_lib.DataConfig, module="train")
 OptimizerConfig = gin.external_configurable(OptimizerConfig, module="train")
+gin.external_configurable(UnigramTargets, module="train")
 
 
 @dataclasses.dataclass
@@ -43,8 +46,11 @@ class Setup:
     state_shardings: Any
     tx: Any
     schedule: Callable
-    lr_multiplier: Callable | None
-    supports_decoding: bool = True  # the model's ``supports_decoding`` (False: encoder-decoder MrT5)
+    model: ByteLM  # the abstract model (shapes only): what it declares (``models.base``)
+
+    def data_config(self, cfg: data_lib.DataConfig) -> data_lib.DataConfig:
+        """``cfg`` with the per-byte annotations the model reads added."""
+        return data_lib.with_annotations(cfg, self.model.required_annotations())
 
 
 def build_state(model_fn: Callable[[], nnx.Module], opt_cfg: OptimizerConfig, total_steps: int, mesh,
@@ -54,9 +60,10 @@ def build_state(model_fn: Callable[[], nnx.Module], opt_cfg: OptimizerConfig, to
     compiled or allocated (``launch.aot``)."""
     with sharding.mesh_context(mesh):
         abstract_model = nnx.eval_shape(model_fn)
+        if not isinstance(abstract_model, ByteLM):
+            raise TypeError(f"{type(abstract_model).__name__} is not a models.base.ByteLM")
         graphdef, abs_params, abs_rest = nnx.split(abstract_model, nnx.Param, ...)
-        lr_mult = getattr(abstract_model, "lr_multiplier", None)
-        tx, schedule = make_optimizer(opt_cfg, total_steps, abs_params, lr_mult)
+        tx, schedule = make_optimizer(opt_cfg, total_steps, abs_params, abstract_model.lr_multiplier)
 
         def init():
             model = model_fn()
@@ -69,8 +76,7 @@ def build_state(model_fn: Callable[[], nnx.Module], opt_cfg: OptimizerConfig, to
     with sharding.mesh_context(mesh):
         init_jit = jax.jit(init, out_shardings=shardings)
         state = init_jit() if allocate else abstract_like(jax.eval_shape(init), shardings)
-    return Setup(mesh, graphdef, state, shardings, tx, schedule, lr_mult,
-                 getattr(abstract_model, "supports_decoding", True))
+    return Setup(mesh, graphdef, state, shardings, tx, schedule, abstract_model)
 
 
 def jit_train_step(setup: Setup, **step_kw):
@@ -219,18 +225,18 @@ def train(
     if eval_data is not None:
         eval_docs = data_lib.open_documents(eval_data)
         log.info(data_lib.describe(eval_docs.stats, "eval data"))
-    data_iter = data_lib.make_train_iterator(train_data, train_docs)
 
     mesh = sharding.make_mesh(mesh_shape or {"data": -1})
     setup = build_state(model, optimizer, steps, mesh)
+    train_data = setup.data_config(train_data)
+    eval_data = eval_data and setup.data_config(eval_data)
+    data_iter = data_lib.make_train_iterator(train_data, train_docs)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(setup.state.params))
     log.info("model: %s parameters; mesh %s", f"{n_params:,}", dict(mesh.shape))
 
     sample_langs = list(sample_langs) or None
-    if sample_prompts and setup.supports_decoding:  # a prompt the model cannot sample fails now, not after training
-        sampler = nnx.merge(setup.graphdef, setup.state.params, setup.state.rest)
-        if hasattr(sampler, "decode_trackers"):
-            sampler.decode_trackers([p.encode() for p in sample_prompts], sample_langs)
+    if sample_prompts and setup.model.supports_decoding:  # a prompt the model cannot sample fails now
+        setup.model.decode_trackers([p.encode() for p in sample_prompts], sample_langs)
 
     ckpt = Checkpointer(storage.join(workdir, "checkpoints"), every_steps=checkpoint_every, keep=keep_checkpoints,
                         async_save=async_checkpoints)
@@ -297,7 +303,7 @@ def train(
                 writer.scalars(step, ev, "eval/")
                 log_boundaries(setup, writer, step, viz_batch, boundaries_fn)
                 log.info("eval step %d: bpb %.4f", step, ev["bpb"])
-            if sample_every and step % sample_every == 0 and setup.supports_decoding:  # all processes run it
+            if sample_every and step % sample_every == 0 and setup.model.supports_decoding:  # all processes run it
                 texts = sample_texts(setup, list(sample_prompts), sample_bytes, seed=step, langs=sample_langs)
                 for i, s in enumerate(texts):
                     writer.text(step, f"samples/{i}", sample_prompts[i] + s)
@@ -313,7 +319,7 @@ def train(
         log_boundaries(setup, writer, step, viz_batch, boundaries_fn)
         results["eval"] = ev
         log.info("final eval at step %d: bpb %.4f over %d bytes", step, ev["bpb"], ev["n_bytes"])
-    if step >= steps and sample_prompts and not setup.supports_decoding:
+    if step >= steps and sample_prompts and not setup.model.supports_decoding:
         log.info("no samples: the model does not decode bytes (supports_decoding = False)")
     elif step >= steps and sample_prompts:
         samples = sample_texts(setup, list(sample_prompts), sample_bytes, seed=0, langs=sample_langs)

@@ -7,8 +7,8 @@ DataConfig's seq_len, the model in eval mode):
   bytes_per_chunk       #non-pad input positions / #chunks (boundary_rate: its inverse)
   chunks_per_eng_byte   #chunks / #UTF-8 bytes of the English side (eng.txt): the same content in every
                         language, so equal values mean equal segmentation cost (parity)
-Chunks are the START bits of the first stage, ``out.boundaries['s0']`` (MrT5: its kept positions,
-``out.boundaries['kept']``), over non-pad positions (document/window starts included); a model without
+Chunks are the START bits of the model's ``chunk_stage`` (``out.boundaries['s0']``; MrT5: its kept
+positions, ``out.boundaries['kept']``), over non-pad positions (document/window starts included); a model without
 boundaries counts one chunk per byte. Scripts aggregate the languages by
 their dominant route under ``hnet.scripts.GROUPINGS[groups]`` (default 'ntrex': one group per script;
 sums, then ratios). ``parity_max_over_min`` is the max/min over languages of chunks_per_eng_byte, and
@@ -38,17 +38,18 @@ from train import storage
 from train.metrics import parity
 from train.step import LN2, cross_entropy_sums, eval_forward
 
-FIRST_STAGE = ("s0", "kept")  # the boundary key of a model's first-stage chunk starts (MrT5: kept bytes)
 MAGNET_LANGUAGES = ("eng", "spa", "fra", "rus", "ukr", "bel", "hin", "ben", "tel")  # Ahia et al. 2024
 
 
-def make_sums_fn(graphdef):
+def make_sums_fn(graphdef, chunk_stage: str | None):
+    """jit: (params, rest, batch) -> BPB sums, non-pad positions and chunks (``ByteLM.chunk_stage`` starts)."""
+
     @jax.jit
     def sums_fn(params, rest, batch):
         out = eval_forward(graphdef, params, rest, batch)
         sums = cross_entropy_sums(out, batch)
         real = batch["segment_ids"] > 0
-        b = next((out.boundaries[k] for k in FIRST_STAGE if k in out.boundaries), real)
+        b = out.boundaries.get(chunk_stage, real)
         sums["n_positions"] = jnp.sum(real).astype(jnp.float32)
         sums["n_chunks"] = jnp.sum(b & real).astype(jnp.float32)
         return sums
@@ -72,12 +73,12 @@ def evaluate_languages(setup, eval_cfg: data_lib.DataConfig, data_dir: str = "sh
     so parity stays comparable). Returns {'languages': {lang: {...}}, 'scripts': {...}, 'parity_...'}."""
     from train.annotations import dominant_route
 
-    sums_fn = make_sums_fn(setup.graphdef)
+    sums_fn = make_sums_fn(setup.graphdef, setup.model.chunk_stage)
     names = route_names(GROUPINGS[groups])
     langs: dict[str, dict] = {}
     for lang, path in language_files(data_dir).items():
-        cfg = dataclasses.replace(eval_cfg, sources=(path,), byte_range=(0.0, 1.0), doc_split="file", shuffle=False,
-                                  max_windows=0)
+        cfg = dataclasses.replace(setup.data_config(eval_cfg), sources=(path,), byte_range=(0.0, 1.0),
+                                  doc_split="file", shuffle=False, max_windows=0)
         with open(path, "rb") as f:
             text = f.read()
         if max_lines:

@@ -87,5 +87,6 @@ def make_optimizer(cfg: OptimizerConfig, total_steps: int, params,
               optax.scale_by_learning_rate(schedule)]
     if lr_multiplier is not None:
         mults = jax.tree_util.tree_map_with_path(lambda p, _: float(lr_multiplier(path_names(p))), params)
-        chain.append(scale_by_multipliers(mults))
+        if any(m != 1.0 for m in jax.tree.leaves(mults)):
+            chain.append(scale_by_multipliers(mults))
     return optax.chain(*chain), schedule

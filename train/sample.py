@@ -31,7 +31,7 @@ def main(argv):
 
     load_config(FLAGS.workdir)
     setup, step = restore_setup(FLAGS.workdir, FLAGS.step)
-    if not setup.supports_decoding:
+    if not setup.model.supports_decoding:
         print("error: this model does not decode bytes (supports_decoding = False)", file=sys.stderr)
         sys.exit(2)
     with sharding.mesh_context(setup.mesh):
