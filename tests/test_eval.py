@@ -14,7 +14,7 @@ import pytest
 from flax import nnx
 
 from hnet.sharding import make_mesh
-from models.base import ModelOutput
+from models.base import ByteLM, ModelOutput
 from tests.helpers import pydoc_docs, tiny_model_fn
 from train import data as data_lib
 from train import evaluate as ev
@@ -120,7 +120,7 @@ def test_parse_corpus():
 # -------------------------------------------------------------------- the suite on a fixed model
 
 
-class AsciiLM(nnx.Module):
+class AsciiLM(ByteLM):
     """Logits 5 on ASCII bytes, 0 elsewhere, at every position; chunk starts at spaces."""
 
     def __init__(self, seed: int = 0):

@@ -396,9 +396,9 @@ def _loss_and_grads(model_file: str, extra_bindings=(), params_fns=(None,)):
     parse([os.path.join(REPO_ROOT, model_file), os.path.join(REPO_ROOT, "configs/runs/default.gin")],
           list(extra_bindings))
     model_fn = gin.query_parameter("train.train.model").scoped_configurable_fn
-    data_cfg = gin.query_parameter("train.train.train_data").scoped_configurable_fn()
-    batch = {k: jnp.asarray(v) for k, v in _saturating_batch(data_cfg).items()}
     setup = build_state(model_fn, OptimizerConfig(), 10, make_mesh())
+    data_cfg = setup.data_config(gin.query_parameter("train.train.train_data").scoped_configurable_fn())
+    batch = {k: jnp.asarray(v) for k, v in _saturating_batch(data_cfg).items()}
 
     @jax.jit
     def f(params, rest, batch):
