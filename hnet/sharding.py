@@ -109,10 +109,12 @@ def target_platform() -> str:
     return "gpu" if plat in ("cuda", "rocm") else plat
 
 
-def mesh_axes(name: str) -> tuple[str, ...]:
-    """The mesh axes LOGICAL_AXIS_RULES places logical axis ``name`` on (() = replicated)."""
+def mesh_axes(name: str, mesh) -> tuple[str, ...]:
+    """The axes of ``mesh`` (concrete or abstract) that LOGICAL_AXIS_RULES places logical axis ``name`` on
+    (() = replicated): the placement a ``shard_map`` around a kernel uses."""
     axes = dict(LOGICAL_AXIS_RULES)[name]
-    return () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
+    return tuple(a for a in axes if a in mesh.axis_names)
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:

@@ -148,7 +148,7 @@ def test_batch_placement_comes_from_the_rules_table(monkeypatch):
     rules = tuple((name, "data" if name == "batch" else axes) for name, axes in sharding.LOGICAL_AXIS_RULES)
     monkeypatch.setattr(sharding, "LOGICAL_AXIS_RULES", rules)
     assert sharding.batch_sharding(mesh).spec == P("data", None)
-    assert sharding.mesh_axes("batch") == ("data",)  # what gather_rows_sharded splits B over
+    assert sharding.mesh_axes("batch", mesh) == ("data",)  # what the kernels' shard_maps split B over
 
 
 def test_params_born_sharded_only_inside_mesh_context():

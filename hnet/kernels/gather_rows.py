@@ -290,8 +290,7 @@ def gather_rows_sharded(
     ``check_vma`` defaults to False for ``interpret=True`` (the generic interpreter trips
     the scan-carry vma check) and True otherwise.
     """
-    axes = tuple(a for a in mesh_axes("batch") if a in mesh.axis_names)
-    spec = jax.sharding.PartitionSpec(axes if axes else None)
+    spec = jax.sharding.PartitionSpec(mesh_axes("batch", mesh) or None)
     if check_vma is None:
         check_vma = interpret is not True
     fn = functools.partial(gather_rows, backend=backend, interpret=interpret)
