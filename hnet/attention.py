@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from hnet.kernels.blockwise_attention import blockwise_attention
-from hnet.sharding import target_platform
+from hnet.sharding import mesh_axes, target_platform
 
 NEG_INF = -1e30
 IMPLS = ("auto", "dense", "splash", "cudnn", "blockwise")
@@ -118,10 +118,12 @@ def _splash(q, k, v, *, q_segment_ids_BxQ, k_segment_ids_BxS, causal, window, so
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1 or mesh.manual_axes:
         return fn(q, k, v, q_segment_ids_BxQ, k_segment_ids_BxS)
-    # A pallas_call is not auto-partitioned: each device runs its rows (batch axes) and heads (tensor).
+    # A pallas_call is not auto-partitioned: each device runs its rows and heads, placed as the rules place
+    # 'batch' and 'act_heads' (heads replicated when they do not divide).
     P = jax.sharding.PartitionSpec
-    batch = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names) or None
-    heads = "tensor" if "tensor" in mesh.axis_names and q.shape[2] % mesh.shape["tensor"] == 0 else None
+    batch = mesh_axes("batch", mesh) or None
+    heads = mesh_axes("act_heads", mesh)
+    heads = heads if heads and q.shape[2] % math.prod(mesh.shape[a] for a in heads) == 0 else None
     qkv, seg = P(batch, None, heads, None), P(batch, None)
     return jax.shard_map(fn, mesh=mesh, in_specs=(qkv, qkv, qkv, seg, seg), out_specs=qkv, check_vma=False)(
         q, k, v, q_segment_ids_BxQ, k_segment_ids_BxS)

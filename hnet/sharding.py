@@ -19,6 +19,7 @@ from typing import Sequence
 import jax
 import numpy as np
 from flax import linen, nnx
+from flax.core import spmd as flax_spmd
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -55,8 +56,13 @@ def axis_rules():
 
 
 def param_init(init, names: Sequence[str | None]):
-    """Wrap an initializer so the created ``nnx.Param`` carries logical axis names."""
-    return nnx.with_partitioning(init, tuple(names))
+    """Wrap an initializer so the created ``nnx.Param`` carries logical axis names.
+
+    The parameter is born sharded only inside ``mesh_context`` (a mesh and the rules table active);
+    elsewhere it is created unsharded, so models also build in a plain script or test (flax 0.12 shards
+    eagerly by default, which fails without a mesh)."""
+    in_mesh = not jax.sharding.get_abstract_mesh().empty and bool(flax_spmd.get_logical_axis_rules())
+    return nnx.with_partitioning(init, tuple(names), eager_sharding=in_mesh)
 
 
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
@@ -103,9 +109,17 @@ def target_platform() -> str:
     return "gpu" if plat in ("cuda", "rocm") else plat
 
 
+def mesh_axes(name: str, mesh) -> tuple[str, ...]:
+    """The axes of ``mesh`` (concrete or abstract) that LOGICAL_AXIS_RULES places logical axis ``name`` on
+    (() = replicated): the placement a ``shard_map`` around a kernel uses."""
+    axes = dict(LOGICAL_AXIS_RULES)[name]
+    axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
+    return tuple(a for a in axes if a in mesh.axis_names)
+
+
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
-    """Sharding of a [batch, ...] host batch: batch over (data, fsdp), the rest replicated."""
-    return NamedSharding(mesh, P(("data", "fsdp"), *([None] * (ndim - 1))))
+    """Sharding of a [batch, ...] host batch: ``batch`` as the rules place it, the rest replicated."""
+    return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1)))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -114,13 +128,10 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 @contextlib.contextmanager
 def mesh_context(mesh: Mesh):
-    """Activate ``mesh``, the rules table and eager parameter sharding together. Outside this context
-    models are built unsharded (eager sharding off), so they also work in a plain script or test."""
-    with jax.set_mesh(mesh), axis_rules(), nnx.use_eager_sharding(True):
+    """Activate ``mesh`` and the rules table together: models built here are born sharded (``param_init``);
+    outside it they are built unsharded."""
+    with jax.set_mesh(mesh), axis_rules():
         yield
-
-
-nnx.use_eager_sharding(False)
 
 
 def global_batch_from_local(mesh: Mesh, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:

@@ -1,5 +1,5 @@
-"""benchmarks/throughput.py, peers.py and device_check.py: tables, JSON, the skip without PyTorch, the device
-check's CPU smoke run (interpret mode); the slow tests run each script end to end on one tiny config."""
+"""benchmarks/throughput.py, peers.py and device_check.py: tables, JSON, discovered families, the skip without
+PyTorch, the device check's CPU smoke run (interpret mode); the slow tests run each script end to end on one tiny config."""
 
 from __future__ import annotations
 
@@ -57,6 +57,21 @@ def test_throughput_end_to_end(tmp_path):
                      "--out", str(tmp_path / "t.json")])
     (row,) = json.load(open(tmp_path / "t.json"))["rows"]
     assert row["batch"] == 2 and row["bytes_per_s"] > 0 and len(row["load_before"]) == 3
+
+
+def test_families_are_the_tiny_configs():
+    # discovered, not listed: configs the old hand-kept list had missed are there
+    assert {"hnet_1stage_tiny", "magnet_lso_tiny", "mrt5_encdec_tiny"} <= set(throughput.FAMILIES)
+    assert all(os.path.exists(os.path.join(REPO, "configs", f"{c}.gin")) for c in throughput.FAMILIES)
+
+
+@pytest.mark.slow
+def test_throughput_skips_a_config_its_run_data_cannot_feed(tmp_path, capsys):
+    throughput.main(["--configs", "magnet_lang_tiny", "--seq_lens", "64", "128", "--bytes_per_step", "128",
+                     "--steps", "1", "--out", str(tmp_path / "t.json")])
+    out = capsys.readouterr().out
+    assert out.count("magnet_lang_tiny: skipped, language routing needs documents from files named") == 1, out
+    assert not (tmp_path / "t.json").exists()
 
 
 @pytest.mark.slow

@@ -136,3 +136,30 @@ def test_mesh_errors():
         resolve_mesh_shape({"data": -1, "fsdp": -1}, 8)
     with pytest.raises(ValueError):
         resolve_mesh_shape({"data": 3}, 8)
+
+
+def test_batch_placement_comes_from_the_rules_table(monkeypatch):
+    from jax.sharding import PartitionSpec as P
+
+    from hnet import sharding
+
+    mesh = sharding.make_mesh()
+    assert sharding.batch_sharding(mesh, 3).spec == P(("data", "fsdp"), None, None)
+    rules = tuple((name, "data" if name == "batch" else axes) for name, axes in sharding.LOGICAL_AXIS_RULES)
+    monkeypatch.setattr(sharding, "LOGICAL_AXIS_RULES", rules)
+    assert sharding.batch_sharding(mesh).spec == P("data", None)
+    assert sharding.mesh_axes("batch", mesh) == ("data",)  # what the kernels' shard_maps split B over
+
+
+def test_params_born_sharded_only_inside_mesh_context():
+    from flax import nnx
+    from jax.sharding import NamedSharding
+
+    from hnet import sharding
+    from hnet.layers import RMSNorm
+
+    assert nnx.using_eager_sharding()  # flax's default: importing hnet flips no global flag
+    assert not RMSNorm(8).scale.get_metadata()["eager_sharding"]  # no mesh: built unsharded, no error
+    with sharding.mesh_context(sharding.make_mesh()):
+        norm = RMSNorm(8)
+    assert norm.scale.get_metadata()["eager_sharding"] and isinstance(norm.scale[...].sharding, NamedSharding)

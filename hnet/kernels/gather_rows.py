@@ -23,7 +23,7 @@ behaviour for the kernels (the reference clamps).
 from __future__ import annotations
 
 import functools
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -32,7 +32,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
-from hnet.sharding import target_platform
+from hnet.sharding import mesh_axes, target_platform
 
 __all__ = [
     "gather_rows",
@@ -278,21 +278,19 @@ def gather_rows_sharded(
     x_BxLxD: jax.Array,
     idx_BxM: jax.Array,
     mesh: jax.sharding.Mesh,
-    batch_axes: Sequence[str] = ("data", "fsdp"),
     *,
     backend: str | None = None,
     interpret: Any = False,
     check_vma: bool | None = None,
 ) -> jax.Array:
-    """``gather_rows`` under ``jax.shard_map`` with B split over ``batch_axes``.
+    """``gather_rows`` under ``jax.shard_map`` with B split as the rules table places ``batch``.
 
     A pallas_call is not auto-partitioned, so each device gathers its own batch shard
-    (L, M and D are replicated). Axes of ``batch_axes`` absent from the mesh are ignored.
+    (L, M and D are replicated). Batch mesh axes absent from ``mesh`` are ignored.
     ``check_vma`` defaults to False for ``interpret=True`` (the generic interpreter trips
     the scan-carry vma check) and True otherwise.
     """
-    axes = tuple(a for a in batch_axes if a in mesh.axis_names)
-    spec = jax.sharding.PartitionSpec(axes if axes else None)
+    spec = jax.sharding.PartitionSpec(mesh_axes("batch", mesh) or None)
     if check_vma is None:
         check_vma = interpret is not True
     fn = functools.partial(gather_rows, backend=backend, interpret=interpret)
