@@ -14,6 +14,7 @@ import pytest
 from hnet.bytes import BOS, EOS
 from tests.helpers import pydoc_bytes, pydoc_docs, pydoc_text, shakespeare_path
 from train import data as D
+from train.sources import DataError
 
 L = 32
 
@@ -205,14 +206,14 @@ def test_directory_and_glob_sources(tmp_path):
 
 def test_missing_paths_raise_data_error_naming_them(tmp_path):
     missing = str(tmp_path / "no_such_corpus.txt")
-    with pytest.raises(D.DataError, match="no_such_corpus.txt"):
+    with pytest.raises(DataError, match="no_such_corpus.txt"):
         D.load_documents(_cfg(sources=(missing,)))
-    with pytest.raises(D.DataError, match="nothing_here"):
+    with pytest.raises(DataError, match="nothing_here"):
         D.load_documents(_cfg(sources=(str(tmp_path / "nothing_here*.txt"),)))
     (tmp_path / "emptydir").mkdir()
-    with pytest.raises(D.DataError, match="emptydir"):
+    with pytest.raises(DataError, match="emptydir"):
         D.load_documents(_cfg(sources=(str(tmp_path / "emptydir"),)))
-    with pytest.raises(D.DataError, match="builtin"):
+    with pytest.raises(DataError, match="builtin"):
         D.load_documents(_cfg(sources=("builtin:no_such_corpus",)))
 
 
