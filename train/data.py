@@ -15,11 +15,13 @@ Optional per-byte annotations (``DataConfig.annotations``, ``train.annotations``
 whole document a window touches, when the window is built (so they see the full document context):
   word_starts       bool  [L]  HAT splitter word starts (BOS and EOS are one-byte words)
   script_routes     int32 [L]  causal per-byte Unicode-script route (hnet.scripts.SCRIPT_GROUPS)
+  unigram_ends      bool  [L]  DTP's unigram END targets, from the SentencePiece model that
+                               ``DataConfig.unigram`` (``UnigramTargets``) trains once per process
 
 One reading path: every source is a prepared directory of ArrayRecord shards (``train.prepare``). A
-``prepared:DIR`` source (local or gs://) names one; any other source (text files, directories, globs,
-``*.jsonl[.gz|.zst]``, ``shared:<path>``, ``builtin:pydoc_topics``) is prepared into ``cache_root()`` on
-first use. Only a per-document index is held in memory (~20 bytes per document: lengths, cumulative raw and
+``prepared:DIR`` source (local or gs://) names one; any other source spec (``train.sources``: text files,
+directories, globs, ``*.jsonl[.gz|.zst]``, ``shared:<path>``, ``builtin:pydoc_topics``) is prepared into
+``cache_root()`` on first use. Only a per-document index is held in memory (~20 bytes per document: lengths, cumulative raw and
 framed offsets); a window reads the one or two blocks it covers, so memory does not grow with the bytes.
 """
 

@@ -205,12 +205,7 @@ def main(argv):
     print(f"wrote {out_dir}/eval.json, eval.md and plots")
 
 
-def run():
+if __name__ == "__main__":
     from train.config import run_app
 
-    define_flags()
-    run_app(main, sys.argv)
-
-
-if __name__ == "__main__":
-    run()
+    run_app(main, sys.argv, define_flags)

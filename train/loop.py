@@ -1,7 +1,7 @@
 """The one training loop (big_vision-style readable trainer), configured by gin.
 
 data (fails before compilation) -> mesh -> sharded init or restore -> jit(train_step) loop with
-logging, periodic eval, async checkpoints, sampled generations -> final eval + checkpoint.
+logging, periodic eval (``train.eval``), async checkpoints, sampled generations -> final eval + checkpoint.
 """
 
 from __future__ import annotations

@@ -102,12 +102,7 @@ def train_from_config(gin_files: list[str], bindings: list[str], workdir: str, c
     return results
 
 
-def run():
+if __name__ == "__main__":
     from train.config import run_app
 
-    define_flags()
-    run_app(main, sys.argv)
-
-
-if __name__ == "__main__":
-    run()
+    run_app(main, sys.argv, define_flags)

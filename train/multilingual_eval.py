@@ -60,12 +60,7 @@ def main(argv) -> dict:
     return res
 
 
-def run():
+if __name__ == "__main__":
     from train.config import run_app
 
-    define_flags()
-    run_app(main, sys.argv)
-
-
-if __name__ == "__main__":
-    run()
+    run_app(main, sys.argv, define_flags)

@@ -54,12 +54,7 @@ def main(argv):
         print("-" * 40)
 
 
-def run():
+if __name__ == "__main__":
     from train.config import run_app
 
-    define_flags()
-    run_app(main, sys.argv)
-
-
-if __name__ == "__main__":
-    run()
+    run_app(main, sys.argv, define_flags)
