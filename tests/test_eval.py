@@ -198,17 +198,6 @@ sweep.Sweep.eval_args = ['--robustness_bytes=64', '--corpus=pass={corpus}']
 """
 
 
-def sweep_cli(*args: str) -> list[dict]:
-    """``python -m train.sweep ARGS`` in this process: its absl flags parsed afresh, then its main."""
-    from absl import flags
-
-    if "sweep" not in flags.FLAGS:
-        sweep.define_flags()
-    flags.FLAGS.unparse_flags()
-    flags.FLAGS(["train.sweep", *args])
-    return sweep.main(["train.sweep"])
-
-
 @pytest.fixture
 def tiny_sweep(tmp_path, gin_clean):
     corpus = tmp_path / "pass.txt"
@@ -220,7 +209,7 @@ def tiny_sweep(tmp_path, gin_clean):
 
 def test_sweep_runs_two_tiny_runs_then_skips_them(tiny_sweep, monkeypatch, gin_clean):
     path, root = tiny_sweep
-    rows = sweep_cli(f"--sweep={path}", f"--root={root}")
+    rows = sweep.run_sweep(path, root)
     assert [r["run"] for r in rows] == ["isotropic_tiny-s0", "isotropic_tiny-s1"]
     for r in rows:
         assert r["steps"] == 2 and r["corpus"] == "pass" and 0 < r["bpb"] < 12
@@ -242,24 +231,24 @@ def test_sweep_runs_two_tiny_runs_then_skips_them(tiny_sweep, monkeypatch, gin_c
     import gin
 
     gin.clear_config()
-    again = sweep_cli(f"--sweep={path}", f"--root={root}")
+    again = sweep.run_sweep(path, root)
     assert [r["bpb"] for r in again] == [r["bpb"] for r in rows]
 
 
 def test_sweep_launcher_prints_commands_and_runs_nothing(tiny_sweep, monkeypatch, capsys):
     path, root = tiny_sweep
     monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("ran a subprocess"))
-    rows = sweep_cli(f"--sweep={path}", f"--root={root}", "--launcher=python -m launch.slurm --nodes 2")
+    rows = sweep.run_sweep(path, root, launcher="python -m launch.slurm --nodes 2")
     out = capsys.readouterr().out
     assert rows == []
     lines = [ln for ln in out.splitlines() if ln.startswith("python -m launch.slurm --nodes 2 -- ")]
     assert len(lines) == 2 and "--gin.train.train.seed=1" in lines[1]
     assert f"--workdir={os.path.abspath(root)}/tiny/isotropic_tiny-s1" in lines[1]
     assert "--gin_file=configs/isotropic_tiny.gin" in lines[0]
-    only = sweep_cli(f"--sweep={path}", f"--root={root}", "--dry_run", "--only", "isotropic_tiny-s1")
+    only = sweep.run_sweep(path, root, dry_run=True, only=["isotropic_tiny-s1"])
     assert only == [] and capsys.readouterr().out.count("python -m train.main") == 1
     with pytest.raises(SystemExit, match="matches no run"):
-        sweep_cli(f"--sweep={path}", f"--root={root}", "--dry_run", "--only", "hat")
+        sweep.run_sweep(path, root, dry_run=True, only=["hat"])
     args = lines[0].split()
     assert args.index("--gin.hnet.StackConfig.d_ff=128") < args.index("--gin.TRAIN_STEPS=2")  # model's, then variant's
 

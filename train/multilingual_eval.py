@@ -32,7 +32,7 @@ def define_flags():
     flags.DEFINE_string("out", None, "output JSON (default WORKDIR/multilingual_eval.json)")
 
 
-def main(argv) -> dict:
+def main(argv):
     del argv
     from train import storage
     from train.config import GIN_CLI_BINDINGS
@@ -57,7 +57,6 @@ def main(argv) -> dict:
     w.close()
     print(json.dumps({k: v for k, v in res.items() if k != "languages"}, indent=1))
     print(f"wrote {path}")
-    return res
 
 
 if __name__ == "__main__":

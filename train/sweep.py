@@ -269,25 +269,32 @@ def collect(runs: list[Run], out_dir: str) -> list[dict]:
     return rows
 
 
-def main(argv) -> list[dict]:
-    """The CLI after its flags (``--gin.KEY=value`` bindings: ``train.config.GIN_CLI_BINDINGS``)."""
+def run_sweep(path: str, root: str = "runs/sweeps", *, launcher: str | None = None, collect_only: bool = False,
+              dry_run: bool = False, only: list[str] = (), bindings: list[str] = ()) -> list[dict]:
+    """What the CLI does (its flags are the arguments): load, expand, execute the runs whose name starts with one
+    of ``only`` (all when empty; SystemExit when none does), then collect the table of every finished run."""
+    sweep = load_sweep(path, bindings)
+    runs = expand(sweep, root)
+    if not collect_only:
+        chosen = [r for r in runs if not only or r.name.startswith(tuple(only))]
+        if not chosen:
+            raise SystemExit(f"--only {list(only)} matches no run of {[r.name for r in runs]}")
+        for name, st in execute(chosen, launcher, dry_run).items():
+            print(f"{name}: {st}", flush=True)
+    rows = collect(runs, storage.join(storage.absolute(root), sweep.name))
+    print(markdown(rows))
+    return rows
+
+
+def main(argv):
     from train.config import GIN_CLI_BINDINGS
 
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]} (repeat --only for several prefixes)")
     if not FLAGS.sweep:
         raise app.UsageError("--sweep is required")
-    sweep = load_sweep(FLAGS.sweep, GIN_CLI_BINDINGS)
-    runs = expand(sweep, FLAGS.root)
-    if not FLAGS.collect_only:
-        chosen = [r for r in runs if not FLAGS.only or r.name.startswith(tuple(FLAGS.only))]
-        if not chosen:
-            raise SystemExit(f"--only {FLAGS.only} matches no run of {[r.name for r in runs]}")
-        for name, st in execute(chosen, FLAGS.launcher, FLAGS.dry_run).items():
-            print(f"{name}: {st}", flush=True)
-    rows = collect(runs, storage.join(storage.absolute(FLAGS.root), sweep.name))
-    print(markdown(rows))
-    return rows
+    run_sweep(FLAGS.sweep, FLAGS.root, launcher=FLAGS.launcher, collect_only=FLAGS.collect_only,
+              dry_run=FLAGS.dry_run, only=FLAGS.only or (), bindings=GIN_CLI_BINDINGS)
 
 
 if __name__ == "__main__":
