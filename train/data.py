@@ -21,8 +21,9 @@ whole document a window touches, when the window is built (so they see the full 
 One reading path: every source is a prepared directory of ArrayRecord shards (``train.prepare``). A
 ``prepared:DIR`` source (local or gs://) names one; any other source spec (``train.sources``: text files,
 directories, globs, ``*.jsonl[.gz|.zst]``, ``shared:<path>``, ``builtin:pydoc_topics``) is prepared into
-``cache_root()`` on first use. Only a per-document index is held in memory (~20 bytes per document: lengths, cumulative raw and
-framed offsets); a window reads the one or two blocks it covers, so memory does not grow with the bytes.
+``cache_root()`` on first use. Only a per-document index is held in memory (~20 bytes per document: lengths,
+cumulative raw and framed offsets); a window reads the one or two blocks it covers, so memory does not grow
+with the bytes.
 """
 
 from __future__ import annotations

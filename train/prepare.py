@@ -48,6 +48,12 @@ BLOCK = 32 << 10  # bytes per record
 PARTIAL = ".partial-"  # shards being written
 UNIT_BYTES = 64 << 20  # a line-split file is cut into units of about this size (bounded memory per worker)
 SEPARATORS = {"line": b"\n", "blank_line": b"\n\n"}
+
+
+# ------------------------------------------------------------------------------------------------
+# Sources (train.sources) -> files -> units
+# ------------------------------------------------------------------------------------------------
+
 def _kind(path: str, doc_split: str) -> str:
     if path.startswith("builtin:"):
         return "builtin"
