@@ -29,8 +29,9 @@ from flax import nnx
 from hnet import sharding
 from models.base import ModelOutput
 from train import data as data_lib
+from train.metrics import bpb
 from train.restore import load_config, query, restore_setup
-from train.step import LN2, cross_entropy_sums
+from train.step import cross_entropy_sums
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -91,7 +92,7 @@ def main():
         M = capacity(keep)
         deleted = float(jnp.sum(real & ~keep) / jnp.sum(real))
         s = cross_entropy_sums(ModelOutput(run_hard()), batch)
-        hard_bpb = float(s["byte_nll_sum"] / (LN2 * s["n_bytes"]))
+        hard_bpb = bpb(s["byte_nll_sum"], s["n_bytes"])
         t_none, t_hard = median_time(run_none, args.reps), median_time(run_hard, args.reps)
     res = {"workdir": os.path.abspath(args.workdir), "step": step, "seq_len": L, "batch": args.batch,
            "reps": args.reps, "deletion_rate": deleted, "backbone_slots_hard": M, "backbone_slots_none": L,

@@ -48,7 +48,7 @@ def shared_text_path(*parts: str) -> str:
     """Path of a file under ../shared/data, or pytest.skip when it is absent. Only for tests marked
     ``@pytest.mark.shared_data`` (an error otherwise, whether or not the data is present)."""
     from tests.conftest import SHARED_DATA_MARKED
-    from train.data import shared_path
+    from train.sources import shared_path
 
     if "PYTEST_CURRENT_TEST" in os.environ and not SHARED_DATA_MARKED[0]:
         raise AssertionError("a test that reads ../shared/data must be marked @pytest.mark.shared_data")

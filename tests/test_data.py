@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import collections
 import dataclasses
 import json
@@ -12,8 +13,9 @@ import numpy as np
 import pytest
 
 from hnet.bytes import BOS, EOS
-from tests.helpers import pydoc_bytes, pydoc_docs, pydoc_text, shakespeare_path
+from tests.helpers import REPO_ROOT, pydoc_bytes, pydoc_docs, pydoc_text, shakespeare_path
 from train import data as D
+from train.sources import DataError
 
 L = 32
 
@@ -205,14 +207,14 @@ def test_directory_and_glob_sources(tmp_path):
 
 def test_missing_paths_raise_data_error_naming_them(tmp_path):
     missing = str(tmp_path / "no_such_corpus.txt")
-    with pytest.raises(D.DataError, match="no_such_corpus.txt"):
+    with pytest.raises(DataError, match="no_such_corpus.txt"):
         D.load_documents(_cfg(sources=(missing,)))
-    with pytest.raises(D.DataError, match="nothing_here"):
+    with pytest.raises(DataError, match="nothing_here"):
         D.load_documents(_cfg(sources=(str(tmp_path / "nothing_here*.txt"),)))
     (tmp_path / "emptydir").mkdir()
-    with pytest.raises(D.DataError, match="emptydir"):
+    with pytest.raises(DataError, match="emptydir"):
         D.load_documents(_cfg(sources=(str(tmp_path / "emptydir"),)))
-    with pytest.raises(D.DataError, match="builtin"):
+    with pytest.raises(DataError, match="builtin"):
         D.load_documents(_cfg(sources=("builtin:no_such_corpus",)))
 
 
@@ -354,3 +356,37 @@ def test_shakespeare_from_shared_data():
     b = next(D.make_train_iterator(dataclasses.replace(cfg, shuffle=True), docs))
     assert b["inputs"].shape == (4, L) and b["byte_mask"].sum() > 0
     assert os.path.basename(path) == "input.txt"
+
+
+def test_sources_annotations_data_form_layers():
+    """train.sources <- train.prepare / train.annotations <- train.data: no cycle, also not inside functions."""
+    def train_imports(module: str) -> set[str]:
+        tree = ast.parse(open(os.path.join(REPO_ROOT, "train", f"{module}.py")).read())
+        out = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module == "train":
+                out |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("train."):
+                out.add(node.module.split(".")[1])
+        return out
+
+    assert train_imports("sources") <= {"storage"}
+    assert "data" not in train_imports("annotations") and "data" not in train_imports("prepare")
+    assert {"annotations", "prepare", "sources"} <= train_imports("data")
+
+
+def test_trainer_passes_the_gin_bound_unigram_targets_in(gin_clean):
+    """The unigram_ends targets are an input of the data builders (DataConfig.unigram): the trainer's
+    Setup.data_config gives gin's train.UnigramTargets when the model reads unigram_ends, nothing else does."""
+    import gin
+
+    from train.loop import Setup
+
+    class ReadsUnigramEnds:
+        def required_annotations(self):
+            return ("unigram_ends",)
+
+    gin.parse_config(["train.UnigramTargets.vocab_size = 300"])
+    cfg = Setup(None, None, None, None, None, None, ReadsUnigramEnds()).data_config(_cfg())
+    assert cfg.annotations == ("unigram_ends",) and cfg.unigram.vocab_size == 300
+    assert _cfg().unigram == D.UnigramTargets() and D.UnigramTargets().vocab_size == 2000

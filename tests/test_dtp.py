@@ -13,9 +13,10 @@ import pytest
 from flax import nnx
 
 from models import dtp_targets as tg
-from train.annotations import UnigramTargets, unigram_ends
 from models.dtp import DTPConfig, DTPLM, DTPPooling
 from tests.helpers import packed_row, pydoc_bytes, pydoc_docs, stack_rows, to_jnp
+from train.annotations import unigram_ends
+from train.data import UnigramTargets
 
 TINY = dict(pre_layout="T1", inner_layout="T1", post_layout="T1", d_model=32, d_ff=64, num_heads=2)
 
@@ -76,9 +77,9 @@ def test_unigram_targets_attach_space_to_word_final_piece(unigram_proc, gin_clea
     assert all(e[i] and not e[i - 1] for i in spaces)  # "word␣" closes at the space, never before it
     assert 1.5 < len(doc) / e.sum() < 8  # subword-sized chunks
     # the data annotation frames it: [BOS, doc, EOS] with one-byte BOS/EOS chunks
-    from train.data import annotate
+    from train.annotations import annotate
 
-    assert annotate(doc, ("unigram_ends",))["unigram_ends"].shape == (len(doc) + 2,)
+    assert annotate(doc, ("unigram_ends",), unigram_proc)["unigram_ends"].shape == (len(doc) + 2,)
 
 
 def test_pooling_rule():

@@ -1,8 +1,10 @@
-"""Evaluation suite (train/metrics.py, train/evaluate.py) and the sweep runner (train/sweep.py): each metric
-on a hand-checked example, the suite against the trainer's exact BPB, two tiny sweep runs and skip-finished."""
+"""Evaluation suite (train/metrics.py, train/eval.py, train/evaluate.py) and the sweep runner (train/sweep.py):
+each metric on a hand-checked example, the suite against the trainer's exact BPB, two tiny sweep runs and
+skip-finished."""
 
 from __future__ import annotations
 
+import glob
 import json
 import math
 import os
@@ -17,10 +19,11 @@ from hnet.sharding import make_mesh
 from models.base import ByteLM, ModelOutput
 from tests.helpers import pydoc_docs, tiny_model_fn
 from train import data as data_lib
-from train import evaluate as ev
+from train import eval as ev
 from train import metrics as M
 from train import sweep
-from train.loop import build_state, evaluate
+from train.evaluate import parse_corpus
+from train.loop import build_state
 from train.optim import OptimizerConfig
 
 # --------------------------------------------------------------------------------- perturbations
@@ -111,10 +114,10 @@ def test_group_sums_and_per_group_bpb():
 
 
 def test_parse_corpus():
-    assert ev.parse_corpus("w=shared:english/world192.txt@0.9-1.0") == ("w", "shared:english/world192.txt", (0.9, 1.0))
-    assert ev.parse_corpus("x=/a/b.txt") == ("x", "/a/b.txt", (0.0, 1.0))
+    assert parse_corpus("w=shared:english/world192.txt@0.9-1.0") == ("w", "shared:english/world192.txt", (0.9, 1.0))
+    assert parse_corpus("x=/a/b.txt") == ("x", "/a/b.txt", (0.0, 1.0))
     with pytest.raises(ValueError):
-        ev.parse_corpus("/a/b.txt")
+        parse_corpus("/a/b.txt")
 
 
 # -------------------------------------------------------------------- the suite on a fixed model
@@ -157,13 +160,11 @@ def test_suite_by_script_and_alignment_by_hand():
 def test_boundary_pictures_print_whole_characters():
     """A chunk start inside a multi-byte character (Cyrillic, Devanagari, Tibetan: 2 and 3 bytes) is marked '¦'
     before the whole character, never cut into U+FFFD; starts at first bytes are '|'; invalid bytes are U+FFFD."""
-    from train.loop import mark_boundaries
-
     text = "".join(map(chr, (0x0433, 0x0434, 0x20, 0x0915, 0x093F, 0x20, 0x0F40, 0x0F72)))  # гд कि ཀི
     data = text.encode() + b"\xff!"
     starts = np.zeros(len(data), bool)
     starts[[1, 2, 4, 6, 14, 18, 19]] = True  # inside г, first byte of д, ␠, inside क, inside ཀ, 0xff, !
-    assert mark_boundaries(np.frombuffer(data, np.uint8), starts) == (
+    assert ev.mark_boundaries(np.frombuffer(data, np.uint8), starts) == (
         "¦г|д| " + "¦" + chr(0x0915) + chr(0x093F) + " " + "¦" + chr(0x0F40) + chr(0x0F72) + "|\ufffd|!")
 
 
@@ -172,11 +173,11 @@ def test_suite_bpb_equals_trainer_eval_and_robustness_is_consistent():
     cfg = data_lib.DataConfig(seq_len=64, batch_size=4, shuffle=False)
     docs = pydoc_docs(("pass", "continue"))
     res = ev.evaluate_corpus(setup, cfg, docs)
-    ref = evaluate(setup, cfg, docs)
+    ref = ev.evaluate(setup, cfg, docs)
     assert res["bpb"] == pytest.approx(ref["bpb"], rel=1e-6) and res["n_bytes"] == ref["n_bytes"]
     rob = ev.robustness(setup, cfg, docs, 300, seed=0)
     assert rob["n_bytes_clean"] == 300
-    assert rob["clean_bpb"] == pytest.approx(evaluate(setup, cfg, ev.head_bytes(docs, 300))["bpb"], rel=1e-6)
+    assert rob["clean_bpb"] == pytest.approx(ev.evaluate(setup, cfg, ev.head_bytes(docs, 300))["bpb"], rel=1e-6)
     assert set(rob["perturbed"]) == set(M.PERTURBATIONS)
     up = rob["perturbed"]["uppercase"]
     assert up["bpb_increase"] == pytest.approx(up["bpb"] - rob["clean_bpb"])
@@ -208,7 +209,7 @@ def tiny_sweep(tmp_path, gin_clean):
 
 def test_sweep_runs_two_tiny_runs_then_skips_them(tiny_sweep, monkeypatch, gin_clean):
     path, root = tiny_sweep
-    rows = sweep.main([f"--sweep={path}", f"--root={root}"])
+    rows = sweep.run_sweep(path, root)
     assert [r["run"] for r in rows] == ["isotropic_tiny-s0", "isotropic_tiny-s1"]
     for r in rows:
         assert r["steps"] == 2 and r["corpus"] == "pass" and 0 < r["bpb"] < 12
@@ -230,24 +231,24 @@ def test_sweep_runs_two_tiny_runs_then_skips_them(tiny_sweep, monkeypatch, gin_c
     import gin
 
     gin.clear_config()
-    again = sweep.main([f"--sweep={path}", f"--root={root}"])
+    again = sweep.run_sweep(path, root)
     assert [r["bpb"] for r in again] == [r["bpb"] for r in rows]
 
 
 def test_sweep_launcher_prints_commands_and_runs_nothing(tiny_sweep, monkeypatch, capsys):
     path, root = tiny_sweep
     monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("ran a subprocess"))
-    rows = sweep.main([f"--sweep={path}", f"--root={root}", "--launcher=python -m launch.slurm --nodes 2"])
+    rows = sweep.run_sweep(path, root, launcher="python -m launch.slurm --nodes 2")
     out = capsys.readouterr().out
     assert rows == []
     lines = [ln for ln in out.splitlines() if ln.startswith("python -m launch.slurm --nodes 2 -- ")]
     assert len(lines) == 2 and "--gin.train.train.seed=1" in lines[1]
     assert f"--workdir={os.path.abspath(root)}/tiny/isotropic_tiny-s1" in lines[1]
     assert "--gin_file=configs/isotropic_tiny.gin" in lines[0]
-    only = sweep.main([f"--sweep={path}", f"--root={root}", "--dry_run", "--only", "isotropic_tiny-s1"])
+    only = sweep.run_sweep(path, root, dry_run=True, only=["isotropic_tiny-s1"])
     assert only == [] and capsys.readouterr().out.count("python -m train.main") == 1
     with pytest.raises(SystemExit, match="matches no run"):
-        sweep.main([f"--sweep={path}", f"--root={root}", "--dry_run", "--only", "hat"])
+        sweep.run_sweep(path, root, dry_run=True, only=["hat"])
     args = lines[0].split()
     assert args.index("--gin.hnet.StackConfig.d_ff=128") < args.index("--gin.TRAIN_STEPS=2")  # model's, then variant's
 
@@ -256,3 +257,18 @@ def test_sweep_rejects_bindings_for_unlisted_models():
     sw = sweep.Sweep(name="x", models=("a.gin",), model_bindings={"b.gin": ("K=1",)})
     with pytest.raises(ValueError, match="b.gin"):
         sweep.expand(sw, "/tmp/unused")
+
+
+def test_sweep_models_may_be_globs():
+    """'configs/*_tiny.gin' stands for every tiny config, sorted and repo-relative, after the files listed before
+    it (each file once): a sweep finds the families."""
+    tiny = sorted(os.path.relpath(p, sweep.REPO_ROOT) for p in glob.glob(os.path.join(sweep.REPO_ROOT, "configs",
+                                                                                       "*_tiny.gin")))
+    assert len(tiny) > 5
+    sw = sweep.Sweep(name="x", models=(tiny[-1], "configs/*_tiny.gin"), model_bindings={tiny[1]: ("K=1",)})
+    runs = sweep.expand(sw, "/tmp/unused")
+    stem = lambda f: os.path.splitext(os.path.basename(f))[0]  # noqa: E731
+    assert [r.model for r in runs] == [stem(tiny[-1])] + [stem(t) for t in tiny[:-1]]
+    assert "--gin.K=1" in runs[2].train_args and f"--gin_file={tiny[1]}" in runs[2].train_args
+    with pytest.raises(ValueError, match="nothing_"):
+        sweep.expand(sweep.Sweep(name="x", models=("configs/nothing_*.gin",)), "/tmp/unused")

@@ -18,7 +18,7 @@ from models import dtp_targets as tg
 from models.dtp import DTPConfig, DTPLM, route_key
 from tests.helpers import packed_row, shared_text_path, stack_rows, to_jnp
 from tests.test_dtp import TINY, _decode_all, make_fwd, train_shrunk
-from train.loop import mean_of_defined
+from train.eval import mean_of_defined
 
 NAMES = ("latin", "cyrl", "deva", "other")
 
@@ -124,7 +124,7 @@ def test_decode_step_with_routes_matches_forward(routed):
 
 @pytest.mark.shared_data
 def test_doc_routes_annotation_is_the_dominant_script():
-    from train.data import annotate
+    from train.annotations import annotate
 
     docs = []
     for lang in ("eng", "rus", "hin"):
@@ -150,7 +150,7 @@ def test_ntrex_grouping_annotations_and_route_key():
     """'script_routes_ntrex' = the framed per-byte NTREX routes; 'doc_routes_ntrex' = each language's own
     script (jpn: kana); a model with script_groups 'ntrex' reads them (forced predictors: only the
     grek and deva routes close, so the boundaries follow the NTREX routes, not the MAGNET ones)."""
-    from train.data import annotate
+    from train.annotations import annotate
 
     docs = _ntrex_lines(("ell", "hin", "jpn", "eng"))
     ann = [annotate(d, ("script_routes_ntrex", "doc_routes_ntrex", "script_routes")) for d in docs.values()]
@@ -219,8 +219,9 @@ def test_lang_routing_follows_the_file_label_not_the_script(tmp_path):
     import dataclasses as dc
 
     from train import data as data_lib
+    from train.annotations import annotate
+    from train.eval import evaluate_languages
     from train.loop import build_state
-    from train.multilingual_eval import evaluate_languages
     from train.optim import OptimizerConfig
 
     langs = LANGUAGE_SETS["ntrex"]
@@ -230,11 +231,11 @@ def test_lang_routing_follows_the_file_label_not_the_script(tmp_path):
     docs, _ = data_lib.load_documents(data_lib.DataConfig(sources=(str(tmp_path / "*.txt"),), byte_range=(0.0, 1.0),
                                                           doc_split="line"))
     assert [d.source for d in docs] == [str(tmp_path / "eng.txt")] * 4 + [str(tmp_path / "hin.txt")] * 4
-    per_doc = [np.unique(data_lib.annotate(d, ("lang_routes_ntrex",))["lang_routes_ntrex"]).tolist() for d in docs]
+    per_doc = [np.unique(annotate(d, ("lang_routes_ntrex",))["lang_routes_ntrex"]).tolist() for d in docs]
     assert per_doc == [[langs.index("eng")]] * 4 + [[langs.index("hin")]] * 4
     (tmp_path / "english.txt").write_bytes(eng)
     with pytest.raises(data_lib.DataError, match="english.txt"):
-        data_lib.annotate(data_lib.load_documents(dc.replace(
+        annotate(data_lib.load_documents(dc.replace(
             data_lib.DataConfig(), sources=(str(tmp_path / "english.txt"),), byte_range=(0.0, 1.0)))[0][0],
             ("lang_routes_ntrex",))
     (tmp_path / "english.txt").unlink()
@@ -257,8 +258,8 @@ def test_multilingual_eval_counts_chunks_per_english_byte(tmp_path):
     import dataclasses as dc
 
     from train import data as data_lib
+    from train.eval import MAGNET_LANGUAGES, evaluate_languages
     from train.loop import build_state
-    from train.multilingual_eval import MAGNET_LANGUAGES, evaluate_languages
     from train.optim import OptimizerConfig
 
     for lang, text in _ntrex_lines(MAGNET_LANGUAGES, 3).items():
@@ -334,7 +335,7 @@ def test_lso_config_priors_are_recomputed_from_the_seen_languages(gin_file, gin_
     import gin
 
     from train import config
-    from train.data import shared_path
+    from train.sources import shared_path
 
     config.parse([gin_file, "configs/runs/ntrex_leave_scripts_out.gin"], [])
     sources = gin.query_parameter("%LSO_TRAIN")

@@ -439,8 +439,8 @@ def test_multilingual_eval_counts_the_kept_positions_as_chunks(tmp_path, cpu_mes
     import dataclasses as dc
 
     from train import data as data_lib
+    from train.eval import evaluate_languages
     from train.loop import build_state
-    from train.multilingual_eval import evaluate_languages
     from train.optim import OptimizerConfig
 
     texts = {"eng": pydoc_bytes("assignment", 300), "deu": pydoc_bytes("lambda", 300)}

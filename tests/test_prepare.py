@@ -16,6 +16,7 @@ import pytest
 from tests.helpers import REPO_ROOT, pydoc_text, pydoc_topics
 from train import data as D
 from train import prepare as P
+from train.sources import DataError, expand_source
 
 
 @pytest.fixture(autouse=True)
@@ -54,7 +55,7 @@ def _corpus(tmp_path):
 def test_prepare_every_source_kind_counts_and_reads_back(tmp_path):
     sources, want = _corpus(tmp_path)
     # the directory sorts by full path: sub/ after the top-level files whose names sort after 's'
-    files = P.expand_source(sources[0])
+    files = expand_source(sources[0])
     want[:10] = [open(f, "rb").read() for f in files]
     out = str(tmp_path / "prep")
     m = P.prepare(sources, out, shards=3, progress=False)
@@ -128,7 +129,7 @@ def test_truncated_or_corrupt_shard_is_an_error_naming_it(tmp_path):
     data = open(shard, "rb").read()
     with open(shard, "wb") as f:
         f.write(data[: len(data) // 2])
-    with pytest.raises(D.DataError, match="shard-00001-of-00002.arrayrecord is missing, truncated or corrupt"):
+    with pytest.raises(DataError, match="shard-00001-of-00002.arrayrecord is missing, truncated or corrupt"):
         D.open_documents(D.DataConfig(sources=(f"prepared:{out}",)))
     flipped = bytearray(data)
     flipped[len(data) // 2] ^= 0x20
@@ -138,20 +139,20 @@ def test_truncated_or_corrupt_shard_is_an_error_naming_it(tmp_path):
     # same size: the content hash (checked in the background) fails, and no read of that shard returns data
     cfg = D.DataConfig(sources=(f"prepared:{out}",), seq_len=64, batch_size=4, shuffle=False)
     docs = D.open_documents(cfg)
-    with pytest.raises(D.DataError, match="shard-00001-of-00002.arrayrecord is corrupt: sha256"):
+    with pytest.raises(DataError, match="shard-00001-of-00002.arrayrecord is corrupt: sha256"):
         list(D.iterate_eval_batches(cfg, docs))
     it = D.make_train_iterator(D.DataConfig(**{**cfg.__dict__, "shuffle": True}), docs)  # through grain's threads
-    with pytest.raises(D.DataError, match="shard-00001-of-00002.arrayrecord is corrupt: sha256"):
+    with pytest.raises(DataError, match="shard-00001-of-00002.arrayrecord is corrupt: sha256"):
         for _ in range(100):
             next(it)
     assert docs.read(0, 1)  # shard 0 is intact and readable
 
 
 def test_missing_prepared_dir_and_plan_mismatch(tmp_path):
-    with pytest.raises(D.DataError, match="does not exist or has no manifest"):
+    with pytest.raises(DataError, match="does not exist or has no manifest"):
         D.open_documents(D.DataConfig(sources=(f"prepared:{tmp_path / 'nope'}",)))
     out = _prepared(tmp_path)
-    with pytest.raises(P.DataError, match="different preparation"):
+    with pytest.raises(DataError, match="different preparation"):
         P.prepare(["builtin:pydoc_topics"], out, progress=False)
 
 

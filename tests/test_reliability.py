@@ -301,7 +301,7 @@ def test_cli_unusable_input_is_a_data_error_before_compiling(data_error_runs, ba
 @pytest.mark.shared_data
 @pytest.mark.slow
 def test_cli_50mb_single_line_file(cli_env, tmp_path):
-    from train.data import shared_path
+    from train.sources import shared_path
 
     src = shared_path("english", "world192.txt")
     text = open(src, "rb").read() if os.path.isfile(src) else "".join(

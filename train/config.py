@@ -38,11 +38,13 @@ def split_gin_args(argv: list[str]) -> tuple[list[str], list[str]]:
 HELP_FLAGS = ("--help", "-help", "-?", "--helpshort", "-helpshort", "--helpfull", "-helpfull")
 
 
-def run_app(main, argv: list[str]) -> None:
-    """absl ``app.run(main)`` after moving the ``--gin.KEY=value`` flags of argv into GIN_CLI_BINDINGS; a help
-    flag prints the usage and exits 0 (absl's own exit status for it is 1)."""
+def run_app(main, argv: list[str], define_flags=None) -> None:
+    """absl ``app.run(main)`` after ``define_flags()`` (the CLI's flags) and moving the ``--gin.KEY=value`` flags
+    of argv into GIN_CLI_BINDINGS; a help flag prints the usage and exits 0 (absl's own exit status for it is 1)."""
     from absl import app
 
+    if define_flags is not None:
+        define_flags()
     GIN_CLI_BINDINGS[:], rest = split_gin_args(argv)
     try:
         app.run(main, argv=rest)

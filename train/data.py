@@ -15,12 +15,15 @@ Optional per-byte annotations (``DataConfig.annotations``, ``train.annotations``
 whole document a window touches, when the window is built (so they see the full document context):
   word_starts       bool  [L]  HAT splitter word starts (BOS and EOS are one-byte words)
   script_routes     int32 [L]  causal per-byte Unicode-script route (hnet.scripts.SCRIPT_GROUPS)
+  unigram_ends      bool  [L]  DTP's unigram END targets, from the SentencePiece model that
+                               ``DataConfig.unigram`` (``UnigramTargets``) trains once per process
 
 One reading path: every source is a prepared directory of ArrayRecord shards (``train.prepare``). A
-``prepared:DIR`` source (local or gs://) names one; any other source (text files, directories, globs,
-``*.jsonl[.gz|.zst]``, ``shared:<path>``, ``builtin:pydoc_topics``) is prepared into ``cache_root()`` on
-first use. Only a per-document index is held in memory (~20 bytes per document: lengths, cumulative raw and
-framed offsets); a window reads the one or two blocks it covers, so memory does not grow with the bytes.
+``prepared:DIR`` source (local or gs://) names one; any other source spec (``train.sources``: text files,
+directories, globs, ``*.jsonl[.gz|.zst]``, ``shared:<path>``, ``builtin:pydoc_topics``) is prepared into
+``cache_root()`` on first use. Only a per-document index is held in memory (~20 bytes per document: lengths,
+cumulative raw and framed offsets); a window reads the one or two blocks it covers, so memory does not grow
+with the bytes.
 """
 
 from __future__ import annotations
@@ -30,8 +33,8 @@ import collections
 import dataclasses
 import functools
 import hashlib
+import io
 import json
-import logging
 import os
 import shutil
 import sys
@@ -45,8 +48,9 @@ from etils import epath
 
 from hnet.bytes import BOS, EOS
 from train import prepare as prep
-from train.annotations import ANNOTATIONS
-from train.prepare import DataError, shared_path  # noqa: F401  (re-exported: the data layer's error and paths)
+from train import storage
+from train.annotations import ANNOTATIONS, annotate
+from train.sources import DataError, Document, expand_source
 
 PREPARED = "prepared:"
 READ_OPTIONS = "readahead_buffer_size:0,max_parallelism:0"  # ArrayRecord reader tuned for random access
@@ -56,6 +60,21 @@ READ_THREADS, PREFETCH_BATCHES = 2, 4  # grain threads building batches ahead of
 def cache_root() -> str:
     """Where raw sources are prepared on first use ($HNET_DATA_CACHE, default ~/.cache/hnet/data)."""
     return os.environ.get("HNET_DATA_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "hnet", "data"))
+
+
+@dataclasses.dataclass(frozen=True)
+class UnigramTargets:
+    """SentencePiece unigram model trained on ``sources`` (a source list) split by ``doc_split``: what the
+    ``unigram_ends`` annotation reads; trained once per configuration per process."""
+
+    sources: tuple[str, ...] = ("builtin:pydoc_topics",)
+    byte_range: tuple[float, float] = (0.0, 0.9)
+    doc_split: str = "file"
+    vocab_size: int = 2000
+    max_sentence_bytes: int = 4096  # long documents are cut into lines/pieces of at most this for training
+
+    def processor(self):
+        return _train_unigram(self)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +94,7 @@ class DataConfig:
     seed: int = 0
     max_windows: int = 0  # >0: keep only the first N windows (quick evals)
     annotations: tuple[str, ...] = ()  # per-byte document annotations: see train.annotations.ANNOTATIONS
+    unigram: UnigramTargets = UnigramTargets()  # what the 'unigram_ends' annotation is trained on
 
 
 @dataclasses.dataclass
@@ -85,19 +105,6 @@ class DataStats:
     empty_skipped: int = 0
     invalid_utf8: int = 0
     bad_json: int = 0
-
-
-class Document(bytes):
-    """A document's bytes tagged with where they came from: ``source`` is the file path (or
-    ``builtin:<name>``). Annotations that need a per-document label read it (``lang_routes_<set>``);
-    everything else treats a Document as plain bytes."""
-
-    source: str
-
-    def __new__(cls, data: bytes, source: str = ""):
-        doc = super().__new__(cls, data)
-        doc.source = source
-        return doc
 
 
 # ------------------------------------------------------------------------------------------------
@@ -236,7 +243,7 @@ def prepared_dir(source: str, cfg: DataConfig) -> str:
     into the cache and verified), or the cache entry of a raw source, prepared on first use."""
     if source.startswith(PREPARED):
         d = source[len(PREPARED):]
-        if prep.is_remote(d):
+        if storage.is_remote(d):
             try:
                 return _stage(d)
             except DataError:
@@ -247,8 +254,8 @@ def prepared_dir(source: str, cfg: DataConfig) -> str:
             raise DataError(f"prepared data directory {d!r} does not exist or has no manifest.json "
                             f"(run python -m train.prepare --out={d} ...)")
         return d
-    files = prep.expand_source(source)
-    if any(prep.is_remote(p) for p in files):
+    files = expand_source(source)
+    if any(storage.is_remote(p) for p in files):
         raise DataError(f"remote raw source {source!r}: prepare it first (python -m train.prepare --out=gs://...)")
     final = os.path.join(cache_root(), _cache_key(files, cfg))
     if not os.path.isfile(os.path.join(final, "manifest.json")):
@@ -363,25 +370,40 @@ def load_documents(cfg: DataConfig) -> tuple[list[Document], DataStats]:
     return docs.read(0, len(docs)), docs.stats
 
 
+@functools.lru_cache(maxsize=4)
+def _train_unigram(cfg: UnigramTargets):
+    import sentencepiece as spm
+
+    docs, _ = load_documents(DataConfig(sources=cfg.sources, byte_range=cfg.byte_range, doc_split=cfg.doc_split))
+    piece = cfg.max_sentence_bytes // 4
+    sentences = [line[i:i + piece] for d in docs for line in d.decode("utf-8", errors="ignore").split("\n")
+                 for i in range(0, len(line), piece) if line[i:i + piece].strip()]
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(sentences), model_writer=model, model_type="unigram", vocab_size=cfg.vocab_size,
+        normalization_rule_name="identity", add_dummy_prefix=False, remove_extra_whitespaces=False,
+        character_coverage=0.9995, hard_vocab_limit=False, max_sentence_length=cfg.max_sentence_bytes,
+        num_threads=1, minloglevel=2)
+    return spm.SentencePieceProcessor(model_proto=model.getvalue())
+
+
 # ------------------------------------------------------------------------------------------------
 # Documents -> packed windows
 # ------------------------------------------------------------------------------------------------
 
-def annotate(doc: bytes, names: tuple[str, ...]) -> dict[str, np.ndarray]:
-    """Per-byte annotations of one whole framed document [BOS, doc..., EOS]: {name: [len(doc) + 2]}."""
-    return {n: np.asarray(ANNOTATIONS[n][0](doc)).astype(ANNOTATIONS[n][1]) for n in names}
-
-
 class WindowSource:
     """Random-access packed windows of ``seq_len`` inputs over a document sequence (grain data source):
-    window i covers framed-stream bytes [i·L, i·L + L] and reads only the documents it touches."""
+    window i covers framed-stream bytes [i·L, i·L + L] and reads only the documents it touches. ``unigram``:
+    the targets of the ``unigram_ends`` annotation (trained here when it is one of ``annotations``)."""
 
-    def __init__(self, docs, seq_len: int, *, pad_last: bool, max_windows: int = 0, annotations: tuple[str, ...] = ()):
+    def __init__(self, docs, seq_len: int, *, pad_last: bool, max_windows: int = 0, annotations: tuple[str, ...] = (),
+                 unigram: UnigramTargets = UnigramTargets()):
         unknown = set(annotations) - set(ANNOTATIONS)
         if unknown:
             raise DataError(f"unknown annotations {sorted(unknown)} (known: {sorted(ANNOTATIONS)})")
         self.docs = docs if hasattr(docs, "read") else DocumentList(docs)
         self.L, self.annotations = seq_len, tuple(annotations)
+        self.unigram_sp = unigram.processor() if "unigram_ends" in self.annotations else None
         self.total = self._framed_start(len(self.docs.cum) - 1)
         n = self.total - 1  # number of (input, target) pairs
         self.n = (-(-n // seq_len) if pad_last else n // seq_len)
@@ -403,12 +425,12 @@ class WindowSource:
         """A document's annotations; the last few partly-covered (long) documents are cached, since the
         neighbouring windows need them again."""
         if whole:
-            return annotate(doc, self.annotations)
+            return annotate(doc, self.annotations, self.unigram_sp)
         with self._lock:
             if j in self._ann_cache:
                 self._ann_cache.move_to_end(j)
                 return self._ann_cache[j]
-        out = annotate(doc, self.annotations)
+        out = annotate(doc, self.annotations, self.unigram_sp)
         with self._lock:
             self._ann_cache[j] = out
             while len(self._ann_cache) > 8:
@@ -470,7 +492,8 @@ def local_batch_size(global_batch: int) -> int:
 def make_train_iterator(cfg: DataConfig, docs):
     """Infinite, deterministic, per-process grain iterator of process-local batches (state savable):
     windows shuffled lazily, each process takes every P-th, grain threads build batches ahead."""
-    src = WindowSource(docs, cfg.seq_len, pad_last=False, max_windows=cfg.max_windows, annotations=cfg.annotations)
+    src = WindowSource(docs, cfg.seq_len, pad_last=False, max_windows=cfg.max_windows, annotations=cfg.annotations,
+                       unigram=cfg.unigram)
     ds = grain.MapDataset.source(src)
     if cfg.shuffle:
         ds = ds.seed(cfg.seed).shuffle()
@@ -483,7 +506,8 @@ def make_train_iterator(cfg: DataConfig, docs):
 def iterate_eval_batches(cfg: DataConfig, docs) -> Iterator[dict[str, np.ndarray]]:
     """Every window of the split exactly once, in order; the last batch is padded with empty windows.
     Each process yields its slice of every global batch, so all processes yield the same count."""
-    src = WindowSource(docs, cfg.seq_len, pad_last=True, max_windows=cfg.max_windows, annotations=cfg.annotations)
+    src = WindowSource(docs, cfg.seq_len, pad_last=True, max_windows=cfg.max_windows, annotations=cfg.annotations,
+                       unigram=cfg.unigram)
     b_local = local_batch_size(cfg.batch_size)
     first = jax.process_index() * b_local
     for g in range(0, len(src), cfg.batch_size):
@@ -502,5 +526,3 @@ def describe(stats: DataStats, name: str) -> str:
             f"skipped {stats.empty_skipped} empty docs, {stats.bad_json} bad JSON records; "
             f"{stats.invalid_utf8} docs with invalid UTF-8 kept as bytes")
 
-
-log = logging.getLogger(__name__)

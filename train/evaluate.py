@@ -4,7 +4,7 @@ TensorBoard scalars.
     python -m train.evaluate --workdir=runs/x [--step=N | --all] [--corpus=NAME=SOURCE@LO-HI ...]
         [--robustness_bytes=32768] [--ntrex_dir=shared:ntrex128/valid] [--gin_file=f.gin] [--gin.KEY=v]
 
-Per corpus (default: the run's own eval split, named ``eval``):
+Per corpus (default: the run's own eval split, named ``eval``; computed by ``train.eval``):
   bpb                  Σ NLL over real UTF-8 target bytes / (ln 2 · #bytes) (same number as training's eval)
   n_masked_by_model    real bytes the model did not score (0: evaluation runs at capacities that cannot
                        overflow, ``models.base.capacity_slots``; MrT5EncDec scores only its span bytes)
@@ -16,7 +16,8 @@ Per corpus (default: the run's own eval split, named ``eval``):
   word_alignment       precision / recall / F1 of each stage's starts against the HAT splitter's word starts,
                        exact and (``skip_ws``) with starts on whitespace moved to the next non-space byte
                        (meaningful on English and other space-separated text)
-  boundary_example     the first ``EXAMPLE_BYTES`` bytes of the corpus with '|' before each chunk start, per stage
+  boundary_example     the first ``train.eval.EXAMPLE_BYTES`` bytes of the corpus with '|' before each chunk
+                       start, per stage
 On the first corpus, robustness: BPB of its first ``robustness_bytes`` bytes, clean and under each of
 ``train.metrics.PERTURBATIONS`` (``bpb_increase`` = perturbed − clean). With ``--ntrex_dir``: per-language
 BPB and segmentation parity (``train.multilingual_eval``).
@@ -32,48 +33,31 @@ import os
 import sys
 import tempfile
 
-import jax
 import numpy as np
 from absl import flags
 
-from hnet import sharding
-from hnet.bytes import BOS
-from hnet.scripts import route_names
-from models.base import masked_by_model
 from train import data as data_lib
 from train import metrics as M
 from train import storage
-from train.loop import mark_boundaries
-from train.step import eval_forward, token_nll
+from train.eval import evaluate_checkpoint
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "training workdir (operative_config.gin + checkpoints/)")
-flags.DEFINE_integer("step", None, "checkpoint step (default: latest)")
-flags.DEFINE_bool("all", False, "evaluate every checkpoint in the workdir")
-flags.DEFINE_multi_string("corpus", [], "NAME=SOURCE@LO-HI (e.g. world192=shared:english/world192.txt@0.9-1.0); "
-                          "default: the run's eval split")
-flags.DEFINE_integer("robustness_bytes", 32768, "bytes of the first corpus used for the perturbations (0 = skip)")
-flags.DEFINE_string("ntrex_dir", None, "parallel text dir (one <lang>.txt per language) for per-language BPB/parity")
-flags.DEFINE_integer("ntrex_lines", 0, "first lines of every language file (0 = all)")
-flags.DEFINE_integer("seed", 0, "perturbation seed")
-flags.DEFINE_multi_string("gin_file", [], "extra gin files applied after the operative config")
-flags.DEFINE_string("out_dir", None, "output directory (default WORKDIR/eval)")
-
-EVAL_ANNOTATIONS = ("word_starts", "script_routes", "target_script_routes")
-EXAMPLE_BYTES = 240
 
 
-def make_detail_fn(graphdef):
-    """jit: (params, rest, batch) -> per-position NLL, byte weights and every stage's chunk starts."""
-
-    @jax.jit
-    def detail(params, rest, batch):
-        out = eval_forward(graphdef, params, rest, batch)
-        nll_BxL, w_BxL, byte_w_BxL = token_nll(out, batch)
-        return {"nll": nll_BxL, "byte_w": byte_w_BxL, "boundaries": out.boundaries,
-                "n_masked_by_model": masked_by_model(batch, w_BxL)}
-
-    return detail
+def define_flags():
+    """The CLI's flags, defined when it starts (entry points share flag names: importing defines none)."""
+    flags.DEFINE_string("workdir", None, "training workdir (operative_config.gin + checkpoints/)")
+    flags.DEFINE_integer("step", None, "checkpoint step (default: latest)")
+    flags.DEFINE_bool("all", False, "evaluate every checkpoint in the workdir")
+    flags.DEFINE_multi_string("corpus", [], "NAME=SOURCE@LO-HI (e.g. world192=shared:english/world192.txt@0.9-1.0); "
+                              "default: the run's eval split")
+    flags.DEFINE_integer("robustness_bytes", 32768, "bytes of the first corpus used for the perturbations (0 = skip)")
+    flags.DEFINE_string("ntrex_dir", None,
+                        "parallel text dir (one <lang>.txt per language) for per-language BPB/parity")
+    flags.DEFINE_integer("ntrex_lines", 0, "first lines of every language file (0 = all)")
+    flags.DEFINE_integer("seed", 0, "perturbation seed")
+    flags.DEFINE_multi_string("gin_file", [], "extra gin files applied after the operative config")
+    flags.DEFINE_string("out_dir", None, "output directory (default WORKDIR/eval)")
 
 
 def parse_corpus(spec: str) -> tuple[str, str, tuple[float, float]]:
@@ -84,91 +68,6 @@ def parse_corpus(spec: str) -> tuple[str, str, tuple[float, float]]:
     source, _, rng = rest.partition("@")
     lo, hi = (float(x) for x in rng.split("-")) if rng else (0.0, 1.0)
     return name, source, (lo, hi)
-
-
-def evaluate_corpus(setup, cfg: data_lib.DataConfig, docs: list[bytes], detail_fn=None) -> dict:
-    """All metrics of the module docstring (except robustness) over every window of ``docs``."""
-    detail_fn = detail_fn or make_detail_fn(setup.graphdef)
-    cfg = data_lib.with_annotations(setup.data_config(cfg), EVAL_ANNOTATIONS)
-    names = route_names()
-    G = len(names)
-    nll_G, bytes_G = np.zeros(G), np.zeros(G)
-    stage: dict[str, dict] = {}
-    example: dict[str, str] = {}
-    n_masked = 0.0
-    with sharding.mesh_context(setup.mesh):
-        for local in data_lib.iterate_eval_batches(cfg, docs):
-            batch = sharding.global_batch_from_local(setup.mesh, local)
-            d = jax.device_get(detail_fn(setup.state.params, setup.state.rest, batch))
-            n_masked += float(d["n_masked_by_model"])
-            nll_G += M.group_sums(d["nll"], local["target_script_routes"], d["byte_w"], G)
-            bytes_G += M.group_sums(1.0, local["target_script_routes"], d["byte_w"], G)
-            real = (local["segment_ids"] > 0) & (local["inputs"] < BOS)  # input bytes, frames excluded
-            gold_ws = M.skip_leading_whitespace(local["word_starts"], local["inputs"], local["segment_ids"])[real]
-            for name, starts in d["boundaries"].items():
-                s = stage.setdefault(name, {"starts_G": np.zeros(G), "real_G": np.zeros(G), "pred": [], "gold": [],
-                                            "pred_ws": [], "gold_ws": []})
-                s["starts_G"] += M.group_sums(np.asarray(starts), local["script_routes"], real, G)
-                s["real_G"] += M.group_sums(1.0, local["script_routes"], real, G)
-                s["pred"].append(np.asarray(starts)[real])
-                s["gold"].append(local["word_starts"][real])
-                s["pred_ws"].append(M.skip_leading_whitespace(starts, local["inputs"], local["segment_ids"])[real])
-                s["gold_ws"].append(gold_ws)
-                if name not in example:  # first window, after its BOS
-                    n = min(EXAMPLE_BYTES, int(real[0].sum()))
-                    example[name] = mark_boundaries(local["inputs"][0, 1:1 + n], np.asarray(starts)[0, 1:1 + n])
-    out = {"bpb": float(nll_G.sum() / (M.LN2 * max(bytes_G.sum(), 1.0))), "n_bytes": float(bytes_G.sum()),
-           "n_masked_by_model": n_masked,
-           "bpb_by_script": M.per_group_bpb(nll_G, bytes_G, names),
-           "bytes_by_script": {n: float(c) for n, c in zip(names, bytes_G) if c > 0},
-           "bytes_per_chunk": {}, "chunk_rate_by_script": {}, "word_alignment": {}, "boundary_example": example}
-    for name, s in stage.items():
-        out["bytes_per_chunk"][name] = float(s["real_G"].sum() / max(s["starts_G"].sum(), 1.0))
-        out["chunk_rate_by_script"][name] = {n: float(a / c) for n, a, c in zip(names, s["starts_G"], s["real_G"])
-                                             if c > 0}
-        out["word_alignment"][name] = dict(
-            M.boundary_alignment(np.concatenate(s["pred"]), np.concatenate(s["gold"])),
-            skip_ws=M.boundary_alignment(np.concatenate(s["pred_ws"]), np.concatenate(s["gold_ws"])))
-    return out
-
-
-def head_bytes(docs: list[bytes], budget: int) -> list[bytes]:
-    """The first ``budget`` bytes of a document list (whole documents, the last one cut)."""
-    out, left = [], budget
-    for d in docs:
-        if left <= 0:
-            break
-        out.append(d[:left])
-        left -= len(out[-1])
-    return out
-
-
-def robustness(setup, cfg: data_lib.DataConfig, docs: list[bytes], n_bytes: int, seed: int, detail_fn=None) -> dict:
-    """BPB of the clean head of ``docs`` and of each perturbation of it (same seed for every checkpoint)."""
-    head = head_bytes(docs, n_bytes)
-    clean = evaluate_corpus(setup, cfg, head, detail_fn)["bpb"]
-    out = {"n_bytes_clean": sum(map(len, head)), "clean_bpb": clean, "perturbed": {}}
-    for kind in M.PERTURBATIONS:
-        bpb = evaluate_corpus(setup, cfg, [M.perturb(d, kind, seed) for d in head], detail_fn)["bpb"]
-        out["perturbed"][kind] = {"bpb": bpb, "bpb_increase": bpb - clean}
-    out["mean_bpb_increase"] = float(np.mean([v["bpb_increase"] for v in out["perturbed"].values()]))
-    return out
-
-
-def evaluate_checkpoint(setup, corpora: dict, *, robustness_bytes: int = 0, seed: int = 0, ntrex_dir: str | None = None,
-                        ntrex_lines: int = 0) -> dict:
-    """corpora: {name: (DataConfig, docs)} -> {'corpora': {name: metrics}, 'robustness': ..., 'multilingual': ...}."""
-    detail_fn = make_detail_fn(setup.graphdef)
-    res = {"corpora": {name: evaluate_corpus(setup, cfg, docs, detail_fn) for name, (cfg, docs) in corpora.items()}}
-    if robustness_bytes:
-        first = next(iter(corpora))
-        res["robustness"] = {"corpus": first, **robustness(setup, *corpora[first], robustness_bytes, seed, detail_fn)}
-    if ntrex_dir:
-        from train.multilingual_eval import evaluate_languages
-
-        res["multilingual"] = evaluate_languages(setup, next(iter(corpora.values()))[0], ntrex_dir,
-                                                 max_lines=ntrex_lines)
-    return res
 
 
 def flat_scalars(res: dict) -> dict[str, float]:
@@ -306,11 +205,7 @@ def main(argv):
     print(f"wrote {out_dir}/eval.json, eval.md and plots")
 
 
-def run():
+if __name__ == "__main__":
     from train.config import run_app
 
-    run_app(main, sys.argv)
-
-
-if __name__ == "__main__":
-    run()
+    run_app(main, sys.argv, define_flags)

@@ -1,7 +1,7 @@
 """The one training loop (big_vision-style readable trainer), configured by gin.
 
 data (fails before compilation) -> mesh -> sharded init or restore -> jit(train_step) loop with
-logging, periodic eval, async checkpoints, sampled generations -> final eval + checkpoint.
+logging, periodic eval (``train.eval``), async checkpoints, sampled generations -> final eval + checkpoint.
 """
 
 from __future__ import annotations
@@ -22,18 +22,18 @@ from flax import nnx
 from hnet import sharding
 from models.base import ByteLM
 from train import data as data_lib
-from train.annotations import UnigramTargets
 from train import storage
 from train.checkpoint import Checkpointer, abstract_like
+from train.eval import evaluate, log_boundaries, make_boundaries_fn, make_eval_fn
 from train.generate import generate
 from train.logger import MetricWriter, Progress, log
 from train.optim import OptimizerConfig, make_optimizer
-from train.step import LN2, TrainState, eval_forward, flops_per_byte, make_eval_step, make_train_step
+from train.step import TrainState, flops_per_byte, make_train_step
 
 # gin registrations for the dataclasses the .gin files bind
 DataConfig = gin.external_configurable(data_lib.DataConfig, module="train")
 OptimizerConfig = gin.external_configurable(OptimizerConfig, module="train")
-gin.external_configurable(UnigramTargets, module="train")
+UnigramTargets = gin.external_configurable(data_lib.UnigramTargets, module="train")
 
 
 @dataclasses.dataclass
@@ -49,8 +49,10 @@ class Setup:
     model: ByteLM  # the abstract model (shapes only): what it declares (``models.base``)
 
     def data_config(self, cfg: data_lib.DataConfig) -> data_lib.DataConfig:
-        """``cfg`` with the per-byte annotations the model reads added."""
-        return data_lib.with_annotations(cfg, self.model.required_annotations())
+        """``cfg`` with the per-byte annotations the model reads added, and gin's ``train.UnigramTargets`` as
+        the targets of ``unigram_ends`` when that is one of them."""
+        cfg = data_lib.with_annotations(cfg, self.model.required_annotations())
+        return dataclasses.replace(cfg, unigram=UnigramTargets()) if "unigram_ends" in cfg.annotations else cfg
 
 
 def build_state(model_fn: Callable[[], nnx.Module], opt_cfg: OptimizerConfig, total_steps: int, mesh,
@@ -98,81 +100,6 @@ def state_shardings(tx, abs_params, abs_rest, mesh) -> TrainState:
                                 transform_non_params=lambda _: repl)
     return TrainState(step=repl, params=params, rest=rest, opt_state=opt,
                       bad_steps=repl, skipped_steps=repl)
-
-
-def evaluate(setup: Setup, eval_cfg: data_lib.DataConfig, docs: list[bytes], eval_fn=None) -> dict[str, float]:
-    """Exact bits-per-byte over every window of a split: sum NLL / (ln 2 * real UTF-8 bytes)."""
-    eval_fn = eval_fn or make_eval_fn(setup)
-    totals: dict[str, float] = {}
-    extras: dict[str, list[float]] = {}
-    with sharding.mesh_context(setup.mesh):
-        for local in data_lib.iterate_eval_batches(eval_cfg, docs):
-            batch = sharding.global_batch_from_local(setup.mesh, local)
-            sums, extra = eval_fn(setup.state.params, setup.state.rest, batch)
-            for k, v in jax.device_get(sums).items():
-                totals[k] = totals.get(k, 0.0) + float(v)
-            for k, v in jax.device_get(extra).items():
-                extras.setdefault(k, []).append(float(v))
-    out = {
-        "bpb": totals["byte_nll_sum"] / (LN2 * max(totals["n_bytes"], 1.0)),
-        "loss": totals["nll_sum"] / max(totals["n_targets"], 1.0),
-        "n_bytes": totals["n_bytes"],
-        "n_masked_by_model": totals["n_masked_by_model"],
-    }
-    out.update({k: mean_of_defined(v) for k, v in extras.items()})
-    return out
-
-
-def mean_of_defined(values: list[float]) -> float:
-    """Mean of a per-batch model metric over the batches where it is defined (nan marks a batch where it is
-    not, e.g. a script route with no bytes); nan if it never is."""
-    v = np.asarray(values, np.float64)
-    v = v[~np.isnan(v)]
-    return float(v.mean()) if v.size else float("nan")
-
-
-def make_eval_fn(setup: Setup):
-    return jax.jit(make_eval_step(setup.graphdef))
-
-
-def mark_boundaries(tokens: np.ndarray, starts: np.ndarray) -> str:
-    """Bytes as text, every character whole: '|' before a character whose first byte starts a chunk, '¦' before
-    one that a chunk starts inside (at a later byte of it); bytes that are not UTF-8 show as U+FFFD. No mark
-    before the first byte."""
-    data = bytes(np.asarray(tokens).astype(np.uint8).tolist())
-    starts = np.asarray(starts, bool)
-    out, i = [], 0
-    for ch in data.decode("utf-8", errors="surrogateescape"):
-        invalid = "\udc80" <= ch <= "\udcff"  # one byte that is not part of a character
-        n = 1 if invalid else len(ch.encode("utf-8"))
-        out.append(("|" if starts[i] and i > 0 else "") + ("¦" if starts[i + 1:i + n].any() else "")
-                   + ("\ufffd" if invalid else ch))
-        i += n
-    return "".join(out)
-
-
-def make_boundaries_fn(setup: Setup):
-    """jit (params, rest, batch) -> {stage: chunk starts [B, L]}; built once per run (no recompilation)."""
-    return jax.jit(lambda params, rest, batch: eval_forward(setup.graphdef, params, rest, batch).boundaries)
-
-
-def log_boundaries(setup: Setup, writer: MetricWriter, step: int, local_batch: dict, boundaries_fn,
-                   n_bytes: int = 400):
-    """TensorBoard: one validation text with each stage's chunk starts marked, and chunk-length histograms.
-    ``boundaries_fn``: ``make_boundaries_fn(setup)``."""
-    batch = sharding.global_batch_from_local(setup.mesh, local_batch)
-    with sharding.mesh_context(setup.mesh):
-        marks = jax.device_get(boundaries_fn(setup.state.params, setup.state.rest, batch))
-    real = local_batch["segment_ids"] > 0
-    lines = []
-    for name, starts in sorted(marks.items()):
-        starts = np.asarray(starts) & real
-        n = min(n_bytes, int(real[0].sum()))
-        lines.append(f"[{name}] " + mark_boundaries(local_batch["inputs"][0, :n], starts[0, :n]))
-        pos = np.flatnonzero(starts.reshape(-1))
-        writer.histogram(step, f"chunk_length/{name}", np.diff(pos)[np.diff(pos) > 0])
-    if lines:
-        writer.text(step, "boundaries", "\n".join(lines))
 
 
 def sample_texts(setup: Setup, prompts: list[str], max_new_bytes: int, seed: int,

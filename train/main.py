@@ -67,16 +67,16 @@ def train_from_config(gin_files: list[str], bindings: list[str], workdir: str, c
     if compilation_cache_dir:
         jax.config.update("jax_compilation_cache_dir", compilation_cache_dir)
 
-    from train import data as data_lib
     from train.checkpoint import CheckpointError
     from train.logger import log, setup_console
     from train.loop import train
+    from train.sources import DataError
     from train.storage import StorageError, absolute
 
     setup_console()
     try:
         results = train(workdir=absolute(workdir))
-    except data_lib.DataError as e:
+    except DataError as e:
         print(f"data error: {e}", file=sys.stderr)
         sys.exit(2)
     except CheckpointError as e:
@@ -102,12 +102,7 @@ def train_from_config(gin_files: list[str], bindings: list[str], workdir: str, c
     return results
 
 
-def run():
+if __name__ == "__main__":
     from train.config import run_app
 
-    define_flags()
-    run_app(main, sys.argv)
-
-
-if __name__ == "__main__":
-    run()
+    run_app(main, sys.argv, define_flags)

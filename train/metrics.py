@@ -1,5 +1,5 @@
-"""Host-side evaluation metrics (numpy): text perturbations, boundary alignment, per-group BPB and chunk
-rates, cross-lingual parity. Pure functions over arrays, so each is checked by hand in tests.
+"""Host-side evaluation metrics (numpy): bits per byte, text perturbations, boundary alignment, per-group BPB
+and chunk rates, cross-lingual parity. Pure functions over arrays, so each is checked by hand in tests.
 
 Perturbations (robustness, as named in H-Net Table 3 / HAT; our exact definitions, applied per Unicode
 character of the decoded text, deterministic under ``seed``):
@@ -13,14 +13,18 @@ Invalid UTF-8 survives unchanged (decoded with surrogateescape, never case-mappe
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
-LN2 = math.log(2.0)
+from models.base import LN2
+
 DROP_P = 0.1
 REPEAT_P = 0.2
 PERTURBATIONS = ("antspeak", "drop", "randomcase", "repeat", "uppercase")
+
+
+def bpb(byte_nll_sum: float, n_bytes: float) -> float:
+    """Bits per byte: Σ NLL over real UTF-8 target bytes / (ln 2 · #bytes) (no bytes: the sum itself / ln 2)."""
+    return float(byte_nll_sum / (LN2 * max(n_bytes, 1.0)))
 
 
 def perturb(data: bytes, kind: str, seed: int = 0) -> bytes:
@@ -93,7 +97,7 @@ def group_sums(values_N: np.ndarray, groups_N: np.ndarray, weight_N: np.ndarray,
 
 def per_group_bpb(nll_sum_G: np.ndarray, n_bytes_G: np.ndarray, names: list[str]) -> dict[str, float]:
     """{group: Σ NLL / (ln 2 · #bytes)} for groups with at least one byte."""
-    return {n: float(s / (LN2 * c)) for n, s, c in zip(names, nll_sum_G, n_bytes_G) if c > 0}
+    return {n: bpb(s, c) for n, s, c in zip(names, nll_sum_G, n_bytes_G) if c > 0}
 
 
 def parity(chunks: dict[str, float], english_bytes: float) -> dict:

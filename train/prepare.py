@@ -38,7 +38,8 @@ import time
 import numpy as np
 from etils import epath
 
-from train.storage import is_remote
+from train import storage
+from train.sources import DataError, expand_source
 
 FORMAT = "hnet-bytes-arrayrecord"
 VERSION = 3
@@ -47,61 +48,11 @@ BLOCK = 32 << 10  # bytes per record
 PARTIAL = ".partial-"  # shards being written
 UNIT_BYTES = 64 << 20  # a line-split file is cut into units of about this size (bounded memory per worker)
 SEPARATORS = {"line": b"\n", "blank_line": b"\n\n"}
-SHARED_DATA = os.environ.get(
-    "HNET_SHARED_DATA", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data"))
-
-
-class DataError(ValueError):
-    """A data source is missing, unreadable, corrupt or empty (raised before any compilation)."""
-
-
-def shared_path(*parts: str) -> str:
-    return os.path.normpath(os.path.join(SHARED_DATA, *parts))
 
 
 # ------------------------------------------------------------------------------------------------
-# Sources -> files -> units
+# Sources (train.sources) -> files -> units
 # ------------------------------------------------------------------------------------------------
-
-def expand_source(src: str) -> list[str]:
-    """Files of one source spec, in order (``builtin:`` names pass through)."""
-    if src.startswith("builtin:"):
-        return [src]
-    if src.startswith("shared:"):
-        src = shared_path(src[len("shared:"):])
-    try:
-        if any(c in src for c in "*?["):
-            paths = _glob(src)
-            if not paths:
-                raise DataError(f"data source glob {src!r} matches no file")
-            return [p for p in paths if epath.Path(p).is_file()]
-        p = epath.Path(src)
-        if p.is_dir():
-            paths = sorted(_files_under(p))
-            if not paths:
-                raise DataError(f"data source directory {src!r} contains no file")
-            return paths
-        if not p.exists():
-            raise DataError(f"data source {src!r} does not exist")
-    except DataError:
-        raise
-    except Exception as e:  # noqa: BLE001 - unreachable bucket, permissions, ...
-        raise DataError(f"cannot reach data source {src!r}: {type(e).__name__}: {str(e)[:300]}") from e
-    return [src]
-
-
-def _files_under(p: epath.Path) -> list[str]:
-    if not is_remote(str(p)):
-        return [os.path.join(r, f) for r, _, fs in os.walk(str(p)) for f in fs]
-    return [x for c in p.iterdir() for x in (_files_under(c) if c.is_dir() else [str(c)])]
-
-
-def _glob(pattern: str) -> list[str]:
-    if not is_remote(pattern):
-        return sorted(glob.glob(pattern, recursive=True))
-    base = pattern[:min(pattern.find(c) for c in "*?[" if c in pattern)].rsplit("/", 1)[0]
-    return sorted(str(p) for p in epath.Path(base).glob(pattern[len(base) + 1:]))
-
 
 def _kind(path: str, doc_split: str) -> str:
     if path.startswith("builtin:"):
@@ -280,7 +231,7 @@ def write_shard(out: str, k: int, n: int, units: list[dict], doc_split: str, jso
     lengths, invalid = [], []
     # ArrayRecord writes local files: next to the output when it is local (a killed run's leftovers are
     # removed by the next prepare of that directory), else in the system's temporary directory
-    with tempfile.TemporaryDirectory(prefix=PARTIAL, dir=None if is_remote(out) else out) as tmp:
+    with tempfile.TemporaryDirectory(prefix=PARTIAL, dir=None if storage.is_remote(out) else out) as tmp:
         local = os.path.join(tmp, name + ".arrayrecord")
         w = ArrayRecordWriter(local, AR_OPTIONS)
         buf = bytearray()
@@ -317,18 +268,8 @@ def write_shard(out: str, k: int, n: int, units: list[dict], doc_split: str, jso
         marker["counts"] = dataclasses.asdict(counts)
         for f in (local, index):  # copy, then the marker last: a shard without a marker is redone
             epath.Path(f).copy(epath.Path(out) / os.path.basename(f), overwrite=True)
-    write_atomic(epath.Path(out) / (name + ".json"), json.dumps(marker))
+    storage.write_text(storage.join(out, name + ".json"), json.dumps(marker))
     return marker
-
-
-def write_atomic(path: epath.Path, text: str):
-    """Write then rename: a kill never leaves a half-written marker (an object store's objects appear whole)."""
-    if is_remote(str(path)):
-        path.write_text(text)
-        return
-    tmp = path.parent / (path.name + f".tmp-{os.getpid()}")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def make_plan(sources: list[str], doc_split: str, jsonl_field: str, shards: int) -> dict:
@@ -353,7 +294,7 @@ def prepare(sources: list[str], out: str, *, shards: int = 0, doc_split: str = "
     plan = make_plan(list(sources), doc_split, jsonl_field, shards)
     outp = epath.Path(out)
     outp.mkdir(parents=True, exist_ok=True)
-    if not is_remote(out):
+    if not storage.is_remote(out):
         for stale in glob.glob(os.path.join(out, PARTIAL + "*")):
             shutil.rmtree(stale, ignore_errors=True)
     plan_file = outp / "plan.json"
@@ -361,7 +302,7 @@ def prepare(sources: list[str], out: str, *, shards: int = 0, doc_split: str = "
         if json.loads(plan_file.read_text()) != plan:
             raise DataError(f"{out} holds a different preparation (plan.json differs); choose another --out")
     else:
-        write_atomic(plan_file, json.dumps(plan))
+        storage.write_text(str(plan_file), json.dumps(plan))
     n = len(plan["shards"])
     markers: dict[int, dict] = {}
     todo = []
@@ -388,7 +329,7 @@ def prepare(sources: list[str], out: str, *, shards: int = 0, doc_split: str = "
             bar.update(sum(_unit_bytes(u) for u in plan["shards"][k]))
     bar.close()
     manifest = make_manifest(plan, [markers[k] for k in range(n)])
-    write_atomic(outp / "manifest.json", json.dumps(manifest, indent=1))
+    storage.write_text(storage.join(out, "manifest.json"), json.dumps(manifest, indent=1))
     return manifest
 
 

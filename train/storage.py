@@ -56,7 +56,14 @@ def make_dirs(path: str) -> None:
 
 
 def write_text(path: str, text: str) -> None:
-    epath.Path(path).write_text(text)
+    """Write then rename: a kill never leaves a half-written file (an object store's objects appear whole)."""
+    p = epath.Path(path)
+    if is_remote(path):
+        p.write_text(text)
+        return
+    tmp = p.parent / f"{p.name}.tmp-{os.getpid()}"
+    tmp.write_text(text)
+    tmp.replace(p)
 
 
 def write_bytes(path: str, data: bytes) -> None:

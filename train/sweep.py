@@ -3,13 +3,14 @@ or print the launcher commands for a pod / cluster; then evaluate and collect on
 
     python -m train.sweep --sweep=configs/sweeps/compare_tinyshakespeare.gin [--root=runs/sweeps]
         [--launcher="python -m launch.slurm --nodes 1 --partition gpu"] [--collect_only] [--dry_run]
-        [--only <run name prefix> ...]
+        [--only=<run name prefix> ...] [--gin.sweep.Sweep.seeds=[0,1] ...]
 
-A sweep file binds ``sweep.Sweep`` (see its fields). Run ``<model stem>[-<variant>]-s<seed>`` lives in
-``ROOT/<sweep name>/<run>/`` and is trained with ``python -m train.main --gin_file=<model>
---gin_file=<run files...> --gin.train.train.seed=<seed> --gin.<model's bindings> --gin.<variant bindings>
---workdir=<dir>``, then
-evaluated with ``python -m train.evaluate --workdir=<dir> <eval_args>``. Re-running skips every finished
+A sweep file binds ``sweep.Sweep`` (see its fields; ``--gin.KEY=value`` overrides them). ``models`` entries may
+be globs (``configs/*_tiny.gin``: every matching file, sorted), so a sweep discovers model families. Run
+``<model stem>[-<variant>]-s<seed>`` lives in ``ROOT/<sweep name>/<run>/`` and is trained with
+``python -m train.main --gin_file=<model> --gin_file=<run files...> --gin.train.train.seed=<seed>
+--gin.<model's bindings> --gin.<variant bindings> --workdir=<dir>``, then evaluated with
+``python -m train.evaluate --workdir=<dir> <eval_args>``. Re-running skips every finished
 step: training when ``results.json`` reports ``final_step >= steps``, evaluation when ``eval/eval.json``
 exists. ``--launcher`` prints ``<launcher> -- <train.main args>`` for unfinished runs instead of running
 them (the evaluations run here once their checkpoints exist; re-run the sweep after the jobs finish).
@@ -20,8 +21,8 @@ Outputs in ``ROOT/<sweep name>/``: ``sweep.json`` (one row per run), ``sweep.md`
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
+import glob
 import json
 import os
 import shlex
@@ -31,8 +32,22 @@ import tempfile
 
 import gin
 import numpy as np
+from absl import app, flags
 
 from train import storage
+
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+    """The CLI's flags, defined when it starts (entry points share flag names: importing defines none)."""
+    flags.DEFINE_string("sweep", None, "sweep .gin file binding sweep.Sweep")
+    flags.DEFINE_string("root", "runs/sweeps", "sweep workdirs go to ROOT/<sweep name>/")
+    flags.DEFINE_string("launcher", None, "print '<launcher> -- <train args>' instead of training here")
+    flags.DEFINE_bool("collect_only", False, "only rebuild the table and plots")
+    flags.DEFINE_bool("dry_run", False, "print the commands of unfinished steps, run nothing")
+    flags.DEFINE_multi_string("only", None, "run only the runs whose name starts with one of these (repeatable, e.g. a "
+                              "model stem); the table still collects every finished run")
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -41,7 +56,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @dataclasses.dataclass
 class Sweep:
     name: str = gin.REQUIRED
-    models: tuple[str, ...] = gin.REQUIRED  # model .gin files (repo-relative or absolute)
+    models: tuple[str, ...] = gin.REQUIRED  # model .gin files or globs of them (repo-relative or absolute)
     run_files: tuple[str, ...] = ()  # run .gin files composed after each model file
     variants: dict = dataclasses.field(default_factory=lambda: {"": ()})  # tag -> gin bindings 'KEY=value'
     model_bindings: dict = dataclasses.field(default_factory=dict)  # model file -> its own bindings (e.g. widths
@@ -61,17 +76,35 @@ class Run:
     eval_args: list[str]
 
 
-def load_sweep(path: str) -> Sweep:
-    gin.parse_config_file(path)
+def load_sweep(path: str, bindings: list[str] = ()) -> Sweep:
+    """The ``sweep.Sweep`` bound by the gin file ``path`` and then ``bindings`` ('KEY=value')."""
+    gin.parse_config_files_and_bindings([path], list(bindings), finalize_config=False)
     return Sweep()
 
 
+def model_files(models: tuple[str, ...]) -> list[str]:
+    """``Sweep.models`` with each glob replaced by the files it matches (sorted; a repo-relative pattern gives
+    repo-relative paths), duplicates dropped."""
+    files = []
+    for m in models:
+        if not any(c in m for c in "*?["):
+            files.append(m)
+            continue
+        base = "" if os.path.isabs(m) else REPO_ROOT
+        found = sorted(os.path.relpath(p, base) if base else p for p in glob.glob(os.path.join(base, m)))
+        if not found:
+            raise ValueError(f"sweep.Sweep.models: {m!r} matches no file")
+        files += found
+    return list(dict.fromkeys(files))
+
+
 def expand(sweep: Sweep, root: str) -> list[Run]:
-    unknown = set(sweep.model_bindings) - set(sweep.models)
+    models = model_files(sweep.models)
+    unknown = set(sweep.model_bindings) - set(models)
     if unknown:
         raise ValueError(f"sweep.Sweep.model_bindings names models not in sweep.Sweep.models: {sorted(unknown)}")
     runs = []
-    for model in sweep.models:
+    for model in models:
         stem = os.path.splitext(os.path.basename(model))[0]
         for tag, bindings in sweep.variants.items():
             for seed in sweep.seeds:
@@ -236,29 +269,35 @@ def collect(runs: list[Run], out_dir: str) -> list[dict]:
     return rows
 
 
-def main(argv=None) -> list[dict]:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sweep", required=True, help="sweep .gin file binding sweep.Sweep")
-    ap.add_argument("--root", default="runs/sweeps", help="sweep workdirs go to ROOT/<sweep name>/")
-    ap.add_argument("--launcher", default=None, help="print '<launcher> -- <train args>' instead of training here")
-    ap.add_argument("--collect_only", action="store_true", help="only rebuild the table and plots")
-    ap.add_argument("--dry_run", action="store_true", help="print the commands of unfinished steps, run nothing")
-    ap.add_argument("--only", nargs="+", default=None,
-                    help="run only the runs whose name starts with one of these (e.g. a model stem); the table "
-                         "still collects every finished run")
-    args = ap.parse_args(argv)
-    sweep = load_sweep(args.sweep)
-    runs = expand(sweep, args.root)
-    if not args.collect_only:
-        chosen = [r for r in runs if args.only is None or r.name.startswith(tuple(args.only))]
+def run_sweep(path: str, root: str = "runs/sweeps", *, launcher: str | None = None, collect_only: bool = False,
+              dry_run: bool = False, only: list[str] = (), bindings: list[str] = ()) -> list[dict]:
+    """What the CLI does (its flags are the arguments): load, expand, execute the runs whose name starts with one
+    of ``only`` (all when empty; SystemExit when none does), then collect the table of every finished run."""
+    sweep = load_sweep(path, bindings)
+    runs = expand(sweep, root)
+    if not collect_only:
+        chosen = [r for r in runs if not only or r.name.startswith(tuple(only))]
         if not chosen:
-            raise SystemExit(f"--only {args.only} matches no run of {[r.name for r in runs]}")
-        for name, st in execute(chosen, args.launcher, args.dry_run).items():
+            raise SystemExit(f"--only {list(only)} matches no run of {[r.name for r in runs]}")
+        for name, st in execute(chosen, launcher, dry_run).items():
             print(f"{name}: {st}", flush=True)
-    rows = collect(runs, storage.join(storage.absolute(args.root), sweep.name))
+    rows = collect(runs, storage.join(storage.absolute(root), sweep.name))
     print(markdown(rows))
     return rows
 
 
+def main(argv):
+    from train.config import GIN_CLI_BINDINGS
+
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]} (repeat --only for several prefixes)")
+    if not FLAGS.sweep:
+        raise app.UsageError("--sweep is required")
+    run_sweep(FLAGS.sweep, FLAGS.root, launcher=FLAGS.launcher, collect_only=FLAGS.collect_only,
+              dry_run=FLAGS.dry_run, only=FLAGS.only or (), bindings=GIN_CLI_BINDINGS)
+
+
 if __name__ == "__main__":
-    main()
+    from train.config import run_app
+
+    run_app(main, sys.argv, define_flags)
