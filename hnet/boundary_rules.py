@@ -8,11 +8,13 @@ forces ``b = 1`` at each segment start (``doc_starts``) and never lets a chunk s
 of padding is treated as one extra segment: it opens one chunk at its first position and has no other
 boundary, so padding never merges into the last document's chunk.
 
-Two flavours:
-  * in-graph (jnp, jit-able, static shapes): ``doc_starts``, ``fixed_stride_starts``,
-    ``spacebyte_starts``, ``end_to_start``, ``whitespace_end_to_start``;
+Three flavours:
+  * in-graph (jnp, jit-able, static shapes): ``doc_starts``, ``offsets_since_start``, ``spacebyte_starts``,
+    ``end_to_start`` and the END rules of the mean-pooled models ``whitespace_ends``, ``fixed_stride_ends``;
   * host-side numpy for the HAT word rule (``hat_splitter`` package): ``hat_word_starts``,
-    ``hat_starts_for_window``, ``incomplete_utf8_tail_len``.
+    ``incomplete_utf8_tail_len``;
+  * both (``xp`` = jax.numpy or numpy): ``doc_starts``, ``utf8_len`` and ``causal_word_starts``, the decided
+    word starts of HAT and LYT (in-graph in the forward, on the host in generation: ``WordStartTracker``).
 
 HAT and invalid UTF-8: the splitter takes ``str``. A document is decoded with 'surrogateescape'; each
 maximal valid run is split by ``HATSplitter.split_with_limit`` on its own, and every byte that is not
@@ -26,7 +28,8 @@ arrived yet. In particular, whether the lead byte of a multi-byte character open
 only known once the character is complete ("中" after a letter opens a word, "ü" does not). A model
 that reads the START bit at the lead byte therefore sees at most the rest of that one character; the
 HAT rule needs lookahead = 1 at word level anyway (§9.2 of the reference notes). The models' decided
-word starts (one rule for the forward and for generation) are ``models.pooling.causal_word_starts``.
+word starts (one rule for the forward and for generation) are ``causal_word_starts``: the bit moves to the
+character's last byte (the lead bytes stay in the previous word).
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from hnet.bytes import BOS, EOS, segment_spans
+from hnet.bytes import BOS, EOS
 
 SPACE = 0x20
 
@@ -56,26 +59,30 @@ def doc_starts(segment_ids_BxL: jnp.ndarray, xp=jnp) -> jnp.ndarray:
     return seg_BxL != prev_BxL
 
 
-def _segment_offsets(segment_ids_BxL: jnp.ndarray) -> jnp.ndarray:
-    """int32 [B, L]: offset of t inside its segment (0 at every segment start)."""
-    starts_BxL = doc_starts(segment_ids_BxL)
+def offsets_since_start(starts_BxL: jnp.ndarray) -> jnp.ndarray:
+    """int32 [B, L]: t minus the latest position <= t where ``starts`` is True (0 at every start): the offset
+    inside a document (``starts`` = ``doc_starts``) or inside a chunk (``starts`` = chunk starts)."""
     L = starts_BxL.shape[1]
     pos_BxL = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), starts_BxL.shape)
-    seg_start_BxL = lax.cummax(jnp.where(starts_BxL, pos_BxL, 0), axis=1)
-    return pos_BxL - seg_start_BxL
+    return pos_BxL - lax.cummax(jnp.where(starts_BxL, pos_BxL, 0), axis=1)
 
 
 def _shift_right(x_BxL: jnp.ndarray, fill) -> jnp.ndarray:
     return jnp.concatenate([jnp.full_like(x_BxL[:, :1], fill), x_BxL[:, :-1]], axis=1)
 
 
-def fixed_stride_starts(segment_ids_BxL: jnp.ndarray, stride: int) -> jnp.ndarray:
-    """bool [B, L]: starts at per-document offsets ≡ 0 (mod ``stride``) (offset 0 = the BOS)."""
+def fixed_stride_ends(offsets, stride: int):
+    """END rule of fixed-stride pooling (Hourglass with shift k-1): ``e_t = [offset_t ≡ stride-1 (mod stride)]``
+    with ``offset_t`` the byte's offset in its document (``offsets_since_start(doc_starts(seg))``); through
+    ``end_to_start`` chunks open at offsets ≡ 0. bool, the shape of ``offsets``."""
     if stride < 1:
         raise ValueError(f"stride must be >= 1, got {stride}")
-    seg_BxL = jnp.asarray(segment_ids_BxL)
-    rule_BxL = (_segment_offsets(seg_BxL) % stride == 0) & (seg_BxL != 0)
-    return doc_starts(seg_BxL) | rule_BxL
+    return offsets % stride == stride - 1
+
+
+def whitespace_ends(tokens):
+    """DTP 'whitespaces' END rule: ``e_t = [x_t == ' ']`` (the chunk is "word␣"). bool, the shape of ``tokens``."""
+    return tokens == SPACE
 
 
 def spacelike(tokens_BxL: jnp.ndarray) -> jnp.ndarray:
@@ -105,11 +112,6 @@ def end_to_start(e_BxL: jnp.ndarray, segment_ids_BxL: jnp.ndarray) -> jnp.ndarra
     seg_BxL = jnp.asarray(segment_ids_BxL)
     e_BxL = jnp.asarray(e_BxL).astype(bool)
     return doc_starts(seg_BxL) | (_shift_right(e_BxL, False) & (seg_BxL != 0))
-
-
-def whitespace_end_to_start(tokens_BxL: jnp.ndarray, segment_ids_BxL: jnp.ndarray) -> jnp.ndarray:
-    """DTP 'whitespaces': ``e_t = [x_t == ' ']`` (the chunk is "word␣"), converted to START. bool [B, L]."""
-    return end_to_start(jnp.asarray(tokens_BxL) == SPACE, segment_ids_BxL)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -181,27 +183,49 @@ def hat_word_starts(doc_bytes: bytes, max_word_bytes: int = DEFAULT_MAX_WORD_BYT
     return starts_N
 
 
-def hat_starts_for_window(tokens_L, segment_ids_L, max_word_bytes: int = DEFAULT_MAX_WORD_BYTES) -> np.ndarray:
-    """HAT START mask of one packed window. tokens_L int [L] (0..255), segment_ids_L int [L] -> bool [L].
-
-    Each segment is split on its own bytes, so BOS/EOS (invalid UTF-8) are one-byte words, a segment
-    start always opens a word and no word spans two segments. A padding run opens one chunk at its
-    first position. A segment that continues a document from an earlier window is split without that
-    context: for masks identical to the document-level ones, run ``hat_word_starts`` per document
-    before windowing and slice."""
-    tok_L = np.asarray(tokens_L).astype(np.uint8)
-    out_L = np.zeros(tok_L.shape[0], dtype=bool)
-    for a, b, seg in segment_spans(segment_ids_L):
-        out_L[a] = True
-        if seg != 0:
-            out_L[a:b] |= hat_word_starts(tok_L[a:b].tobytes(), max_word_bytes)
-    return out_L
+def utf8_len(x, xp=jnp):
+    """UTF-8 character length announced by a byte read as a lead byte: 2 for C2..DF, 3 for E0..EF, 4 for F0..F4;
+    1 for ASCII, continuation bytes and the bytes that never start a character (C0, C1, F5..FF)."""
+    x = x.astype(xp.int32)
+    return xp.where((x >= 0xC2) & (x < 0xE0), 2, xp.where((x >= 0xE0) & (x < 0xF0), 3,
+                                                          xp.where((x >= 0xF0) & (x < 0xF5), 4, 1)))
 
 
-def hat_starts_for_batch(tokens_BxL, segment_ids_BxL, max_word_bytes: int = DEFAULT_MAX_WORD_BYTES) -> np.ndarray:
-    """``hat_starts_for_window`` per row. -> bool [B, L]."""
-    tok_BxL, seg_BxL = np.asarray(tokens_BxL), np.asarray(segment_ids_BxL)
-    return np.stack([hat_starts_for_window(t, g, max_word_bytes) for t, g in zip(tok_BxL, seg_BxL)])
+def causal_word_starts(word_starts_BxL, inputs_BxL, segment_ids_BxL, xp=jnp):
+    """Decided START bits, THE word rule of HAT and LYT (the full forward in-graph; generation on the host through
+    ``WordStartTracker`` with ``xp=numpy``): a word start on the lead byte s of a k-byte character is moved to
+    s + k - 1 (the byte that completes the character); ASCII starts, stray continuation bytes and bytes that never
+    start a character (C0, C1, F5..FF) keep their own bit (one-byte words); the start of a truncated character is
+    dropped. Every document start is a start. ``xp``: jax.numpy (in-graph) or numpy (host). bool [B, L]."""
+    cummax = (lambda a: lax.cummax(a, axis=1)) if xp is jnp else (lambda a: np.maximum.accumulate(a, axis=1))
+    x = xp.asarray(inputs_BxL).astype(xp.int32)
+    ws = xp.asarray(word_starts_BxL).astype(bool)
+    seg = xp.asarray(segment_ids_BxL)
+    cont = (x >= 0x80) & (x < 0xC0)
+    idx = xp.broadcast_to(xp.arange(x.shape[1], dtype=xp.int32), x.shape)
+    lead = cummax(xp.where(cont, 0, idx))
+    n_lead = utf8_len(xp.take_along_axis(x, lead, axis=1), xp)
+    run = idx - lead + 1
+    decided = (xp.take_along_axis(ws, lead, axis=1) & (run == n_lead)) | (ws & (run > n_lead))
+    return (decided & (seg > 0)) | doc_starts(seg, xp)
+
+
+class WordStartTracker:
+    """Host-side decided word-start bit of each fed byte of one row (generation of HAT, LYT): the splitter's starts
+    of the row so far (``hat_word_starts``, prefix-stable at decided positions) through ``causal_word_starts``,
+    the rule of the full forward, so decoding and the forward cannot disagree. O(row length) per byte."""
+
+    def __init__(self, max_word_bytes: int = DEFAULT_MAX_WORD_BYTES):
+        self.max_word_bytes = max_word_bytes
+        self.content = bytearray()
+
+    def push(self, byte: int) -> bool:
+        if byte == BOS and not self.content:  # the document start: reset handles it
+            return True
+        self.content.append(byte)
+        ws = np.concatenate([[True], hat_word_starts(bytes(self.content), self.max_word_bytes)])
+        x = np.concatenate([[BOS], np.frombuffer(bytes(self.content), np.uint8)])
+        return bool(causal_word_starts(ws[None], x[None], np.ones((1, len(x)), np.int32), xp=np)[0, -1])
 
 
 __all__ = [
@@ -209,13 +233,15 @@ __all__ = [
     "EOS",
     "DEFAULT_MAX_WORD_BYTES",
     "doc_starts",
-    "fixed_stride_starts",
+    "offsets_since_start",
+    "fixed_stride_ends",
+    "whitespace_ends",
     "spacelike",
     "spacebyte_starts",
     "end_to_start",
-    "whitespace_end_to_start",
     "incomplete_utf8_tail_len",
     "hat_word_starts",
-    "hat_starts_for_window",
-    "hat_starts_for_batch",
+    "utf8_len",
+    "causal_word_starts",
+    "WordStartTracker",
 ]

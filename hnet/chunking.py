@@ -41,6 +41,7 @@ __all__ = [
     "chunk_ids",
     "compaction_indices",
     "compact",
+    "compact_ids",
     "expand",
     "overflow",
     "take_chunks",
@@ -123,6 +124,13 @@ def compaction_indices(mask_BxL: jax.Array, M: int) -> tuple[jax.Array, jax.Arra
     valid_BxM = rank_M[None, :] <= csum_BxL[:, -1:]
     idx_BxM = jnp.where(valid_BxM, idx_BxM, 0).astype(jnp.int32)
     return idx_BxM, valid_BxM
+
+
+def compact_ids(mask_BxL: jax.Array, M: int, *ids_BxL: jax.Array) -> list[jax.Array]:
+    """Integer side arrays (segment ids, positions, tokens; int [B, L] each) compacted like ``compact``: the value
+    at each chunk's first byte, 0 in empty slots. -> one int32 [B, M] per array (no gradient)."""
+    idx_BxM, valid_BxM = compaction_indices(mask_BxL, M)
+    return [jnp.where(valid_BxM, jnp.take_along_axis(v, idx_BxM, axis=1), 0).astype(jnp.int32) for v in ids_BxL]
 
 
 def overflow(mask_BxL: jax.Array, M: int) -> tuple[jax.Array, jax.Array]:

@@ -31,6 +31,11 @@ def normal(std: float):
     return nnx.initializers.normal(stddev=std)
 
 
+def ste_one(c):
+    """Straight-through: forward value exactly 1, gradient identity w.r.t. c."""
+    return 1.0 + (c - jax.lax.stop_gradient(c))
+
+
 class RMSNorm(nnx.Module):
     """y = x / sqrt(mean(x^2) + eps) * scale, computed in fp32, returned in ``out_dtype``."""
 

@@ -42,8 +42,6 @@ from typing import Mapping, Sequence
 import numpy as np
 import regex
 
-from hnet.bytes import segment_spans
-
 SCRIPT_GROUPS: dict[str, tuple[str, ...]] = {
     "latin": ("Latin",),
     "cyrl": ("Cyrillic",),
@@ -301,37 +299,6 @@ def byte_routes(
     return routes_N
 
 
-def routes_for_window(
-    tokens_L,
-    segment_ids_L,
-    groups: Mapping[str, Sequence[str]] = SCRIPT_GROUPS,
-    default_route: int = 0,
-) -> np.ndarray:
-    """Routes of one packed window. tokens_L int [L] (0..255), segment_ids_L int [L] -> int32 [L].
-
-    Each segment is routed on its own bytes (BOS/EOS included: they take the route in effect), starting
-    from ``default_route``; padding gets ``default_route``. A segment that continues a document from an
-    earlier window has lost its left context: for exact document-level routes, run ``byte_routes`` per
-    document before windowing and slice."""
-    tok_L = np.asarray(tokens_L).astype(np.uint8)
-    out_L = np.full(tok_L.shape[0], default_route, dtype=np.int32)
-    for a, b, seg in segment_spans(segment_ids_L):
-        if seg != 0:
-            out_L[a:b] = byte_routes(tok_L[a:b].tobytes(), groups, default_route)
-    return out_L
-
-
-def routes_for_batch(
-    tokens_BxL,
-    segment_ids_BxL,
-    groups: Mapping[str, Sequence[str]] = SCRIPT_GROUPS,
-    default_route: int = 0,
-) -> np.ndarray:
-    """``routes_for_window`` per row. -> int32 [B, L]."""
-    tok_BxL, seg_BxL = np.asarray(tokens_BxL), np.asarray(segment_ids_BxL)
-    return np.stack([routes_for_window(t, g, groups, default_route) for t, g in zip(tok_BxL, seg_BxL)])
-
-
 def dominant_route(doc: bytes, groups: Mapping[str, Sequence[str]] = SCRIPT_GROUPS) -> int:
     """Most frequent causal byte route of ``doc`` under ``groups`` (MAGNET's per-document script route)."""
     r = byte_routes(doc, groups)
@@ -406,5 +373,5 @@ def length_class_priors(priors_R, length_counts_Rx4: np.ndarray, lengths: Sequen
 
 
 __all__ = ["SCRIPT_GROUPS", "NTREX_SCRIPT_GROUPS", "NTREX_LSO_GROUPS", "NTREX_LSO_UTF8_GROUPS", "GROUPINGS",
-           "LANGUAGE_SETS", "route_names", "num_routes", "byte_routes", "routes_for_window", "routes_for_batch",
+           "LANGUAGE_SETS", "route_names", "num_routes", "byte_routes",
            "route_counts", "parity_priors", "char_lengths", "route_length_counts", "length_class_priors"]

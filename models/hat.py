@@ -1,7 +1,7 @@
 """HAT: Hierarchical Autoregressive Transformer (Neitemeier et al. 2025; shared/reference/boundaries.md §B).
 
     e = encoder(embed(x))                                   byte Stack, width D_e
-    words: decided HAT splitter starts (models.pooling.causal_word_starts on batch['word_starts'])
+    words: decided HAT splitter starts (hnet.boundary_rules.causal_word_starts on batch['word_starts'])
     u_j = W_o Σ_{t ∈ word j} softmax_t(q·W_k RMSNorm(e_t)) W_v RMSNorm(e_t)   one learned latent query q
           (non-causal inside the word; a per-word segment softmax over the byte sequence, no length cap)
     z = backbone(u)                                         word Stack, positions = word index in the document
@@ -13,7 +13,7 @@ Static capacity M = ceil(capacity · L) words per row; bytes of words past M get
 
 Decoding: ``decode_step(tokens_B, cache, reset_B, word_start_B)`` takes the decided start bit of each fed
 byte (``causal_word_starts``, in the full forward in-graph; at generation time the same function on the host,
-``models.pooling.WordStartTracker``). On a start the finished word goes through the connector (online softmax
+``hnet.boundary_rules.WordStartTracker``). On a start the finished word goes through the connector (online softmax
 accumulated byte by byte) and one backbone step. ``train.generate.generate`` sees ``decode_trackers`` and feeds
 each row's tracker bits.
 """
@@ -26,20 +26,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from hnet import chunking
+from hnet.boundary_rules import WordStartTracker, causal_word_starts
 from hnet.layers import RMSNorm, Stack, StackConfig, normal
 from hnet.sharding import constrain, param_init
 from models.base import ByteLM, ModelOutput, capacity_slots, dtype_from_name
-from models.pooled import byte_embed, lm_head
-from models.pooling import (causal_word_starts, chunk_layout, chunk_metrics, gather_chunks, masked_update,
-                            segment_sum, shift_chunks, word_start_trackers)
-
-NEED_WORD_STARTS = ("{} needs the per-byte word-start flag: decode_step(tokens_B, cache, reset_B, word_start_B); "
-                    "use train.generate.generate for sampling")
-
-
-def _dense(d_in, d_out, std, dtype, param_dtype, rngs, names=("embed", "mlp")):
-    return nnx.Linear(d_in, d_out, use_bias=False, dtype=dtype, param_dtype=param_dtype,
-                      kernel_init=param_init(normal(std), names), rngs=rngs)
+from models.common import (byte_embed, chunk_layout, chunk_metrics, dense, lm_head, masked_update, segment_sum,
+                           shift_chunks, word_start_side)
 
 
 class HATLM(ByteLM):
@@ -48,7 +41,7 @@ class HATLM(ByteLM):
 
     def decode_trackers(self, prompts, langs=None):
         """The decided word-start bit of every fed byte (``WordStartTracker``)."""
-        return word_start_trackers(prompts, langs)
+        return [WordStartTracker() for _ in prompts]
 
     def __init__(self, encoder: StackConfig, backbone: StackConfig, decoder: StackConfig, *, connector_heads: int = 4,
                  capacity: float = 0.5, dtype="float32", param_dtype="float32", remat: bool = False, seed: int = 0):
@@ -66,12 +59,12 @@ class HATLM(ByteLM):
         self.latent = nnx.Param(param_init(normal(1.0), ("embed",))(rngs.params(), (Db,), param_dtype))
         self.first_word = nnx.Param(param_init(normal(1.0), ("embed",))(rngs.params(), (Db,), param_dtype))
         self.kv_norm = RMSNorm(De, param_dtype=param_dtype)
-        self.q_proj = _dense(Db, Db, 0.02, jnp.float32, param_dtype, rngs)
-        self.k_proj = _dense(De, Db, 0.02, jnp.float32, param_dtype, rngs)
-        self.v_proj = _dense(De, Db, 0.02, jnp.float32, param_dtype, rngs)
-        self.o_proj = _dense(Db, Db, 1.0 / math.sqrt(Db), jnp.float32, param_dtype, rngs, ("mlp", "embed"))
+        self.q_proj = dense(Db, Db, 0.02, jnp.float32, param_dtype, rngs)
+        self.k_proj = dense(De, Db, 0.02, jnp.float32, param_dtype, rngs)
+        self.v_proj = dense(De, Db, 0.02, jnp.float32, param_dtype, rngs)
+        self.o_proj = dense(Db, Db, 1.0 / math.sqrt(Db), jnp.float32, param_dtype, rngs, ("mlp", "embed"))
         self.z_norm = RMSNorm(Db, param_dtype=param_dtype)
-        self.inject = nnx.List([_dense(Db, De, 0.02, jnp.float32, param_dtype, rngs, ("mlp", "embed"))
+        self.inject = nnx.List([dense(Db, De, 0.02, jnp.float32, param_dtype, rngs, ("mlp", "embed"))
                                 for _ in self.decoder.blocks])
         self.lm_head = lm_head(De, dtype, param_dtype, rngs)
 
@@ -92,7 +85,7 @@ class HATLM(ByteLM):
         ok = ((cid_BxL >= 0) & (cid_BxL < M))[..., None]
         mx = jax.vmap(lambda a, i: jax.ops.segment_max(a, i, num_segments=M + 1))(
             logit, jnp.where(ok[..., 0], cid_BxL, M))[:, :M]
-        ref = jnp.where(ok, gather_chunks(jax.lax.stop_gradient(mx), cid_BxL), jax.lax.stop_gradient(logit))
+        ref = jnp.where(ok, chunking.take_chunks(jax.lax.stop_gradient(mx), cid_BxL), jax.lax.stop_gradient(logit))
         p = jnp.exp(logit - ref)
         return self._word_out(segment_sum(p[..., None] * v, cid_BxL, M), segment_sum(p, cid_BxL, M))
 
@@ -111,7 +104,7 @@ class HATLM(ByteLM):
         lay = chunk_layout(ws, seg, M)
         u = self.connector(e, lay.cid_BxL, M)
         z = self.backbone(constrain(u, ("batch", "chunk_len", "act_embed")), lay.seg_BxM, lay.pos_BxM)
-        zhat = gather_chunks(shift_chunks(z, self.first_word[...], lay.doc_first_BxM), lay.cid_BxL)
+        zhat = chunking.take_chunks(shift_chunks(z, self.first_word[...], lay.doc_first_BxM), lay.cid_BxL)
 
         def run_block(block, r):
             if self.remat:
@@ -136,9 +129,7 @@ class HATLM(ByteLM):
 
     def decode_step(self, tokens_B, cache, reset_B, side_B=None):
         """``side_B``: the decided word-start bit of each fed byte (``decode_trackers``)."""
-        word_start_B = side_B
-        if word_start_B is None:
-            raise ValueError(NEED_WORD_STARTS.format(type(self).__name__))
+        word_start_B = word_start_side(self, side_B)
         c = dict(cache)
         e, c["encoder"] = self.encoder.step(self.embed(tokens_B).astype(jnp.float32), c["encoder"], reset_B)
         start = word_start_B | reset_B

@@ -22,10 +22,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from hnet import chunking
-from hnet.bytes import VOCAB_SIZE
-from hnet.layers import Stack, StackConfig, layout_height, normal
+from hnet.boundary_rules import doc_starts, offsets_since_start
+from hnet.layers import Stack, StackConfig, layout_height, ste_one
 from hnet.sharding import constrain, param_init
 from models.base import ByteLM, ModelOutput, capacity_slots, configurable, dtype_from_name
+from models.common import byte_embed, lm_head, masked_update
 
 
 @configurable
@@ -84,23 +85,6 @@ class HNetConfig:
         total = math.prod(N)
         return [math.sqrt(self.n_gpt * math.prod(N[s:]) / total * self.d_model[S] / self.d_model[s])
                 for s in range(S + 1)]
-
-
-def ste_one(c):
-    """Straight-through: forward value exactly 1, gradient identity w.r.t. c."""
-    return 1.0 + (c - jax.lax.stop_gradient(c))
-
-
-def doc_starts(segment_ids_BxL):
-    prev = jnp.pad(segment_ids_BxL[:, :-1], ((0, 0), (1, 0)), constant_values=-1)
-    return segment_ids_BxL != prev
-
-
-def positions_within_docs(starts_BxN):
-    """Index of each position inside its document (resets where ``starts`` is True)."""
-    n = starts_BxN.shape[1]
-    idx = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), starts_BxN.shape)
-    return idx - jax.lax.cummax(jnp.where(starts_BxN, idx, 0), axis=1)
 
 
 def ema_over_chunks(z_BxMxD, P_BxM, reset_BxM):
@@ -201,13 +185,12 @@ class HNetStage(nnx.Module):
         r = self.residual_proj(xh.astype(jnp.float32))
         p, b = self.router(xh, segment_ids_BxL)
 
-        z, zvalid = chunking.compact(xh, b, M, impl=self.impl)
+        z, _ = chunking.compact(xh, b, M, impl=self.impl)
         P = chunking.compact(p[..., None], b, M, impl=self.impl)[0][..., 0]
-        zseg = jnp.where(zvalid, chunking.compact(segment_ids_BxL[..., None].astype(jnp.float32), b, M,
-                                                  impl="jnp")[0][..., 0].astype(jnp.int32), 0)
+        zseg, = chunking.compact_ids(b, M, segment_ids_BxL)
         zstart = doc_starts(zseg)
         zh, inner_ok, stats = self.inner(constrain(z, ("batch", "chunk_len", "act_embed")), zseg,
-                                         positions_within_docs(zstart))
+                                         offsets_since_start(zstart))
 
         zbar = ema_over_chunks(zh, jnp.clip(P, 1e-4, 1 - 1e-4), zstart)
         ztil = chunking.expand(zbar, b, impl=self.impl)
@@ -255,8 +238,7 @@ class HNetStage(nnx.Module):
         p = jnp.where(reset_B, 1.0, self.router.probs(cache["last_x"], xh))
         b = p > 0.5
         zh, inner_new = self.inner.step(xh, cache["inner"], reset_B)
-        inner = jax.tree.map(lambda n, o: jnp.where(b.reshape((-1,) + (1,) * (n.ndim - 1)), n, o),
-                             inner_new, cache["inner"])
+        inner = masked_update(inner_new, cache["inner"], b)
         P = jnp.clip(p, 1e-4, 1 - 1e-4)[:, None]
         zbar = jnp.where(b[:, None], P * zh + jnp.where(reset_B[:, None], 0.0, (1 - P) * cache["last_z"]),
                          cache["last_z"])
@@ -274,12 +256,10 @@ class HNetLM(ByteLM):
         self.config = config
         dtype, param_dtype = dtype_from_name(dtype), dtype_from_name(param_dtype)
         D0 = config.d_model[0]
-        self.embed = nnx.Embed(VOCAB_SIZE, D0, param_dtype=param_dtype,
-                               embedding_init=param_init(normal(1.0), ("vocab", "embed")), rngs=rngs)
+        self.embed = byte_embed(D0, param_dtype, rngs)
         self.backbone = HNetStage(config, 0, d_prev=None, n_res_offset=0, dtype=dtype, param_dtype=param_dtype,
                                   remat=remat, rngs=rngs)
-        self.lm_head = nnx.Linear(D0, VOCAB_SIZE, use_bias=False, dtype=dtype, param_dtype=param_dtype,
-                                  kernel_init=param_init(normal(0.02), ("embed", "vocab")), rngs=rngs)
+        self.lm_head = lm_head(D0, dtype, param_dtype, rngs)
 
     def __call__(self, batch) -> ModelOutput:
         x = constrain(self.embed(batch["inputs"]).astype(jnp.float32), ("batch", "byte_len", "act_embed"))

@@ -5,14 +5,13 @@ The baseline every hierarchical model is compared with (LlamaByte / MambaByte in
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from hnet.bytes import VOCAB_SIZE
-from hnet.layers import Stack, StackConfig, normal
-from hnet.sharding import constrain, param_init
+from hnet.layers import Stack, StackConfig
+from hnet.sharding import constrain
 from models.base import ByteLM, ModelOutput, dtype_from_name
+from models.common import byte_embed, lm_head
 
 
 class IsotropicLM(ByteLM):
@@ -21,11 +20,9 @@ class IsotropicLM(ByteLM):
         rngs = nnx.Rngs(seed)
         dtype, param_dtype = dtype_from_name(dtype), dtype_from_name(param_dtype)
         d = stack.d_model
-        self.embed = nnx.Embed(VOCAB_SIZE, d, param_dtype=param_dtype,
-                               embedding_init=param_init(normal(1.0), ("vocab", "embed")), rngs=rngs)
+        self.embed = byte_embed(d, param_dtype, rngs)
         self.backbone = Stack(stack, dtype=dtype, param_dtype=param_dtype, remat=remat, rngs=rngs)
-        self.lm_head = nnx.Linear(d, VOCAB_SIZE, use_bias=False, dtype=dtype, param_dtype=param_dtype,
-                                  kernel_init=param_init(normal(0.02), ("embed", "vocab")), rngs=rngs)
+        self.lm_head = lm_head(d, dtype, param_dtype, rngs)
 
     def __call__(self, batch) -> ModelOutput:
         x = constrain(self.embed(batch["inputs"]).astype(jnp.float32), ("batch", "byte_len", "act_embed"))

@@ -23,13 +23,13 @@ import dataclasses
 import jax.numpy as jnp
 from flax import nnx
 
+from hnet import chunking
+from hnet.boundary_rules import WordStartTracker, causal_word_starts, offsets_since_start
 from hnet.layers import Stack, StackConfig, normal
 from hnet.sharding import constrain, param_init
 from models.base import ByteLM, ModelOutput, capacity_slots, dtype_from_name
-from models.hat import NEED_WORD_STARTS, _dense
-from models.pooled import byte_embed, lm_head
-from models.pooling import (causal_word_starts, chunk_layout, chunk_metrics, gather_chunks, masked_update,
-                            offsets_in_chunk, segment_sum, shift_chunks, word_start_trackers)
+from models.common import (byte_embed, chunk_layout, chunk_metrics, dense, lm_head, masked_update, segment_sum,
+                           shift_chunks, word_start_side)
 
 
 class LYTLM(ByteLM):
@@ -38,7 +38,7 @@ class LYTLM(ByteLM):
 
     def decode_trackers(self, prompts, langs=None):
         """The decided word-start bit of every fed byte (``WordStartTracker``)."""
-        return word_start_trackers(prompts, langs)
+        return [WordStartTracker() for _ in prompts]
 
     def __init__(self, word_encoder: StackConfig, backbone: StackConfig, word_decoder: StackConfig, *,
                  num_prefix: int = 1, max_word_bytes: int = 12, capacity: float = 0.5, dtype="float32",
@@ -55,8 +55,8 @@ class LYTLM(ByteLM):
         self.decoder = Stack(word_decoder, length_axis="chunk_len", **kw)
         self.cls = nnx.Param(param_init(normal(1.0), (None, "embed"))(rngs.params(), (self.p, Dw), param_dtype))
         self.first = nnx.Param(param_init(normal(1.0), (None, "embed"))(rngs.params(), (self.p, Dw), param_dtype))
-        self.to_backbone = _dense(Dw, Db, 0.02, jnp.float32, param_dtype, rngs)
-        self.from_backbone = _dense(Db, Dw, 0.02, jnp.float32, param_dtype, rngs, ("mlp", "embed"))
+        self.to_backbone = dense(Dw, Db, 0.02, jnp.float32, param_dtype, rngs)
+        self.from_backbone = dense(Db, Dw, 0.02, jnp.float32, param_dtype, rngs, ("mlp", "embed"))
         self.lm_head = lm_head(Dw, dtype, param_dtype, rngs)
 
     def _canvas(self, head_NxpxD, emb_NxCxD, in_word_NxC):
@@ -83,7 +83,7 @@ class LYTLM(ByteLM):
 
     def word_starts(self, batch):
         ws = causal_word_starts(batch["word_starts"], batch["inputs"], batch["segment_ids"])
-        return ws | (offsets_in_chunk(ws) % self.C == 0)
+        return ws | (offsets_since_start(ws) % self.C == 0)
 
     def __call__(self, batch) -> ModelOutput:
         x, seg = batch["inputs"], batch["segment_ids"]
@@ -101,7 +101,7 @@ class LYTLM(ByteLM):
         z = self.backbone(constrain(zin, ("batch", "chunk_len", "act_embed")), zseg, zpos)
         H = self.from_backbone(z).reshape(B, M, p, -1)
         out = self.decode_words(shift_chunks(H, self.first[...], lay.doc_first_BxM), emb, in_word)
-        y = gather_chunks(out.reshape(B, M * C, -1), lay.cid_BxL * C + offsets_in_chunk(ws))
+        y = chunking.take_chunks(out.reshape(B, M * C, -1), lay.cid_BxL * C + offsets_since_start(ws))
         logits = constrain(self.lm_head(y).astype(jnp.float32), ("batch", "byte_len", "act_vocab"))
         return ModelOutput(logits_BxLxV=logits, target_mask_BxL=lay.byte_ok_BxL | (seg == 0),
                            metrics=chunk_metrics(ws, seg, lay.dropped_B, per_chunk=p), boundaries={"s0": ws})
@@ -117,9 +117,7 @@ class LYTLM(ByteLM):
 
     def decode_step(self, tokens_B, cache, reset_B, side_B=None):
         """``side_B``: the decided word-start bit of each fed byte (``decode_trackers``)."""
-        word_start_B = side_B
-        if word_start_B is None:
-            raise ValueError(NEED_WORD_STARTS.format(type(self).__name__))
+        word_start_B = word_start_side(self, side_B)
         c = dict(cache)
         B, p = tokens_B.shape[0], self.p
         start = word_start_B | reset_B | (c["n"] >= self.C)

@@ -29,12 +29,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 from hnet import chunking
-from hnet.bytes import BOS, VOCAB_SIZE
-from hnet.layers import Attention, RMSNorm, Stack, SwiGLU, _round_ff, normal, parse_layout
-from hnet.sharding import constrain, param_init
+from hnet.boundary_rules import doc_starts, offsets_since_start
+from hnet.bytes import BOS
+from hnet.layers import Attention, RMSNorm, Stack, SwiGLU, _round_ff, parse_layout
+from hnet.sharding import constrain
 from models.base import ByteLM, ModelOutput, dtype_from_name
-from models.hnet import doc_starts, positions_within_docs
-from models.mrt5 import DeleteGate, MrT5Config, PIController, gate_losses, hard_gather, loss_metrics, score_regs
+from models.common import (DeleteGate, MrT5Config, PIController, byte_embed, gate_losses, lm_head, loss_metrics,
+                           score_regs)
 
 SENTINEL_FIRST, N_SENTINELS = 0xF5, 9
 
@@ -63,20 +64,20 @@ def span_corruption(key, batch, density: float, span: int, target_len: int) -> d
     noise, start = span_noise(key, seg, density, span)
     sid = SENTINEL_FIRST + jnp.mod(jnp.cumsum(start, axis=1) - 1, N_SENTINELS)
     enc_keep = (seg > 0) & (~noise | start)
-    enc_tok, enc_seg = hard_gather(enc_keep, L, jnp.where(start, sid, inputs), seg)
+    enc_tok, enc_seg = chunking.compact_ids(enc_keep, L, jnp.where(start, sid, inputs), seg)
     # decoder stream: slot 2t = sentinel (kept at span starts), slot 2t+1 = byte t (kept if dropped)
     keep2 = jnp.stack([start, noise], -1).reshape(B, 2 * L)
     tok2 = jnp.stack([sid, inputs], -1).reshape(B, 2 * L)
     is_byte2 = jnp.broadcast_to(jnp.arange(2 * L) % 2 == 1, (B, 2 * L)).astype(jnp.int32)
-    dec_tgt, dec_seg, dec_is_byte = hard_gather(keep2, target_len, tok2, jnp.repeat(seg, 2, axis=1), is_byte2)
+    dec_tgt, dec_seg, dec_is_byte = chunking.compact_ids(keep2, target_len, tok2, jnp.repeat(seg, 2, axis=1), is_byte2)
     dec_start = doc_starts(dec_seg)
     slot_BxL = (jnp.cumsum(keep2, axis=1) - 1).reshape(B, L, 2)[..., 1]  # decoder slot of byte t
     next_slot = jnp.pad(slot_BxL[:, 1:], ((0, 0), (0, 1)), constant_values=target_len)
     next_noise = jnp.pad(noise[:, 1:], ((0, 0), (0, 1)))
     return {"noise": noise, "enc_keep": enc_keep, "enc_tok": enc_tok, "enc_seg": enc_seg,
-            "enc_pos": positions_within_docs(doc_starts(enc_seg)),
+            "enc_pos": offsets_since_start(doc_starts(enc_seg)),
             "dec_in": jnp.where(dec_start, BOS, _shift_right(dec_tgt, BOS)), "dec_tgt": dec_tgt,
-            "dec_seg": dec_seg, "dec_pos": positions_within_docs(dec_start),
+            "dec_seg": dec_seg, "dec_pos": offsets_since_start(dec_start),
             "sentinel_slot": (dec_seg > 0) & (dec_is_byte == 0),
             "target_slot": jnp.clip(next_slot, 0, target_len - 1), "target_ok": next_noise & (next_slot < target_len),
             "dec_overflow": jnp.maximum(jnp.sum(keep2, axis=1) - target_len, 0)}
@@ -129,8 +130,7 @@ class MrT5EncDec(ByteLM):
         dtype, param_dtype = dtype_from_name(dtype), dtype_from_name(param_dtype)
         D = config.d_model
         kw = dict(dtype=dtype, param_dtype=param_dtype, remat=remat, rngs=rngs)
-        self.embed = nnx.Embed(VOCAB_SIZE, D, param_dtype=param_dtype,
-                               embedding_init=param_init(normal(1.0), ("vocab", "embed")), rngs=rngs)
+        self.embed = byte_embed(D, param_dtype, rngs)
         self.encoder = Stack(config.stack_config(config.encoder_layout, causal=False), **kw)
         self.gate = DeleteGate(config, param_dtype=param_dtype, rngs=rngs)
         self.backbone = Stack(config.stack_config(config.backbone_layout, causal=False, score=True), **kw)
@@ -139,8 +139,7 @@ class MrT5EncDec(ByteLM):
         self.decoder = nnx.List([DecoderBlock(config, out_init_std=std, dtype=dtype, param_dtype=param_dtype,
                                               rngs=rngs) for _ in range(n_dec)])
         self.decoder_norm = RMSNorm(D, param_dtype=param_dtype)
-        self.lm_head = nnx.Linear(D, VOCAB_SIZE, use_bias=False, dtype=dtype, param_dtype=param_dtype,
-                                  kernel_init=param_init(normal(0.02), ("embed", "vocab")), rngs=rngs)
+        self.lm_head = lm_head(D, dtype, param_dtype, rngs)
         self.controller = PIController(config)
 
     def corrupt(self, batch) -> dict:
@@ -164,7 +163,7 @@ class MrT5EncDec(ByteLM):
 
     def _hard(self, c, h, keep):
         z, _ = chunking.compact(h, keep, h.shape[1])
-        zseg, zpos = hard_gather(keep, h.shape[1], c["enc_seg"], c["enc_pos"])  # original positions
+        zseg, zpos = chunking.compact_ids(keep, h.shape[1], c["enc_seg"], c["enc_pos"])  # original positions
         return self._decode(c, self.backbone(z, zseg, zpos), zseg, None)
 
     def _outputs(self, c, dec_logits):

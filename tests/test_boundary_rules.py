@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from hnet import boundary_rules as br
-from hnet.bytes import BOS, EOS, VOCAB_SIZE, decode_bytes, encode_document, segment_spans
+from hnet.bytes import BOS, EOS, VOCAB_SIZE
 
 
 def _words(data: bytes, starts) -> list[bytes]:
@@ -20,8 +20,8 @@ def _pack(docs: list[bytes], L: int):
     """Frame and pack documents into one row of length L (padding: segment 0, byte 0)."""
     tok, seg = [], []
     for i, d in enumerate(docs, start=1):
-        f = encode_document(d)
-        tok += f.tolist()
+        f = [BOS, *d, EOS]
+        tok += f
         seg += [i] * len(f)
     assert len(tok) <= L
     tok += [0] * (L - len(tok))
@@ -32,14 +32,8 @@ def _pack(docs: list[bytes], L: int):
 # --------------------------------------------------------------------------- bytes.py
 
 
-def test_bytes_framing_roundtrip():
+def test_byte_vocabulary():
     assert (BOS, EOS, VOCAB_SIZE) == (254, 255, 256)
-    ids = encode_document("für\x00 中")
-    assert ids.dtype == np.uint8 and ids[0] == BOS and ids[-1] == EOS
-    assert bytes(ids[1:-1]) == "für\x00 中".encode()
-    assert decode_bytes(ids) == "für\x00 中"
-    assert decode_bytes(encode_document(b"a\xe0b")) == "a\ufffdb"
-    assert decode_bytes(jnp.asarray(ids, jnp.int32)) == "für\x00 中"
 
 
 # --------------------------------------------------------------------------- HAT rule
@@ -113,25 +107,6 @@ def test_hat_lead_byte_needs_the_whole_char():
     assert br.incomplete_utf8_tail_len(b) == 0 and br.incomplete_utf8_tail_len(b"a\xe0A") == 0
 
 
-def test_hat_starts_for_window():
-    docs = [b"Hello, world!", "für中 x".encode(), b"ab\xffcd"]
-    tok, seg = _pack(docs, 48)
-    starts = br.hat_starts_for_window(tok, seg)
-    pos = 0
-    for d in docs:
-        n = len(d) + 2
-        assert starts[pos] and starts[pos + 1] and starts[pos + n - 1]  # BOS, first byte, EOS are words
-        np.testing.assert_array_equal(starts[pos + 1: pos + n - 1], br.hat_word_starts(d))
-        pos += n
-    assert starts[pos] and not starts[pos + 1:].any()  # one chunk for the padding run
-    # document-level invariant: a segment start always opens a chunk
-    assert np.all(starts[np.flatnonzero(np.diff(seg)) + 1])
-    batch = br.hat_starts_for_batch(np.stack([tok, tok[::-1]]), np.stack([seg, seg[::-1]]))
-    assert batch.shape == (2, 48)
-    np.testing.assert_array_equal(batch[0], starts)
-    np.testing.assert_array_equal(batch[1], br.hat_starts_for_window(tok[::-1], seg[::-1]))
-
-
 # --------------------------------------------------------------------------- in-graph rules
 
 
@@ -146,13 +121,29 @@ def test_doc_starts():
     np.testing.assert_array_equal(br.doc_starts(seg), [[1, 0, 1, 0, 0, 1, 0], [1, 0, 0, 0, 0, 0, 0]])
 
 
+def test_offsets_since_start():
+    seg = jnp.array([[1, 1, 1, 2, 2, 0, 0], [3, 3, 3, 3, 3, 3, 3]])
+    np.testing.assert_array_equal(br.offsets_since_start(br.doc_starts(seg)),
+                                  [[0, 1, 2, 0, 1, 0, 1], [0, 1, 2, 3, 4, 5, 6]])
+    starts = jnp.array([[0, 0, 1, 0, 0, 1, 1]], bool)  # positions before the first start count from 0
+    np.testing.assert_array_equal(br.offsets_since_start(starts), [[0, 1, 0, 1, 2, 0, 0]])
+
+
+def _fixed_stride_starts(seg, stride):
+    """The model's fixed-stride rule: END bits at offsets ≡ stride-1 of real bytes, converted to START."""
+    ends = br.fixed_stride_ends(br.offsets_since_start(br.doc_starts(seg)), stride) & (seg != 0)
+    return br.end_to_start(ends, seg)
+
+
 def test_fixed_stride_resets_at_doc_starts():
     seg = jnp.array([[1, 1, 1, 1, 1, 2, 2, 2, 2, 0, 0, 0]])
-    got = jax.jit(br.fixed_stride_starts, static_argnums=1)(seg, 2)
+    got = jax.jit(_fixed_stride_starts, static_argnums=1)(seg, 2)
     np.testing.assert_array_equal(got, [[1, 0, 1, 0, 1, 1, 0, 1, 0, 1, 0, 0]])
-    got3 = br.fixed_stride_starts(seg, 3)
+    got3 = _fixed_stride_starts(seg, 3)
     np.testing.assert_array_equal(got3, [[1, 0, 0, 1, 0, 1, 0, 0, 1, 1, 0, 0]])
-    np.testing.assert_array_equal(br.fixed_stride_starts(seg, 1), (seg != 0) | br.doc_starts(seg))
+    np.testing.assert_array_equal(_fixed_stride_starts(seg, 1), (seg != 0) | br.doc_starts(seg))
+    with pytest.raises(ValueError):
+        br.fixed_stride_ends(seg, 0)
 
 
 def _ref_spacebyte(tok, seg):
@@ -187,9 +178,9 @@ def test_spacebyte_starts():
     assert list(np.flatnonzero(got[1][:17])) == [0, 8, 15, 16]
 
 
-def test_whitespace_end_to_start_and_converter():
+def test_whitespace_ends_and_converter():
     tok, seg = _batch()
-    got = np.asarray(jax.jit(br.whitespace_end_to_start)(tok, seg))
+    got = np.asarray(jax.jit(lambda t, s: br.end_to_start(br.whitespace_ends(t), s))(tok, seg))
     ref = np.asarray(br.doc_starts(seg)).copy()
     t_np, s_np = np.asarray(tok), np.asarray(seg)
     ref[:, 1:] |= (t_np[:, :-1] == 32) & (s_np[:, 1:] == s_np[:, :-1]) & (s_np[:, 1:] != 0)
@@ -200,8 +191,3 @@ def test_whitespace_end_to_start_and_converter():
     seg1 = jnp.array([[1, 1, 1, 2, 2, 2, 0]])
     e = jnp.array([[0, 1, 1, 0, 0, 1, 1]], bool)
     np.testing.assert_array_equal(br.end_to_start(e, seg1), [[1, 0, 1, 1, 0, 0, 1]])
-
-
-def test_segment_spans_cover_the_window_once():
-    assert segment_spans([1, 1, 2, 2, 2, 0, 0]) == [(0, 2, 1), (2, 5, 2), (5, 7, 0)]
-    assert segment_spans([3]) == [(0, 1, 3)] and segment_spans([]) == []

@@ -1,4 +1,4 @@
-"""DTP learned routers (models/dtp.py, models/dtp_targets.py): losses, targets, pooling rule, prefix
+"""DTP learned routers (models/dtp.py, models/common.py HourglassLM, hnet/dynamic_pooling.py): losses, targets, pooling rule, prefix
 causality with position-derived Gumbel noise, evaluation determinism, decode ≡ forward, gradients, and
 the gin config training a few steps."""
 
@@ -12,8 +12,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from models import dtp_targets as tg
-from models.dtp import DTPConfig, DTPLM, DTPPooling
+from hnet import dynamic_pooling as dp
+from hnet.dynamic_pooling import DTPPooling
+from models.common import DTPConfig
+from models.dtp import DTPLM
 from tests.helpers import packed_row, pydoc_bytes, pydoc_docs, stack_rows, to_jnp
 from train.annotations import unigram_ends
 from train.data import UnigramTargets
@@ -23,12 +25,12 @@ TINY = dict(pre_layout="T1", inner_layout="T1", post_layout="T1", d_model=32, d_
 
 def test_binomial_loss_hand_value():
     # C(5,2) 0.2^2 0.8^3 = 0.2048 ; -ln(0.2048) / 5 = 0.317124
-    assert float(tg.binomial_nll(2.0, 5.0, 0.2)) / 5 == pytest.approx(-math.log(0.2048) / 5, rel=1e-5)
+    assert float(dp.binomial_nll(2.0, 5.0, 0.2)) / 5 == pytest.approx(-math.log(0.2048) / 5, rel=1e-5)
     # two rows, route 0 (α=0.2) and route 1 (α=0.5); pads excluded from n
     e_st = jnp.array([[1.0, 0.0, 1.0, 0.0, 0.0, 1.0], [0.0, 1.0, 0.0, 0.0, 1.0, 0.0]])
     route = jnp.array([[0, 0, 0, 0, 0, 1], [0, 0, 1, 1, 1, 1]])
     real = jnp.array([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0]], bool)
-    total, loss_R, present = tg.route_binomial_loss(e_st, route, real, (0.2, 0.5))
+    total, loss_R, present = dp.route_binomial_loss(e_st, route, real, (0.2, 0.5))
     # route 0: row0 k=2 n=5 ; row1 k=1 n=2 ; route 1: row0 k=1 n=1 ; row1 k=1 n=3
     r0 = (-math.log(0.2048) / 5 + -math.log(2 * 0.2 * 0.8) / 2) / 2
     r1 = (-math.log(0.5) / 1 + -math.log(3 * 0.125) / 3) / 2
@@ -42,9 +44,9 @@ def test_bce_on_logits_hand_value():
     targets = jnp.array([[True, False, True]])
     mask = jnp.array([[True, True, False]])
     want = (math.log1p(math.exp(-2.0)) + math.log1p(math.exp(-1.0))) / 2  # 0.220095
-    assert float(tg.bce_with_logits(logits, targets, mask)) == pytest.approx(want, rel=1e-5)
+    assert float(dp.bce_with_logits(logits, targets, mask)) == pytest.approx(want, rel=1e-5)
     # the reference bug (σ applied twice) gives a clearly different value
-    twice = float(tg.bce_with_logits(jax.nn.sigmoid(logits), targets, mask))
+    twice = float(dp.bce_with_logits(jax.nn.sigmoid(logits), targets, mask))
     assert abs(twice - want) > 0.1
 
 
@@ -54,11 +56,11 @@ def test_entropy_spike_targets():
     V = 256
     logits = jnp.stack([jnp.where(jnp.arange(V) < k, 0.0, -1e9) for k in ks])[None]
     positions = jnp.array([[0, 1, 2, 3, 4, 0, 1, 2, 3]])  # a second document starts at index 5
-    t = np.asarray(tg.entropy_spike_targets(logits, positions, spikes_left=2))[0]
+    t = np.asarray(dp.entropy_spike_targets(logits, positions, spikes_left=2))[0]
     # H > H_{t-1} and H > H_{t-2}; first two positions of each document default to True
     assert t.shape == (9,)
     assert t.tolist() == [True, True, False, True, False, True, True, False, True]
-    g = jax.grad(lambda lg: jnp.sum(tg.entropy_spike_targets(lg, positions).astype(jnp.float32)))(logits)
+    g = jax.grad(lambda lg: jnp.sum(dp.entropy_spike_targets(lg, positions).astype(jnp.float32)))(logits)
     assert float(jnp.abs(g).sum()) == 0.0
 
 

@@ -1,4 +1,4 @@
-"""MAGNET routing (models/dtp.py with routing 'script' / 'doc' / 'lang'): per-byte selection among all route
+"""MAGNET routing (models/magnet.py, routing 'script' / 'doc' / 'lang'): per-byte selection among all route
 predictors on real mixed-script text, per-route priors, prefix causality of per-byte routing in
 training mode, decode ≡ forward with routes, and the config training a few steps."""
 
@@ -12,15 +12,28 @@ from flax import nnx
 
 from hnet.boundary_rules import end_to_start
 from hnet import sharding
-from hnet.scripts import (GROUPINGS, LANGUAGE_SETS, NTREX_SCRIPT_GROUPS, byte_routes, length_class_priors, parity_priors,
-                          route_counts, route_length_counts, routes_for_batch)
-from models import dtp_targets as tg
-from models.dtp import DTPConfig, DTPLM, route_key
+from hnet import dynamic_pooling as dp
+from hnet.scripts import (GROUPINGS, LANGUAGE_SETS, NTREX_SCRIPT_GROUPS, SCRIPT_GROUPS, byte_routes, length_class_priors,
+                          parity_priors, route_counts, route_length_counts)
+from models.common import DTPConfig
+from models.dtp import DTPLM
+from models.magnet import MagnetLM, route_key
 from tests.helpers import packed_row, shared_text_path, stack_rows, to_jnp
 from tests.test_dtp import TINY, _decode_all, make_fwd, train_shrunk
 from train.eval import mean_of_defined
 
 NAMES = ("latin", "cyrl", "deva", "other")
+
+
+def routes_for_batch(tokens_BxL, segment_ids_BxL, groups=SCRIPT_GROUPS):
+    """The script_routes annotation of packed rows: each segment routed on its own bytes (BOS/EOS included) by
+    ``byte_routes``, padding route 0. int32 [B, L]."""
+    out = np.zeros(np.shape(tokens_BxL), np.int32)
+    for r, (tok, seg) in enumerate(zip(np.asarray(tokens_BxL), np.asarray(segment_ids_BxL))):
+        for s in np.unique(seg[seg > 0]):
+            idx = np.flatnonzero(seg == s)
+            out[r, idx] = byte_routes(tok[idx].astype(np.uint8).tobytes(), groups)
+    return out
 
 
 def _mixed_doc(n_lines: int = 1) -> bytes:
@@ -43,7 +56,7 @@ def _batch(L=256):
 def routed():
     """MAGNET per-byte model; the route predictors are forced: latin and deva always close (+20),
     cyrl and other never (-20), so the chosen predictor is visible in the boundaries."""
-    model = DTPLM(DTPConfig(**TINY, routing="script", route_names=NAMES, priors=(0.2, 0.1, 0.08, 0.12)), seed=4)
+    model = MagnetLM(DTPConfig(**TINY, routing="script", route_names=NAMES, priors=(0.2, 0.1, 0.08, 0.12)), seed=4)
     train_fwd, state = make_fwd(model, False)
     forced = nnx.clone(model)
     forced.predictor.w2[...] = jnp.zeros_like(forced.predictor.w2[...])
@@ -85,7 +98,7 @@ def test_per_route_prior_counts_only_that_routes_bytes():
     real = jnp.asarray(batch["segment_ids"] > 0)
     route = jnp.asarray(batch["script_routes"])
     e_st = (route == 0).astype(jnp.float32)  # closes exactly the latin bytes
-    total, loss_R, _ = tg.route_binomial_loss(e_st, route, real, (0.2, 0.1, 0.08, 0.12))
+    total, loss_R, _ = dp.route_binomial_loss(e_st, route, real, (0.2, 0.1, 0.08, 0.12))
     # latin: k = n in every row -> -ln(0.2^n)/n = -ln 0.2 ; other routes: k = 0 -> -ln(1-α)
     np.testing.assert_allclose(np.asarray(loss_R), -np.log([0.2, 0.9, 0.92, 0.88]), rtol=1e-5)
 
@@ -163,9 +176,9 @@ def test_ntrex_grouping_annotations_and_route_key():
 
     priors = tuple(0.1 for _ in NTREX_NAMES)
     with pytest.raises(ValueError):  # names of the other grouping
-        DTPLM(DTPConfig(**TINY, routing="script", script_groups="ntrex", route_names=NAMES, priors=(0.1,) * 4))
-    model = DTPLM(DTPConfig(**TINY, routing="script", script_groups="ntrex", route_names=NTREX_NAMES,
-                            priors=priors), seed=5)
+        MagnetLM(DTPConfig(**TINY, routing="script", script_groups="ntrex", route_names=NAMES, priors=(0.1,) * 4))
+    model = MagnetLM(DTPConfig(**TINY, routing="script", script_groups="ntrex", route_names=NTREX_NAMES,
+                               priors=priors), seed=5)
     model.predictor.w2[...] = jnp.zeros_like(model.predictor.w2[...])
     model.predictor.b2[...] = jnp.where(jnp.isin(jnp.arange(len(NTREX_NAMES)), jnp.array([2, 5])), 20.0, -20.0)
     doc = b" ".join(d[:50] for d in docs.values())
@@ -242,7 +255,7 @@ def test_lang_routing_follows_the_file_label_not_the_script(tmp_path):
 
     assert route_key("lang", "ntrex") == "lang_routes_ntrex"
     cfg = DTPConfig(**TINY, routing="lang", script_groups="ntrex", route_names=langs, priors=(0.1,) * len(langs))
-    model = DTPLM(cfg, seed=0)
+    model = MagnetLM(cfg, seed=0)
     model.predictor.w2[...] = jnp.zeros_like(model.predictor.w2[...])
     model.predictor.b2[...] = jnp.where(jnp.arange(len(langs)) == langs.index("hin"), 20.0, -20.0)
     setup = build_state(lambda: model, OptimizerConfig(), 10, sharding.make_mesh({"data": -1}))
@@ -307,8 +320,8 @@ def test_lso_utf8_decode_step_matches_forward():
     annotation's."""
     groups = "ntrex_lso_utf8"
     names = tuple(GROUPINGS[groups])
-    model = DTPLM(DTPConfig(**TINY, routing="script", script_groups=groups, route_names=names,
-                            priors=tuple(np.linspace(0.08, 0.25, len(names)))), seed=6)
+    model = MagnetLM(DTPConfig(**TINY, routing="script", script_groups=groups, route_names=names,
+                               priors=tuple(np.linspace(0.08, 0.25, len(names)))), seed=6)
     parts = [d.decode()[:16].encode() for d in _ntrex_lines(LSO_LANGS).values()]
     doc = b" ".join(parts)
     batch = stack_rows([packed_row([b" ".join(parts[:3]), b" ".join(parts[3:])], 256), packed_row([doc], 256)])

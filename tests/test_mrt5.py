@@ -1,4 +1,4 @@
-"""MrT5 delete gates (models/mrt5.py, models/mrt5_encdec.py): gate formula and threshold, soft deletion as
+"""MrT5 delete gates (models/mrt5.py, models/mrt5_encdec.py, models/common.py): gate formula and threshold, soft deletion as
 key masking, softmax1, hard = soft when gates saturate (original RoPE positions), the PI controller (hand
 example, direction, checkpoint round trip), causality and decode_step of the causal form, span corruption,
 gradients, and the tiny configs training a few steps."""
@@ -15,10 +15,11 @@ import pytest
 from flax import nnx
 
 from hnet import chunking
+from hnet.boundary_rules import doc_starts, offsets_since_start
 from hnet.layers import Attention
 from hnet.sharding import mesh_context
-from models.hnet import doc_starts, positions_within_docs
-from models.mrt5 import DeleteGate, MrT5CausalLM, MrT5Config, PIController, PIState, hard_gather
+from models.common import DeleteGate, MrT5Config, PIController, PIState
+from models.mrt5 import MrT5CausalLM
 from models.mrt5_encdec import SENTINEL_FIRST, MrT5EncDec, span_corruption
 from tests.helpers import packed_row, pydoc_bytes, stack_rows, text_row, to_jnp
 from train.step import cross_entropy_sums
@@ -89,7 +90,6 @@ def test_gate_formula_threshold_pads_and_doc_starts():
     assert float(gate.proj.bias[...][0]) == 1.0  # b₀ = +1 (keep-leaning)
     h = jax.random.normal(jax.random.key(0), (2, 12, cfg.d_model)) * 3
     seg = jnp.array([[1] * 5 + [2] * 5 + [0] * 2, [3] * 12])
-    from models.hnet import doc_starts
     G = np.asarray(gate(h, seg > 0, doc_starts(seg)))
     n = np.asarray(gate.norm(h))
     z = n @ np.asarray(gate.proj.kernel[...])[:, 0] + 1.0
@@ -245,7 +245,7 @@ def test_hard_equals_soft_when_gates_saturate_and_positions_are_original(cpu_mes
     np.testing.assert_allclose(float(m["hard_ce"]), float(m["soft_ce"]), rtol=1e-5)
     # hard deletion gathers the ORIGINAL positions ...
     keep = jnp.asarray(kept)
-    _, zpos = hard_gather(keep, L, batch["segment_ids"], batch["positions"])
+    _, zpos = chunking.compact_ids(keep, L, batch["segment_ids"], batch["positions"])
     for b in range(3):
         idx = np.nonzero(kept[b])[0]
         np.testing.assert_array_equal(np.asarray(zpos)[b, :len(idx)], np.asarray(batch["positions"])[b, idx])
@@ -259,9 +259,9 @@ def test_hard_equals_soft_when_gates_saturate_and_positions_are_original(cpu_mes
         h = m.encoder(m.embed(batch["inputs"]), seg, pos)
         soft = m.backbone(h, seg, pos, m.gate(h, seg > 0, doc_starts(seg)))
         z = chunking.compact(h, keep, L)[0]
-        zseg, zpos = hard_gather(keep, L, seg, pos)
+        zseg, zpos = chunking.compact_ids(keep, L, seg, pos)
         return (chunking.compact(soft, keep, L)[0], m.backbone(z, zseg, zpos),
-                m.backbone(z, zseg, positions_within_docs(doc_starts(zseg))), zseg)
+                m.backbone(z, zseg, offsets_since_start(doc_starts(zseg))), zseg)
 
     with mesh_context(cpu_mesh):
         y_soft, y_orig, y_renum, zseg = map(np.asarray, backbones(state, batch, keep))

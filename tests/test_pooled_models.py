@@ -1,4 +1,4 @@
-"""Rule-pooled models (models/hat.py, models/lyt.py, models/pooled.py): prefix causality with the word rule
+"""Rule-pooled models (models/hat.py, models/lyt.py, models/mean_pooled.py, models/spacebyte.py): prefix causality with the word rule
 recomputed on every prefix, decode_step ≡ full forward (packed rows, host splitter flags for HAT/LYT),
 gradients, LYT's block-diagonal decoder, host-splitter generation, and every gin config trains."""
 
@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from hnet.boundary_rules import doc_starts, hat_word_starts
+from hnet.boundary_rules import WordStartTracker, causal_word_starts, doc_starts, hat_word_starts
 from models.hat import HATLM
 from models.lyt import LYTLM
-from models.pooled import MeanPooledLM, SpaceByteLM
-from models.pooling import WordStartTracker, causal_word_starts
+from models.mean_pooled import MeanPooledLM
+from models.spacebyte import SpaceByteLM
 from train.generate import generate, generate_arrays
 from tests.helpers import REPO_ROOT, packed_row, pydoc_bytes, pydoc_text, stack_rows, tiny_stack, to_jnp
 from train.step import cross_entropy_sums, eval_forward

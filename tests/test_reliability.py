@@ -379,7 +379,7 @@ def _loss_and_grads(model_file: str, extra_bindings=(), params_fns=(None,)):
     """Build the config's model; for each ``params_fn(params) -> params`` (None: as initialised) return
     (loss, metrics, grad global norm, number of non-finite gradient entries) on the saturating batch. The
     per-route ``bytes_per_chunk_<route>`` of a routed model is left out for routes with no byte in the
-    batch: it is NaN by definition there (undefined, models/dtp.py)."""
+    batch: it is NaN by definition there (undefined, models/magnet.py)."""
     import gin
     import jax
     import jax.numpy as jnp
@@ -387,7 +387,7 @@ def _loss_and_grads(model_file: str, extra_bindings=(), params_fns=(None,)):
     from flax import nnx
 
     from hnet.sharding import make_mesh
-    from models.dtp import route_key
+    from models.magnet import route_key
     from train.config import parse
     from train.loop import build_state
     from train.optim import OptimizerConfig

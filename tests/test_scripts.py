@@ -8,7 +8,6 @@ import pytest
 import regex
 
 from hnet import scripts as sc
-from hnet.bytes import BOS, EOS, encode_document
 
 LAT, CYR, IND, OTH = 0, 1, 2, 3
 MIXED = "Hello мир 123, नमस्ते! বাংলা తెలుగు e\u0301 «中文» ok. Ж\u0301x 😀 ΑΒ।"
@@ -112,30 +111,6 @@ def test_causality_every_byte_prefix():
             np.testing.assert_array_equal(sc.byte_routes(d[:k]), full[:k], err_msg=f"{d!r} k={k}")
             n_mid += 0 < k < len(d) and 0x80 <= d[k] <= 0xBF
     assert n_mid > 100
-
-
-def test_routes_for_window():
-    docs = [MIXED.encode(), "привет мир".encode(), b"ab\xffcd"]
-    tok, seg = [], []
-    for i, d in enumerate(docs, start=1):
-        f = encode_document(d)
-        tok += f.tolist()
-        seg += [i] * len(f)
-    tok += [0] * 5
-    seg += [0] * 5
-    routes = sc.routes_for_window(np.array(tok), np.array(seg))
-    pos = 0
-    for d in docs:
-        n = len(d) + 2
-        assert tok[pos] == BOS and tok[pos + n - 1] == EOS
-        np.testing.assert_array_equal(routes[pos: pos + n], sc.byte_routes(bytes(tok[pos: pos + n])))
-        assert routes[pos] == 0  # BOS: default route
-        np.testing.assert_array_equal(routes[pos + 1: pos + n - 1], sc.byte_routes(d))  # BOS changes nothing
-        pos += n
-    assert (routes[pos:] == 0).all()
-    batch = sc.routes_for_batch(np.stack([tok, tok[::-1]]), np.stack([seg, seg[::-1]]))
-    assert batch.shape == (2, len(tok)) and batch.dtype == np.int32
-    np.testing.assert_array_equal(batch[0], routes)
 
 
 def test_speed_one_megabyte():

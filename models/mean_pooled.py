@@ -1,7 +1,8 @@
-"""Rule-based pooled baselines on the shared backbone (shared/reference/boundaries.md §E, §F, §9.8).
+"""Mean pooling with rule boundaries on the shared backbone (shared/reference/boundaries.md §E, §F, §9.8):
+DTP's 'whitespaces' rule and fixed stride with the Hourglass shift rule, END convention:
 
-MeanPooledLM (DTP whitespace, fixed stride with the Hourglass shift rule), END convention:
     h = pre(embed(x)) ; e_t = [x_t = ' ']  (whitespace)  or  [offset_t ≡ P-1 mod P]  (fixed)
+    (the END rules of ``hnet.boundary_rules``: ``whitespace_ends``, ``fixed_stride_ends``)
     per document, shortened sequence [null, s_0, s_1, ...], s_k = mean of group k (closed by its END byte)
     o = backbone(LayerNorm(shortened)) ; u_t = o_{c(t)}, c(t) = #ENDs of the document at bytes <= t
     (the END byte reads its own group: legal because e_t depends on x_t only; bytes before the first END
@@ -9,14 +10,8 @@ MeanPooledLM (DTP whitespace, fixed stride with the Hourglass shift rule), END c
   Fixed stride P is Hourglass with shift k-1: group j (offsets jP..jP+P-1) feeds offsets jP+P-1 onward
   (here through a learned null group instead of zero padding).
 
-SpaceByteLM (Slagle 2024):
-    h = local_in(embed(x)) (width d) ; global positions g = first byte of each spacelike run + doc starts
-    y_k = global([0_{D-d}; h_{g_k}]) over at most M = T_G global positions (RoPE on the index in the doc)
-    h_{g_k} += last d dims of y_k (written only at g_k) ; logits = head(local_out(h)).
-    Targets at or after the (M+1)-th global position of a row are masked (target_mask False).
-
-Capacities are static (M slots per row); overflow is masked and counted. Both models decode byte by byte
-with per-row masked backbone steps (``decode_step`` ≡ full forward).
+Capacity is static (M slots per row); overflow is masked and counted. Decodes byte by byte with per-row
+masked backbone steps (``decode_step`` ≡ full forward).
 """
 
 from __future__ import annotations
@@ -26,22 +21,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from hnet import chunking
-from hnet.boundary_rules import SPACE, doc_starts, end_to_start, spacebyte_starts, spacelike
-from hnet.bytes import VOCAB_SIZE
+from hnet.boundary_rules import doc_starts, end_to_start, fixed_stride_ends, offsets_since_start, whitespace_ends
 from hnet.layers import Stack, StackConfig, normal
 from hnet.sharding import constrain, param_init
 from models.base import ByteLM, ModelOutput, capacity_slots, dtype_from_name
-from models.pooling import chunk_layout, chunk_metrics, gather_chunks, masked_update, offsets_in_chunk, segment_sum
-
-
-def byte_embed(d: int, param_dtype, rngs):
-    return nnx.Embed(VOCAB_SIZE, d, param_dtype=param_dtype, embedding_init=param_init(normal(1.0), ("vocab", "embed")),
-                     rngs=rngs)
-
-
-def lm_head(d: int, dtype, param_dtype, rngs):
-    return nnx.Linear(d, VOCAB_SIZE, use_bias=False, dtype=dtype, param_dtype=param_dtype,
-                      kernel_init=param_init(normal(0.02), ("embed", "vocab")), rngs=rngs)
+from models.common import byte_embed, chunk_metrics, lm_head, masked_update, segment_sum
 
 
 class MeanPooledLM(ByteLM):
@@ -69,9 +53,8 @@ class MeanPooledLM(ByteLM):
         self.lm_head = lm_head(d, dtype, param_dtype, rngs)
 
     def _ends(self, tokens, offsets):
-        if self.rule == "whitespace":
-            return tokens == SPACE
-        return offsets % self.stride == self.stride - 1
+        """END bits of the rule (``hnet.boundary_rules``), any shape: ``offsets`` = offset in the document."""
+        return whitespace_ends(tokens) if self.rule == "whitespace" else fixed_stride_ends(offsets, self.stride)
 
     def __call__(self, batch) -> ModelOutput:
         x, seg = batch["inputs"], batch["segment_ids"]
@@ -80,7 +63,7 @@ class MeanPooledLM(ByteLM):
         h = self.pre(constrain(self.embed(x).astype(jnp.float32), ("batch", "byte_len", "act_embed")), seg,
                      batch["positions"])
         ds = doc_starts(seg)
-        e = self._ends(x, offsets_in_chunk(ds)) & (seg > 0)
+        e = self._ends(x, offsets_since_start(ds)) & (seg > 0)
         b = end_to_start(e, seg)
         # slots per row: [null_d, groups of doc d..., null_{d+1}, ...]; group slot = cid + #docs so far
         slot = chunking.chunk_ids(b) + jnp.cumsum(ds, axis=1, dtype=jnp.int32)
@@ -94,8 +77,9 @@ class MeanPooledLM(ByteLM):
         zseg = (segment_sum(seg[..., None], null_here, M)
                 + segment_sum(seg[..., None], jnp.where(b, slot, -1), M))[..., 0]
         z = self.norm(jnp.where(is_null, self.null[...].astype(jnp.float32), mean))
-        o = self.backbone(constrain(z, ("batch", "chunk_len", "act_embed")), zseg, offsets_in_chunk(doc_starts(zseg)))
-        y = self.post(h + gather_chunks(o, read), seg, batch["positions"])
+        o = self.backbone(constrain(z, ("batch", "chunk_len", "act_embed")), zseg,
+                          offsets_since_start(doc_starts(zseg)))
+        y = self.post(h + chunking.take_chunks(o, read), seg, batch["positions"])
         logits = constrain(self.lm_head(y).astype(jnp.float32), ("batch", "byte_len", "act_vocab"))
         dropped = jnp.maximum(slot[:, -1] + 1 - M, 0)
         return ModelOutput(logits_BxLxV=logits, target_mask_BxL=(read < M) | (seg == 0),
@@ -129,58 +113,3 @@ class MeanPooledLM(ByteLM):
         c["sum"], c["cnt"] = jnp.where(e[:, None], 0.0, s), jnp.where(e, 0, n)
         y, c["post"] = self.post.step(h + c["o"], c["post"], reset_B)
         return self.lm_head(y).astype(jnp.float32), c
-
-
-class SpaceByteLM(ByteLM):
-    """SpaceByte: local_in (width d) -> global blocks at spacelike-run starts (width D, zero-padded) written
-    back only at those positions -> local_out -> head. ``capacity`` = T_G / L."""
-
-    def __init__(self, local_in: StackConfig, backbone: StackConfig, local_out: StackConfig, *,
-                 capacity: float = 0.25, dtype="float32", param_dtype="float32", remat: bool = False, seed: int = 0):
-        assert local_in.d_model == local_out.d_model <= backbone.d_model
-        rngs = nnx.Rngs(seed)
-        self.capacity, self.deterministic = capacity, False
-        self.d, self.D = local_in.d_model, backbone.d_model
-        dtype, param_dtype = dtype_from_name(dtype), dtype_from_name(param_dtype)
-        kw = dict(dtype=dtype, param_dtype=param_dtype, remat=remat, rngs=rngs)
-        self.embed = byte_embed(self.d, param_dtype, rngs)
-        self.local_in = Stack(local_in, **kw)
-        self.backbone = Stack(backbone, length_axis="chunk_len", **kw)
-        self.local_out = Stack(local_out, **kw)
-        self.lm_head = lm_head(self.d, dtype, param_dtype, rngs)
-
-    def _pad(self, h):
-        return jnp.concatenate([jnp.zeros(h.shape[:-1] + (self.D - self.d,), h.dtype), h], axis=-1)
-
-    def __call__(self, batch) -> ModelOutput:
-        x, seg, pos = batch["inputs"], batch["segment_ids"], batch["positions"]
-        M = capacity_slots(self.capacity, x.shape[1], self.deterministic)
-        h = self.local_in(constrain(self.embed(x).astype(jnp.float32), ("batch", "byte_len", "act_embed")), seg, pos)
-        g = spacebyte_starts(x, seg)
-        lay = chunk_layout(g, seg, M)
-        z, _ = chunking.compact(h, g, M)
-        y = self.backbone(constrain(self._pad(z), ("batch", "chunk_len", "act_embed")), lay.seg_BxM, lay.pos_BxM)
-        u = jnp.where(g[..., None], gather_chunks(y[..., self.D - self.d:], lay.cid_BxL), 0.0)
-        logits = self.lm_head(self.local_out(h + u, seg, pos)).astype(jnp.float32)
-        return ModelOutput(logits_BxLxV=constrain(logits, ("batch", "byte_len", "act_vocab")),
-                           target_mask_BxL=lay.byte_ok_BxL | (seg == 0),
-                           metrics=chunk_metrics(g, seg, lay.dropped_B), boundaries={"s0": g})
-
-    def init_cache(self, batch_size: int, max_len: int):
-        B, M = batch_size, capacity_slots(self.capacity, max_len, self.deterministic)
-        return {"local_in": self.local_in.init_cache(B, max_len), "local_out": self.local_out.init_cache(B, max_len),
-                "backbone": self.backbone.init_cache(B, M), "prev_spacelike": jnp.ones((B,), bool),
-                "count": jnp.zeros((B,), jnp.int32), "cap": jnp.full((B,), M, jnp.int32)}
-
-    def decode_step(self, tokens_B, cache, reset_B, side_B=None):
-        c = dict(cache)
-        h, c["local_in"] = self.local_in.step(self.embed(tokens_B).astype(jnp.float32), c["local_in"], reset_B)
-        sl = spacelike(tokens_B[:, None])[:, 0]
-        g = reset_B | (sl & ~c["prev_spacelike"])
-        active = g & (c["count"] < c["cap"])
-        y, bb = self.backbone.step(self._pad(h), c["backbone"], reset_B)
-        c["backbone"] = masked_update(bb, c["backbone"], active)
-        h = h + jnp.where(active[:, None], y[:, self.D - self.d:], 0.0)
-        c["prev_spacelike"], c["count"] = sl, c["count"] + g
-        out, c["local_out"] = self.local_out.step(h, c["local_out"], reset_B)
-        return self.lm_head(out).astype(jnp.float32), c
