@@ -67,10 +67,6 @@ def offsets_since_start(starts_BxL: jnp.ndarray) -> jnp.ndarray:
     return pos_BxL - lax.cummax(jnp.where(starts_BxL, pos_BxL, 0), axis=1)
 
 
-def _shift_right(x_BxL: jnp.ndarray, fill) -> jnp.ndarray:
-    return jnp.concatenate([jnp.full_like(x_BxL[:, :1], fill), x_BxL[:, :-1]], axis=1)
-
-
 def fixed_stride_ends(offsets, stride: int):
     """END rule of fixed-stride pooling (Hourglass with shift k-1): ``e_t = [offset_t ≡ stride-1 (mod stride)]``
     with ``offset_t`` the byte's offset in its document (``offsets_since_start(doc_starts(seg))``); through
@@ -83,6 +79,10 @@ def fixed_stride_ends(offsets, stride: int):
 def whitespace_ends(tokens):
     """DTP 'whitespaces' END rule: ``e_t = [x_t == ' ']`` (the chunk is "word␣"). bool, the shape of ``tokens``."""
     return tokens == SPACE
+
+
+def _shift_right(x_BxL: jnp.ndarray, fill) -> jnp.ndarray:
+    return jnp.concatenate([jnp.full_like(x_BxL[:, :1], fill), x_BxL[:, :-1]], axis=1)
 
 
 def spacelike(tokens_BxL: jnp.ndarray) -> jnp.ndarray:
@@ -115,7 +115,7 @@ def end_to_start(e_BxL: jnp.ndarray, segment_ids_BxL: jnp.ndarray) -> jnp.ndarra
 
 
 # ---------------------------------------------------------------------------------------------------
-# HAT word rule (host-side numpy)
+# HAT word rule (host-side numpy) and the decided word starts of the models (numpy or jnp)
 # ---------------------------------------------------------------------------------------------------
 
 DEFAULT_MAX_WORD_BYTES = 100  # the vLLM HAT port's max_word_size

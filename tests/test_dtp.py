@@ -1,6 +1,6 @@
-"""DTP learned routers (models/dtp.py, models/common.py HourglassLM, hnet/dynamic_pooling.py): losses, targets, pooling rule, prefix
-causality with position-derived Gumbel noise, evaluation determinism, decode ≡ forward, gradients, and
-the gin config training a few steps."""
+"""DTP learned routers (models/dtp.py, models/common.py HourglassLM, hnet/dynamic_pooling.py): losses, targets,
+pooling rule, prefix causality with position-derived Gumbel noise, evaluation determinism, decode ≡ forward,
+gradients, and the gin config training a few steps."""
 
 from __future__ import annotations
 

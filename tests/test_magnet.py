@@ -13,8 +13,8 @@ from flax import nnx
 from hnet.boundary_rules import end_to_start
 from hnet import sharding
 from hnet import dynamic_pooling as dp
-from hnet.scripts import (GROUPINGS, LANGUAGE_SETS, NTREX_SCRIPT_GROUPS, SCRIPT_GROUPS, byte_routes, length_class_priors,
-                          parity_priors, route_counts, route_length_counts)
+from hnet.scripts import (GROUPINGS, LANGUAGE_SETS, NTREX_SCRIPT_GROUPS, SCRIPT_GROUPS, byte_routes,
+                          length_class_priors, parity_priors, route_counts, route_length_counts)
 from models.common import DTPConfig
 from models.dtp import DTPLM
 from models.magnet import MagnetLM, route_key

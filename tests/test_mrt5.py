@@ -1,6 +1,6 @@
-"""MrT5 delete gates (models/mrt5.py, models/mrt5_encdec.py, models/common.py): gate formula and threshold, soft deletion as
-key masking, softmax1, hard = soft when gates saturate (original RoPE positions), the PI controller (hand
-example, direction, checkpoint round trip), causality and decode_step of the causal form, span corruption,
+"""MrT5 delete gates (models/mrt5.py, models/mrt5_encdec.py, models/common.py): gate formula and threshold, soft
+deletion as key masking, softmax1, hard = soft when gates saturate (original RoPE positions), the PI controller
+(hand example, direction, checkpoint round trip), causality and decode_step of the causal form, span corruption,
 gradients, and the tiny configs training a few steps."""
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
-"""Rule-pooled models (models/hat.py, models/lyt.py, models/mean_pooled.py, models/spacebyte.py): prefix causality with the word rule
-recomputed on every prefix, decode_step ≡ full forward (packed rows, host splitter flags for HAT/LYT),
-gradients, LYT's block-diagonal decoder, host-splitter generation, and every gin config trains."""
+"""Rule-pooled models (models/hat.py, models/lyt.py, models/mean_pooled.py, models/spacebyte.py): prefix causality
+with the word rule recomputed on every prefix, decode_step ≡ full forward (packed rows, host splitter flags for
+HAT/LYT), gradients, LYT's block-diagonal decoder, host-splitter generation, and every gin config trains."""
 
 from __future__ import annotations
 
