@@ -108,10 +108,11 @@ class ByteLM(nnx.Module):
         raise NotImplementedError(f"{type(self).__name__} does not decode bytes")
 
 
-def capacity_slots(capacity: float, L: int, evaluation: bool = False) -> int:
-    """Static chunk slots of a row of L positions: M = ceil(capacity · L) in training; M = L in evaluation
-    (``model.eval()``: no chunk can overflow, so every byte is scored)."""
-    return L if evaluation else max(1, math.ceil(capacity * L))
+def capacity_slots(capacity: float, L: int, evaluation: bool = False, max_slots: int | None = None) -> int:
+    """Static chunk slots of a row of L positions: M = ceil(capacity · L) in training; in evaluation
+    (``model.eval()``) M = ``max_slots``, the most slots a row can fill (default L, one chunk per byte; 2L for
+    poolings that also give every document a null slot), so no chunk can overflow and every byte is scored."""
+    return (max_slots or L) if evaluation else max(1, math.ceil(capacity * L))
 
 
 def dtype_from_name(name: str | Any):

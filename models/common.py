@@ -269,7 +269,7 @@ class HourglassLM(ByteLM):
         e, e_st = self.decide(logit, jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L)))
         e, e_st = e & real, e_st * real
 
-        M = capacity_slots(cfg.capacity, L, self.deterministic)
+        M = capacity_slots(cfg.capacity, L, self.deterministic, max_slots=2 * L)  # a null per document + chunks
         pooled = self.pooling.pool(h, e, seg, M, e_st)
         o = self.inner(pooled.z_BxMxD, pooled.segment_ids_BxM, pooled.positions_BxM)
         y = self.post(h + self.pooling.broadcast(o, pooled), seg, pos)
@@ -302,7 +302,7 @@ class HourglassLM(ByteLM):
     # ----- incremental decoding: the evaluation rule (call model.eval() first for Gumbel models) -----
     def init_cache(self, batch_size: int, max_len: int):
         D = self.config.d_model
-        return {"pre": self.pre.init_cache(batch_size, max_len), "inner": self.inner.init_cache(batch_size, max_len),
+        return {"pre": self.pre.init_cache(batch_size, max_len), "inner": self.inner.init_cache(batch_size, 2 * max_len),
                 "post": self.post.init_cache(batch_size, max_len), "sum": jnp.zeros((batch_size, D), jnp.float32),
                 "count": jnp.zeros((batch_size,), jnp.float32), "last_o": jnp.zeros((batch_size, D), jnp.float32),
                 "route": jnp.zeros((batch_size,), jnp.int32),

@@ -59,7 +59,7 @@ class MeanPooledLM(ByteLM):
     def __call__(self, batch) -> ModelOutput:
         x, seg = batch["inputs"], batch["segment_ids"]
         L = x.shape[1]
-        M = capacity_slots(self.capacity, L, self.deterministic)
+        M = capacity_slots(self.capacity, L, self.deterministic, max_slots=2 * L)  # nulls + groups
         h = self.pre(constrain(self.embed(x).astype(jnp.float32), ("batch", "byte_len", "act_embed")), seg,
                      batch["positions"])
         ds = doc_starts(seg)
@@ -86,7 +86,7 @@ class MeanPooledLM(ByteLM):
                            metrics=chunk_metrics(b, seg, dropped), boundaries={"s0": b})
 
     def init_cache(self, batch_size: int, max_len: int):
-        B, M = batch_size, capacity_slots(self.capacity, max_len, self.deterministic)
+        B, M = batch_size, capacity_slots(self.capacity, max_len, self.deterministic, max_slots=2 * max_len)
         d = self.null.shape[0]
         zi = jnp.zeros((B,), jnp.int32)
         return {"pre": self.pre.init_cache(B, max_len), "post": self.post.init_cache(B, max_len),

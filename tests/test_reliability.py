@@ -327,7 +327,7 @@ def test_cli_50mb_single_line_file(cli_env, tmp_path):
 
 TINY_CONFIGS = sorted(os.path.relpath(p, REPO_ROOT)
                       for p in glob.glob(os.path.join(REPO_ROOT, "configs", "*tiny*.gin")))
-# default suite: these three (no router; H-Net's router and capacity; MAGNET's routed predictors), shrunk
+# default suite: these four (no router; H-Net's router and capacity; MAGNET's routed predictors; null slots), shrunk
 # further (compiling the full tiny H-Net's gradient costs ~1 min on a busy CPU); every tiny config at its own
 # size runs under -m slow
 SHRUNK = {
@@ -341,6 +341,10 @@ SHRUNK = {
                                 "models.DTPConfig.num_heads = 2", "models.DTPConfig.pre_layout = 'T1'",
                                 "models.DTPConfig.inner_layout = 'T1'", "models.DTPConfig.post_layout = 'T1'",
                                 "models.DTPConfig.predictor_hidden = 16"],
+    # a null slot per document + a group per space: the all-spaces row needs 2L slots in eval mode
+    "configs/dtp_whitespace_tiny.gin": [f"{s}/hnet.StackConfig.{k} = {v}" for s in ("local", "main")
+                                        for k, v in (("layout", "'T1'"), ("d_model", 32), ("d_ff", 64),
+                                                     ("num_heads", 2))],
 }
 GUARD_CASES = ([pytest.param(c, SHRUNK[c], id=f"{c}-shrunk") for c in sorted(SHRUNK)]
                + [pytest.param(c, [], id=c, marks=pytest.mark.slow) for c in TINY_CONFIGS])
