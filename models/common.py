@@ -8,7 +8,7 @@ Pooling layers) live in ``hnet``.
   ChunkLayout, chunk_layout,            static-capacity layout of a START mask and its helpers (rule-pooled
   segment_sum, shift_chunks,            models: HAT, LYT, SpaceByte, mean pooling)
   chunk_metrics
-  word_start_side                       ``decode_step``'s word-start input of the word-pooled models (HAT, LYT)
+  WordPooledLM                          base of the word-pooled models (HAT, LYT): annotation, decoding input
   DTPConfig, HourglassLM                the DTP hourglass: one forward and decode step for DTP and MAGNET
   MrT5Config, DeleteGate, PIController, the MrT5 delete gate, its regulariser and metrics (causal and
   gate_losses, score_regs, loss_metrics encoder-decoder MrT5)
@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from hnet import chunking
-from hnet.boundary_rules import doc_starts, end_to_start, offsets_since_start
+from hnet.boundary_rules import WordStartTracker, causal_word_starts, doc_starts, end_to_start, offsets_since_start
 from hnet.bytes import VOCAB_SIZE
 from hnet.dynamic_pooling import (EVAL_NOISE_STEP, DTPPooling, NoiseStep, RoutedPredictor, bce_with_logits,
                                   entropy_spike_targets, gumbel_noise, route_binomial_loss, select_route)
@@ -119,13 +119,28 @@ def chunk_metrics(starts_BxL, segment_ids_BxL, dropped_B, per_chunk: int = 1) ->
     return out
 
 
-def word_start_side(model: ByteLM, side_B):
-    """``decode_step``'s ``side_B`` of a word-pooled model (HAT, LYT): the decided word-start bit of each fed byte
-    (``hnet.boundary_rules.WordStartTracker``, from ``decode_trackers``); bool [B]. Raises when it is missing."""
-    if side_B is None:
-        raise ValueError(f"{type(model).__name__} needs the per-byte word-start flag: decode_step(tokens_B, cache, "
-                         "reset_B, word_start_B); use train.generate.generate for sampling")
-    return side_B
+class WordPooledLM(ByteLM):
+    """Base of the models pooled on the HAT splitter's words (HAT, LYT): the forward reads the ``word_starts``
+    annotation through ``word_starts`` (the decided rule, ``hnet.boundary_rules.causal_word_starts``), and
+    ``decode_step`` takes the same decided bit of each fed byte from ``decode_trackers``
+    (``WordStartTracker``)."""
+
+    def required_annotations(self) -> tuple[str, ...]:
+        return ("word_starts",)
+
+    def word_starts(self, batch):
+        """Decided word starts of the batch, bool [B, L]."""
+        return causal_word_starts(batch["word_starts"], batch["inputs"], batch["segment_ids"])
+
+    def decode_trackers(self, prompts, langs=None) -> list[WordStartTracker]:
+        return [WordStartTracker() for _ in prompts]
+
+    def word_start_side(self, side_B):
+        """``decode_step``'s ``side_B``: the decided word-start bit of each fed byte, bool [B]; raises when missing."""
+        if side_B is None:
+            raise ValueError(f"{type(self).__name__} needs the per-byte word-start flag: decode_step(tokens_B, cache, "
+                             "reset_B, word_start_B); use train.generate.generate for sampling")
+        return side_B
 
 
 # ------------------------------------------------------------------------------------------------

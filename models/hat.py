@@ -27,22 +27,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 from hnet import chunking
-from hnet.boundary_rules import WordStartTracker, causal_word_starts
 from hnet.layers import RMSNorm, Stack, StackConfig, normal
 from hnet.sharding import constrain, param_init
-from models.base import ByteLM, ModelOutput, capacity_slots, dtype_from_name
-from models.common import (byte_embed, chunk_layout, chunk_metrics, dense, lm_head, masked_update, segment_sum,
-                           shift_chunks, word_start_side)
+from models.base import ModelOutput, capacity_slots, dtype_from_name
+from models.common import (WordPooledLM, byte_embed, chunk_layout, chunk_metrics, dense, lm_head, masked_update,
+                           segment_sum, shift_chunks)
 
 
-class HATLM(ByteLM):
-    def required_annotations(self) -> tuple[str, ...]:
-        return ("word_starts",)
-
-    def decode_trackers(self, prompts, langs=None):
-        """The decided word-start bit of every fed byte (``WordStartTracker``)."""
-        return [WordStartTracker() for _ in prompts]
-
+class HATLM(WordPooledLM):
     def __init__(self, encoder: StackConfig, backbone: StackConfig, decoder: StackConfig, *, connector_heads: int = 4,
                  capacity: float = 0.5, dtype="float32", param_dtype="float32", remat: bool = False, seed: int = 0):
         assert encoder.d_model == decoder.d_model, "the decoder's residual stream starts from the encoder states"
@@ -100,7 +92,7 @@ class HATLM(ByteLM):
         x, seg, pos = batch["inputs"], batch["segment_ids"], batch["positions"]
         M = capacity_slots(self.capacity, x.shape[1], self.deterministic)
         e = self.encoder(constrain(self.embed(x).astype(jnp.float32), ("batch", "byte_len", "act_embed")), seg, pos)
-        ws = causal_word_starts(batch["word_starts"], x, seg)
+        ws = self.word_starts(batch)
         lay = chunk_layout(ws, seg, M)
         u = self.connector(e, lay.cid_BxL, M)
         z = self.backbone(constrain(u, ("batch", "chunk_len", "act_embed")), lay.seg_BxM, lay.pos_BxM)
@@ -129,7 +121,7 @@ class HATLM(ByteLM):
 
     def decode_step(self, tokens_B, cache, reset_B, side_B=None):
         """``side_B``: the decided word-start bit of each fed byte (``decode_trackers``)."""
-        word_start_B = word_start_side(self, side_B)
+        word_start_B = self.word_start_side(side_B)
         c = dict(cache)
         e, c["encoder"] = self.encoder.step(self.embed(tokens_B).astype(jnp.float32), c["encoder"], reset_B)
         start = word_start_B | reset_B

@@ -24,22 +24,15 @@ import jax.numpy as jnp
 from flax import nnx
 
 from hnet import chunking
-from hnet.boundary_rules import WordStartTracker, causal_word_starts, offsets_since_start
+from hnet.boundary_rules import offsets_since_start
 from hnet.layers import Stack, StackConfig, normal
 from hnet.sharding import constrain, param_init
-from models.base import ByteLM, ModelOutput, capacity_slots, dtype_from_name
-from models.common import (byte_embed, chunk_layout, chunk_metrics, dense, lm_head, masked_update, segment_sum,
-                           shift_chunks, word_start_side)
+from models.base import ModelOutput, capacity_slots, dtype_from_name
+from models.common import (WordPooledLM, byte_embed, chunk_layout, chunk_metrics, dense, lm_head, masked_update,
+                           segment_sum, shift_chunks)
 
 
-class LYTLM(ByteLM):
-    def required_annotations(self) -> tuple[str, ...]:
-        return ("word_starts",)
-
-    def decode_trackers(self, prompts, langs=None):
-        """The decided word-start bit of every fed byte (``WordStartTracker``)."""
-        return [WordStartTracker() for _ in prompts]
-
+class LYTLM(WordPooledLM):
     def __init__(self, word_encoder: StackConfig, backbone: StackConfig, word_decoder: StackConfig, *,
                  num_prefix: int = 1, max_word_bytes: int = 12, capacity: float = 0.5, dtype="float32",
                  param_dtype="float32", remat: bool = False, seed: int = 0):
@@ -82,7 +75,8 @@ class LYTLM(ByteLM):
         return out[:, self.p:].reshape(B, M, C, D)
 
     def word_starts(self, batch):
-        ws = causal_word_starts(batch["word_starts"], batch["inputs"], batch["segment_ids"])
+        """Decided word starts, words longer than C bytes split every C bytes."""
+        ws = super().word_starts(batch)
         return ws | (offsets_since_start(ws) % self.C == 0)
 
     def __call__(self, batch) -> ModelOutput:
@@ -117,7 +111,7 @@ class LYTLM(ByteLM):
 
     def decode_step(self, tokens_B, cache, reset_B, side_B=None):
         """``side_B``: the decided word-start bit of each fed byte (``decode_trackers``)."""
-        word_start_B = word_start_side(self, side_B)
+        word_start_B = self.word_start_side(side_B)
         c = dict(cache)
         B, p = tokens_B.shape[0], self.p
         start = word_start_B | reset_B | (c["n"] >= self.C)

@@ -116,9 +116,9 @@ def test_prefix_logits_equal_full_run(name):
 
 def test_prefix_test_catches_undecided_word_starts(monkeypatch):
     """Reading the raw START bit at a multi-byte lead byte leaks the continuation bytes (trap 2)."""
-    import models.hat
+    import models.common
 
-    monkeypatch.setattr(models.hat, "causal_word_starts", lambda ws, x, seg: ws | doc_starts(seg))
+    monkeypatch.setattr(models.common, "causal_word_starts", lambda ws, x, seg: ws | doc_starts(seg))
     L = len(DOC) + 2
     # a lead byte that does not open a word in the document, but does in the prefix that ends at it
     lead = next(i for i, s in enumerate(hat_word_starts(DOC)) if DOC[i] >= 0xC0 and not s)
