@@ -484,7 +484,7 @@ def gate_losses(cfg: MrT5Config, controller: PIController, G_BxL, keep_BxL, real
 def score_regs(stack: Stack) -> list[jax.Array]:
     """The score regularisers the stack's attention layers recorded in their last full forward."""
     return [b.mixer.score_reg[...] for b in stack.blocks
-            if b.kind == "t" and getattr(b.mixer, "score_reg", None) is not None]
+            if b.kind == "t" and b.mixer.score_reg is not None]
 
 
 def loss_metrics(prefix: str, logits_BxLxV, target_mask_BxL, batch) -> dict[str, jax.Array]:
