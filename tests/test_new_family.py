@@ -1,8 +1,9 @@
 """A newcomer's family (issue 17, item 7): LineLM, defined only here plus a gin string, trains, evaluates, samples
 and appears in a sweep table with no other file changed: no registry, no list, no generation special case.
 
-LineLM, an H-Net-shaped hourglass with a fixed rule: a chunk opens at every document start and after every
-newline (``end_to_start`` of e_t = [x_t = '\\n']).
+LineLM, an H-Net-shaped hourglass with a fixed rule, built from hnet/ primitives and models.common (the shared
+model toolkit): a chunk opens at every document start and after every newline (``end_to_start`` of
+e_t = [x_t = '\\n']).
     h = encoder(embed(x)) ; z = compact(h, starts, M) ; o = main(z) over the chunks (chunk index in its document as
     position) ; logits = head(decoder(h + expand(o, starts))).
 Byte t reads the chunk that contains it, whose representative is its start byte s <= t: causal. Chunks past the
@@ -17,17 +18,16 @@ import subprocess
 import sys
 import tempfile
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
 from hnet import chunking
-from hnet.boundary_rules import doc_starts, end_to_start
-from hnet.bytes import VOCAB_SIZE
+from hnet.boundary_rules import end_to_start
 from hnet.layers import Stack, StackConfig
 from models.base import ByteLM, ModelOutput, capacity_slots
+from models.common import byte_embed, chunk_layout, lm_head, masked_update
 from tests.helpers import REPO_ROOT, pydoc_bytes
 
 NEWLINE = ord("\n")
@@ -40,27 +40,23 @@ class LineLM(ByteLM):
                  seed: int = 0):
         rngs = nnx.Rngs(seed)
         self.capacity, self.deterministic = capacity, False  # model.eval() sets deterministic: M = L
-        self.embed = nnx.Embed(VOCAB_SIZE, encoder.d_model, rngs=rngs)
+        self.embed = byte_embed(encoder.d_model, jnp.float32, rngs)
         self.encoder = Stack(encoder, rngs=rngs)
         self.main = Stack(main, length_axis="chunk_len", rngs=rngs)
         self.decoder = Stack(decoder, rngs=rngs)
-        self.head = nnx.Linear(decoder.d_model, VOCAB_SIZE, use_bias=False, rngs=rngs)
+        self.head = lm_head(decoder.d_model, jnp.float32, jnp.float32, rngs)
 
     def __call__(self, batch) -> ModelOutput:
         x_BxL, seg_BxL, pos_BxL = batch["inputs"], batch["segment_ids"], batch["positions"]
         M = capacity_slots(self.capacity, x_BxL.shape[1], self.deterministic)
         h_BxLxD = self.encoder(self.embed(x_BxL), seg_BxL, pos_BxL)
         starts_BxL = end_to_start(x_BxL == NEWLINE, seg_BxL)
-        z_BxMxD, valid_BxM = chunking.compact(h_BxLxD, starts_BxL, M)
-        idx_BxM, _ = chunking.compaction_indices(starts_BxL, M)
-        cid_BxL = chunking.chunk_ids(starts_BxL)
-        cid_in_doc_BxL = cid_BxL - jax.lax.cummax(jnp.where(doc_starts(seg_BxL), cid_BxL, 0), axis=1)
-        zseg_BxM = jnp.where(valid_BxM, jnp.take_along_axis(seg_BxL, idx_BxM, 1), 0)
-        o_BxMxD = self.main(z_BxMxD, zseg_BxM, jnp.take_along_axis(cid_in_doc_BxL, idx_BxM, 1))
+        lay = chunk_layout(starts_BxL, seg_BxL, M)  # chunk segment ids, chunk index in its document, overflow
+        z_BxMxD, _ = chunking.compact(h_BxLxD, starts_BxL, M)
+        o_BxMxD = self.main(z_BxMxD, lay.seg_BxM, lay.pos_BxM)
         y_BxLxD = self.decoder(h_BxLxD + chunking.expand(o_BxMxD, starts_BxL), seg_BxL, pos_BxL)
-        _, byte_ok_BxL = chunking.overflow(starts_BxL, M)
         return ModelOutput(logits_BxLxV=self.head(y_BxLxD).astype(jnp.float32),
-                           target_mask_BxL=byte_ok_BxL | (seg_BxL == 0), boundaries={"s0": starts_BxL})
+                           target_mask_BxL=lay.byte_ok_BxL | (seg_BxL == 0), boundaries={"s0": starts_BxL})
 
     def init_cache(self, batch_size: int, max_len: int):
         B, M = batch_size, capacity_slots(self.capacity, max_len, self.deterministic)
@@ -75,8 +71,7 @@ class LineLM(ByteLM):
         start_B = reset_B | c["after_newline"]
         fits_B = start_B & (c["chunks"] < c["cap"])
         o_BxD, main = self.main.step(h_BxD, c["main"], reset_B)
-        c["main"] = jax.tree.map(lambda n, o: jnp.where(fits_B.reshape((-1,) + (1,) * (n.ndim - 1)), n, o),
-                                 main, c["main"])
+        c["main"] = masked_update(main, c["main"], fits_B)
         c["o"] = jnp.where(start_B[:, None], jnp.where(fits_B[:, None], o_BxD, 0.0), c["o"])
         c["chunks"], c["after_newline"] = c["chunks"] + start_B, tokens_B == NEWLINE
         y_BxD, c["decoder"] = self.decoder.step(h_BxD + c["o"], c["decoder"], reset_B)
