@@ -39,7 +39,7 @@ import os
 import shutil
 import sys
 import threading
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import grain
 import jax
@@ -112,9 +112,10 @@ class DataStats:
 # ------------------------------------------------------------------------------------------------
 
 class Prepared:
-    """One prepared directory: its manifest, the per-document index of all shards and lazy readers. The
-    documents' bytes form one raw stream (shard after shard, document after document); ``source_raw``
-    [sources + 1] is each source file's offset in it."""
+    """One prepared directory: its manifest, its memory-mapped document index (``prep.INDEX``: nothing per
+    document is read into memory) and lazy readers. The documents' bytes form one raw stream (shard after
+    shard, document after document); per source file (small arrays), ``source_docs`` / ``source_empty``
+    [sources + 1] are the first non-empty / empty document of each and ``source_raw`` its raw offset."""
 
     def __init__(self, directory: str):
         self.dir = directory
@@ -123,8 +124,9 @@ class Prepared:
         except (OSError, ValueError) as e:
             raise DataError(f"{directory} is not a prepared data directory (manifest.json: {e})") from e
         if (self.manifest.get("format"), self.manifest.get("version")) != (prep.FORMAT, prep.VERSION):
-            raise DataError(f"{directory}: unknown format {self.manifest.get('format')!r} "
-                            f"version {self.manifest.get('version')!r} (want {prep.FORMAT} {prep.VERSION})")
+            raise DataError(f"{directory}: format {self.manifest.get('format')!r} version "
+                            f"{self.manifest.get('version')!r}, this code reads {prep.FORMAT} {prep.VERSION}: "
+                            f"prepare it again (python -m train.prepare --out=<new dir> ...)")
         shards = self.manifest["shards"]
         for s in shards:
             path = os.path.join(directory, s["shard"])
@@ -132,23 +134,26 @@ class Prepared:
                 raise DataError(f"prepared shard {path} is missing, truncated or corrupt: "
                                 f"{os.path.getsize(path) if os.path.isfile(path) else 'no'} bytes, manifest says "
                                 f"{s['size']}")
-            self._check(s["index"], s["index_sha256"])
+        for name, sha256 in self.manifest["index"].items():
+            self._check(name, sha256)
         # shard contents are hashed in the background; a read from a shard waits for its check
         self._verified = [threading.Event() for _ in shards]
         self._errors: list[Exception | None] = [None] * len(shards)
         todo = iter(range(len(shards)))
         for _ in range(min(len(shards), os.cpu_count() or 1)):
             threading.Thread(target=self._verify, args=(todo,), daemon=True).start()
-        index = [np.load(os.path.join(directory, s["index"])) for s in shards]
-        self.lengths = np.concatenate([i["lengths"] for i in index])  # [documents incl. empty]
-        self.invalid = np.concatenate([i["invalid_utf8"] for i in index])
+        index = {name: np.load(os.path.join(directory, name + ".npy"), mmap_mode="r") for name in prep.INDEX}
+        self.starts, self.invalid, self.empty = (index[name] for name in prep.INDEX)  # int64 [N + 1], [N + 1], [E]
         self.shard_start = np.concatenate([[0], np.cumsum([s["bytes"] for s in shards])]).astype(np.int64)
-        n = [s["documents"] + s["empty"] for s in self.manifest["sources"]]
-        self.source_first = np.concatenate([[0], np.cumsum(n)]).astype(np.int64)  # documents per source file
-        self.source_raw = np.concatenate([[0], np.cumsum([s["bytes"] for s in self.manifest["sources"]])]).astype(
-            np.int64)
+        src = self.manifest["sources"]
+        cum = lambda key: np.concatenate([[0], np.cumsum([s[key] for s in src])]).astype(np.int64)  # noqa: E731
+        self.source_docs, self.source_empty, self.source_raw = cum("documents"), cum("empty"), cum("bytes")
         self._readers: list = [None] * len(shards)
         self._lock = threading.Lock()
+
+    def raw_start(self, j: int) -> int:
+        """Raw-stream offset of non-empty document j (j = N: the stream's length)."""
+        return int(self.starts[j]) - 2 * j
 
     def _check(self, name: str, sha256: str):
         """sha256 of a shard file against the manifest: nothing trains on a corrupted shard."""
@@ -222,9 +227,8 @@ def _stage(url: str) -> str:
     if not os.path.isfile(os.path.join(local, "manifest.json")):
         tmp = f"{local}.tmp-{os.getpid()}"
         os.makedirs(tmp, exist_ok=True)
-        for s in json.loads(manifest)["shards"]:
-            for name in (s["shard"], s["index"]):
-                (epath.Path(url) / name).copy(epath.Path(tmp) / name, overwrite=True)
+        for name in [s["shard"] for s in json.loads(manifest)["shards"]] + [i + ".npy" for i in prep.INDEX]:
+            (epath.Path(url) / name).copy(epath.Path(tmp) / name, overwrite=True)
         with open(os.path.join(tmp, "manifest.json"), "w") as f:
             f.write(manifest)
         _publish(tmp, local)
@@ -270,92 +274,135 @@ def prepared_dir(source: str, cfg: DataConfig) -> str:
 # Documents: the selected documents of a split (lazy: an index, records read on demand)
 # ------------------------------------------------------------------------------------------------
 
-class Documents:
-    """The non-empty documents of a split, in order, over one or more prepared directories. In memory:
-    ``cum`` [n + 1], the cumulative byte lengths, and per source file (small arrays) where its selected
-    documents start in its directory's raw stream. ``byte_range`` per source file: a single document is cut
+class Run(NamedTuple):
+    """Consecutive documents of one raw stream: document i starts at framed offset ``starts[i] - starts[0]``
+    of the run and at raw offset ``starts[i] - 2i + shift`` of ``stream`` (``starts`` [m + 1]: a view of
+    a prepared directory's memory-mapped index, or a small array)."""
+
+    stream: object  # .read_raw(lo, hi) -> bytes
+    starts: np.ndarray
+    shift: int
+    source: str
+
+
+class _Bytes:
+    """An in-memory raw stream."""
+
+    def __init__(self, data: bytes):
+        self.data = data
+
+    def read_raw(self, lo: int, hi: int) -> bytes:
+        return self.data[lo:hi]
+
+
+class DocumentIndex:
+    """Non-empty documents, in order, as ``runs``; documents are framed (BOS, bytes, EOS) into one framed
+    stream of ``total`` bytes. In memory only per run: ``run_doc`` / ``run_framed`` [runs + 1], the first
+    document and the framed start of each run."""
+
+    def __init__(self, runs: list[Run]):
+        self.runs = runs
+        self.run_doc = np.cumsum([0] + [len(r.starts) - 1 for r in runs], dtype=np.int64)
+        self.run_framed = np.cumsum([0] + [int(r.starts[-1]) - int(r.starts[0]) for r in runs], dtype=np.int64)
+        self.total = int(self.run_framed[-1])
+
+    def __len__(self) -> int:
+        return int(self.run_doc[-1])
+
+    def _run(self, d: int) -> int:
+        return min(int(np.searchsorted(self.run_doc, d, "right")) - 1, len(self.runs) - 1)
+
+    def locate(self, p: int) -> int:
+        """The document whose framed bytes hold framed position p (0 <= p < total)."""
+        r = int(np.searchsorted(self.run_framed, p, "right")) - 1
+        st = self.runs[r].starts
+        return int(self.run_doc[r]) + int(np.searchsorted(st, p - int(self.run_framed[r]) + int(st[0]), "right")) - 1
+
+    def framed_starts(self, d0: int, d1: int) -> np.ndarray:
+        """Framed starts of documents d0..d1 inclusive (d1 = len(self): ``total``), int64 [d1 - d0 + 1]."""
+        parts, r = [], self._run(d0)
+        while True:
+            first, end, st = int(self.run_doc[r]), int(self.run_doc[r + 1]), self.runs[r].starts
+            parts.append(st[d0 - first:min(d1, end) - first + 1] + (int(self.run_framed[r]) - int(st[0])))
+            if d1 <= end:
+                return np.concatenate(parts) if len(parts) > 1 else parts[0]
+            parts[-1], d0, r = parts[-1][:-1], end, r + 1
+
+    def read_range(self, d0: int, d1: int, head: int, tail: int) -> bytes:
+        """Raw bytes of documents d0..d1-1 concatenated, from offset ``head`` of d0 to offset ``tail`` of
+        d1 - 1 (the documents between whole)."""
+        parts, r = [], self._run(d0)
+        while d0 < d1:
+            first, end, run = int(self.run_doc[r]), int(self.run_doc[r + 1]), self.runs[r]
+            raw = lambda i: int(run.starts[i]) - 2 * i + run.shift  # noqa: E731, B023
+            i0, i1 = d0 - first, min(d1, end) - first
+            parts.append(run.stream.read_raw(raw(i0) + head, raw(i1 - 1) + tail if d1 <= end else raw(i1)))
+            d0, r, head = end, r + 1, 0
+        return b"".join(parts)
+
+    def read(self, lo: int, hi: int) -> list[Document]:
+        """Documents lo..hi-1, whole, each tagged with its source path."""
+        ends = self.framed_starts(lo, hi)
+        lens = np.diff(ends) - 2
+        raw = self.read_range(lo, hi, 0, int(lens[-1]))
+        cum = np.cumsum(lens).tolist()
+        src = [self.runs[self._run(d)].source for d in range(lo, hi)]
+        return [Document(raw[e - n:e], s) for e, n, s in zip(cum, lens.tolist(), src)]
+
+
+class Documents(DocumentIndex):
+    """The non-empty documents of a split over one or more prepared directories: one run per source file,
+    views of the directories' memory-mapped index. ``byte_range`` per source file: a single document is cut
     at byte fractions [lo, hi); several documents are assigned whole, by the fraction of the source at
     which they start (a contiguous run)."""
 
     def __init__(self, cfg: DataConfig):
-        self.sets: list[Prepared] = []
-        self.paths: list[str] = []
-        lens_parts, first, set_of, raw_of, self.stats, n_docs = [], [], [], [], DataStats(), 0
+        runs, self.stats = [], DataStats()
         lo, hi = cfg.byte_range
         for spec in cfg.sources:
             p = open_prepared(prepared_dir(spec, cfg))
-            self.sets.append(p)
             for s, meta in enumerate(p.manifest["sources"]):
-                a, b = p.source_first[s], p.source_first[s + 1]
-                lens, invalid, raw = p.lengths[a:b], p.invalid[a:b], int(p.source_raw[s])
-                if (lo, hi) != (0.0, 1.0) and b - a == 1:
-                    n = int(lens[0])
-                    raw, lens = raw + int(lo * n), np.array([int(hi * n) - int(lo * n)], np.int64)
-                    invalid = np.array([bool(lens[0]) and not prep.is_valid_utf8(p.read_raw(raw, raw + int(lens[0])))])
-                elif (lo, hi) != (0.0, 1.0):
-                    frac = (np.cumsum(lens, dtype=np.int64) - lens) / (int(lens.sum(dtype=np.int64)) or 1)
-                    i0, i1 = np.searchsorted(frac, lo, "left"), np.searchsorted(frac, hi, "left")
-                    raw += int(lens[:i0].sum(dtype=np.int64))
-                    lens, invalid = lens[i0:i1], invalid[i0:i1]
-                ok = lens > 0
+                j0, j1, e0, e1 = (int(x) for x in (p.source_docs[s], p.source_docs[s + 1], p.source_empty[s],
+                                                    p.source_empty[s + 1]))
                 self.stats.files += meta["files"]
                 self.stats.bad_json += meta["bad_json"]
-                self.stats.empty_skipped += int((~ok).sum())
-                self.stats.invalid_utf8 += int(invalid[ok].sum())
-                self.paths.append(meta["path"])
-                lens_parts.append(lens if ok.all() else lens[ok])
-                first.append(n_docs)
-                set_of.append(len(self.sets) - 1)
-                raw_of.append(raw)
-                n_docs += len(lens_parts[-1])
-        self.cum = np.zeros(n_docs + 1, np.int64)
-        np.cumsum(np.concatenate(lens_parts) if len(lens_parts) != 1 else lens_parts[0], dtype=np.int64, out=self.cum[1:])
-        # per source file: first view document, directory, raw-stream start of that document
-        self.src_first, self.src_set, self.src_raw = np.array(first), np.array(set_of), np.array(raw_of, np.int64)
-        self.stats.documents, self.stats.bytes = n_docs, int(self.cum[-1])
-        if not n_docs:
+                base, total = int(p.source_raw[s]), meta["bytes"]
+                if (lo, hi) != (0.0, 1.0) and j1 - j0 + e1 - e0 == 1:  # one document: cut at byte fractions
+                    n = int(hi * total) - int(lo * total)
+                    raw = base + int(lo * total)
+                    if n == 0:
+                        self.stats.empty_skipped += 1
+                        continue
+                    self.stats.invalid_utf8 += not prep.is_valid_utf8(p.read_raw(raw, raw + n))
+                    runs.append(Run(p, np.array([0, n + 2], np.int64), raw, meta["path"]))
+                    continue
+                if (lo, hi) != (0.0, 1.0):  # documents whose start lies at a fraction in [lo, hi) of the source
+                    frac = lambda j: (p.raw_start(j) - base) / (total or 1)  # noqa: E731, B023
+                    efrac = lambda k: frac(int(p.empty[k]))  # noqa: E731, B023
+                    j0, j1 = [j0 + bisect.bisect_left(range(j0, j1), x, key=frac) for x in (lo, hi)]
+                    e0, e1 = [e0 + bisect.bisect_left(range(e0, e1), x, key=efrac) for x in (lo, hi)]
+                self.stats.empty_skipped += e1 - e0
+                self.stats.invalid_utf8 += int(p.invalid[j1]) - int(p.invalid[j0])
+                if j1 > j0:
+                    runs.append(Run(p, np.asarray(p.starts[j0:j1 + 1]), -2 * j0, meta["path"]))
+        super().__init__(runs)
+        self.stats.documents, self.stats.bytes = len(self), self.total - 2 * len(self)
+        if not len(self):
             raise DataError(f"no non-empty document in sources {list(cfg.sources)} (range {cfg.byte_range}): "
                             f"{self.stats}")
 
-    def __len__(self) -> int:
-        return len(self.cum) - 1
 
-    def read_spans(self, lo: int, hi: int, a: np.ndarray, b: np.ndarray) -> bytes:
-        """Bytes [a_j, b_j) of documents j = lo..hi-1, concatenated (contiguous spans read together)."""
-        src = np.searchsorted(self.src_first, np.arange(lo, hi), "right") - 1  # source file of each document
-        base = self.src_raw[src] + self.cum[lo:hi] - self.cum[self.src_first[src]]
-        sets, starts, ends = self.src_set[src], base + a, base + b
-        cut = np.flatnonzero((sets[1:] != sets[:-1]) | (starts[1:] != ends[:-1])) + 1
-        return b"".join(self.sets[sets[i]].read_raw(int(starts[i]), int(ends[j - 1]))
-                        for i, j in zip(np.r_[0, cut].tolist(), np.r_[cut, hi - lo].tolist()))
-
-    def read(self, lo: int, hi: int) -> list[Document]:
-        """Documents lo..hi-1, whole."""
-        lens = np.diff(self.cum[lo:hi + 1])
-        raw = self.read_spans(lo, hi, np.zeros_like(lens), lens)
-        ends = (self.cum[lo + 1:hi + 1] - self.cum[lo]).tolist()
-        src = (np.searchsorted(self.src_first, np.arange(lo, hi), "right") - 1).tolist()
-        return [Document(raw[e - n:e], self.paths[s]) for e, n, s in zip(ends, lens.tolist(), src)]
-
-    def __getitem__(self, i: int) -> Document:
-        return self.read(i, i + 1)[0]
-
-
-class DocumentList:
+class DocumentList(DocumentIndex):
     """An in-memory list of documents behind the same interface (evaluation of perturbed texts, tests)."""
 
     def __init__(self, docs: list[bytes]):
         self.docs = list(docs)
-        self.cum = np.concatenate([[0], np.cumsum([len(d) for d in self.docs], dtype=np.int64)])
-
-    def __len__(self) -> int:
-        return len(self.docs)
+        lens = np.array([len(d) for d in self.docs], np.int64)
+        starts = np.concatenate([[0], np.cumsum(lens + 2)])
+        super().__init__([Run(_Bytes(b"".join(self.docs)), starts, 0, "")] if self.docs else [])
 
     def read(self, lo: int, hi: int) -> list[bytes]:
         return self.docs[lo:hi]
-
-    def read_spans(self, lo: int, hi: int, a: np.ndarray, b: np.ndarray) -> bytes:
-        return b"".join(d[x:y] for d, x, y in zip(self.docs[lo:hi], a.tolist(), b.tolist()))
 
 
 def open_documents(cfg: DataConfig) -> Documents:
@@ -401,10 +448,10 @@ class WindowSource:
         unknown = set(annotations) - set(ANNOTATIONS)
         if unknown:
             raise DataError(f"unknown annotations {sorted(unknown)} (known: {sorted(ANNOTATIONS)})")
-        self.docs = docs if hasattr(docs, "read") else DocumentList(docs)
+        self.docs = docs if isinstance(docs, DocumentIndex) else DocumentList(docs)
         self.L, self.annotations = seq_len, tuple(annotations)
         self.unigram_sp = unigram.processor() if "unigram_ends" in self.annotations else None
-        self.total = self._framed_start(len(self.docs.cum) - 1)
+        self.total = self.docs.total
         n = self.total - 1  # number of (input, target) pairs
         self.n = (-(-n // seq_len) if pad_last else n // seq_len)
         if max_windows:
@@ -416,10 +463,6 @@ class WindowSource:
 
     def __len__(self) -> int:
         return self.n
-
-    def _framed_start(self, d: int) -> int:
-        """Start of document d in the framed stream: cum[d] + 2d (found by bisection, not stored)."""
-        return int(self.docs.cum[d]) + 2 * d
 
     def _annotations(self, j: int, doc: bytes, whole: bool) -> dict[str, np.ndarray]:
         """A document's annotations; the last few partly-covered (long) documents are cached, since the
@@ -440,37 +483,34 @@ class WindowSource:
     def __getitem__(self, i: int) -> dict[str, np.ndarray]:
         L = self.L
         lo = int(i) * L
-        hi = min(lo + L + 1, self.total)
-        index = range(len(self.docs.cum))
-        d0 = bisect.bisect_right(index, lo, key=self._framed_start) - 1
-        d1 = bisect.bisect_right(index, hi - 1, lo=d0, key=self._framed_start)
-        starts = self.docs.cum[d0:d1 + 1] + 2 * np.arange(d0, d1 + 1)
-        framed = np.diff(starts)
-        a = np.maximum(lo - starts[:-1], 0)  # framed slice [a, b) of each document in the window
-        b = np.minimum(hi - starts[:-1], framed)
-        lens = b - a
-        doc = np.repeat(np.arange(d1 - d0, dtype=np.int32), lens)
-        positions = np.arange(hi - lo) - np.repeat(np.cumsum(lens) - lens, lens) + np.repeat(a, lens)
-        is_bos, is_eos = positions == 0, positions == np.repeat(framed - 1, lens)
-        is_frame = is_bos | is_eos
-        tokens = np.empty(hi - lo, np.uint8)  # BOS, EOS by position; the documents' bytes in between
-        tokens[is_bos], tokens[is_eos] = BOS, EOS
-        tokens[~is_frame] = np.frombuffer(self.docs.read_spans(d0, d1, np.maximum(a - 1, 0),
-                                                               np.minimum(b - 1, framed - 2)), np.uint8)
-        n = hi - lo - 1
+        n = min(lo + L + 1, self.total) - lo  # framed bytes [lo, lo + n) of the window
+        d0 = self.docs.locate(lo)
+        d1 = self.docs.locate(lo + n - 1) + 1
+        s = self.docs.framed_starts(d0, d1) - lo  # [d1 - d0 + 1] window-relative framed starts
+        raw = self.docs.read_range(d0, d1, max(-int(s[0]) - 1, 0), min(n - int(s[-2]), int(s[-1] - s[-2]) - 1) - 1)
+        bos, eos = s[:-1], s[1:] - 1  # each document's BOS and EOS position (the first / last may lie outside)
+        bos, eos = bos[bos >= 0], eos[eos < n]
+        tokens, is_frame = np.empty(n, np.uint8), np.zeros(n, bool)  # BOS, EOS by position; bytes in between
+        tokens[bos], tokens[eos], is_frame[bos], is_frame[eos] = BOS, EOS, True, True
+        tokens[~is_frame] = np.frombuffer(raw, np.uint8)
+        doc = np.zeros(n, np.int32)  # document of each position: 0 = d0
+        doc[s[1:-1]] = 1
+        doc = np.cumsum(doc, dtype=np.int32)
+        positions = np.arange(n, dtype=np.int32) - s[doc]
         out = empty_window(L, self.annotations)
-        out["inputs"][:n] = tokens[:-1]
-        out["targets"][:n] = tokens[1:]
-        out["segment_ids"][:n] = doc[:-1] + 1
-        out["positions"][:n] = positions[:-1]
-        out["loss_mask"][:n] = doc[:-1] == doc[1:]
-        out["byte_mask"][:n] = out["loss_mask"][:n] & ~is_frame[1:]
+        out["inputs"][:n - 1] = tokens[:-1]
+        out["targets"][:n - 1] = tokens[1:]
+        out["segment_ids"][:n - 1] = doc[:-1] + 1
+        out["positions"][:n - 1] = positions[:-1]
+        out["loss_mask"][:n - 1] = doc[:-1] == doc[1:]
+        out["byte_mask"][:n - 1] = out["loss_mask"][:n - 1] & ~is_frame[1:]
         if self.annotations:
+            a = np.maximum(-s[:-1], 0).tolist()  # framed slice [a, b) of each document in the window
+            b = np.minimum(n - s[:-1], np.diff(s)).tolist()
             docs = self.docs.read(d0, d1)
-            arrs = [self._annotations(d0 + k, d, x == 0 and y == len(d) + 2)
-                    for k, (d, x, y) in enumerate(zip(docs, a.tolist(), b.tolist()))]
+            arrs = [self._annotations(d0 + k, d, x == 0 and y == len(d) + 2) for k, (d, x, y) in enumerate(zip(docs, a, b))]
             for name in self.annotations:
-                out[name][:n] = np.concatenate([r[name][x:y] for r, x, y in zip(arrs, a.tolist(), b.tolist())])[:-1]
+                out[name][:n - 1] = np.concatenate([r[name][x:y] for r, x, y in zip(arrs, a, b)])[:-1]
         return out
 
 
