@@ -481,41 +481,61 @@ class WindowSource:
         return out
 
     def __getitem__(self, i: int) -> dict[str, np.ndarray]:
-        L = self.L
-        lo = int(i) * L
-        n = min(lo + L + 1, self.total) - lo  # framed bytes [lo, lo + n) of the window
-        d0 = self.docs.locate(lo)
-        d1 = self.docs.locate(lo + n - 1) + 1
-        s = self.docs.framed_starts(d0, d1) - lo  # [d1 - d0 + 1] window-relative framed starts
-        raw = self.docs.read_range(d0, d1, max(-int(s[0]) - 1, 0), min(n - int(s[-2]), int(s[-1] - s[-2]) - 1) - 1)
-        bos, eos = s[:-1], s[1:] - 1  # each document's BOS and EOS position (the first / last may lie outside)
-        bos, eos = bos[bos >= 0], eos[eos < n]
-        tokens, is_frame = np.empty(n, np.uint8), np.zeros(n, bool)  # BOS, EOS by position; bytes in between
+        return {k: v[0] for k, v in self.batch([i]).items()}
+
+    def batch(self, indices, rows: int = 0) -> dict[str, np.ndarray]:
+        """Windows ``indices`` as a batch [rows, L] (default: one row each; rows after them stay empty). The
+        documents are located and read window by window; the B windows are framed together, flat [B, L + 1]."""
+        L, N, B = self.L, self.L + 1, len(indices)
+        out = empty_window((rows or B, L), self.annotations)
+        if not B:
+            return out
+        n, spans, raws = np.empty(B, np.int64), [], []
+        for r, i in enumerate(indices):
+            lo = int(i) * L
+            n[r] = min(lo + N, self.total) - lo  # framed bytes [lo, lo + n) of the window
+            d0 = self.docs.locate(lo)
+            d1 = self.docs.locate(lo + int(n[r]) - 1) + 1
+            s = self.docs.framed_starts(d0, d1) - lo  # [d1 - d0 + 1] window-relative framed starts
+            raws.append(self.docs.read_range(d0, d1, max(-int(s[0]) - 1, 0),
+                                             min(int(n[r] - s[-2]), int(s[-1] - s[-2]) - 1) - 1))
+            spans.append((d0, d1, s))
+        m = np.array([len(s) for _, _, s in spans])  # documents per window + 1
+        off = np.cumsum(m) - m  # where each window's starts begin in S
+        S = np.concatenate([s for _, _, s in spans])
+        flat = S + np.repeat(np.arange(B) * N, m)  # position in the flat [B * N] batch
+        first, last = np.zeros(len(S), bool), np.zeros(len(S), bool)
+        first[off], last[off + m - 1] = True, True
+        bos = flat[~last & (S >= 0)]  # each document's BOS and EOS inside its window
+        eos = flat[~first & (S <= np.repeat(n, m))] - 1
+        is_frame = (np.arange(N) >= n[:, None]).ravel()  # frames and the padding after the corpus end
+        tokens = np.zeros(B * N, np.uint8)  # BOS, EOS by position; the documents' bytes in between
         tokens[bos], tokens[eos], is_frame[bos], is_frame[eos] = BOS, EOS, True, True
-        tokens[~is_frame] = np.frombuffer(raw, np.uint8)
-        doc = np.zeros(n, np.int32)  # document of each position: 0 = d0
-        doc[s[1:-1]] = 1
-        doc = np.cumsum(doc, dtype=np.int32)
-        positions = np.arange(n, dtype=np.int32) - s[doc]
-        out = empty_window(L, self.annotations)
-        out["inputs"][:n - 1] = tokens[:-1]
-        out["targets"][:n - 1] = tokens[1:]
-        out["segment_ids"][:n - 1] = doc[:-1] + 1
-        out["positions"][:n - 1] = positions[:-1]
-        out["loss_mask"][:n - 1] = doc[:-1] == doc[1:]
-        out["byte_mask"][:n - 1] = out["loss_mask"][:n - 1] & ~is_frame[1:]
-        if self.annotations:
+        tokens[~is_frame] = np.frombuffer(b"".join(raws), np.uint8)
+        doc = np.zeros(B * N, np.int32)  # document of each position in its window: 0 = d0
+        doc[flat[~first & ~last]] = 1
+        doc = np.cumsum(doc.reshape(B, N), axis=1, dtype=np.int32)
+        tokens, is_frame = tokens.reshape(B, N), is_frame.reshape(B, N)
+        got = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "segment_ids": doc[:, :-1] + 1,
+               "positions": np.arange(L) - S[doc[:, :-1] + off[:, None]], "loss_mask": doc[:, :-1] == doc[:, 1:]}
+        got["byte_mask"] = got["loss_mask"] & ~is_frame[:, 1:]
+        pad = np.arange(L) >= n[:, None] - 1  # [B, L] after the last target
+        for k, v in got.items():
+            out[k][:B] = v
+            out[k][:B][pad] = 0
+        for r, (d0, d1, s) in enumerate(spans if self.annotations else ()):
             a = np.maximum(-s[:-1], 0).tolist()  # framed slice [a, b) of each document in the window
-            b = np.minimum(n - s[:-1], np.diff(s)).tolist()
-            docs = self.docs.read(d0, d1)
-            arrs = [self._annotations(d0 + k, d, x == 0 and y == len(d) + 2) for k, (d, x, y) in enumerate(zip(docs, a, b))]
+            b = np.minimum(n[r] - s[:-1], np.diff(s)).tolist()
+            arrs = [self._annotations(d0 + k, d, x == 0 and y == len(d) + 2)
+                    for k, (d, x, y) in enumerate(zip(self.docs.read(d0, d1), a, b))]
             for name in self.annotations:
-                out[name][:n - 1] = np.concatenate([r[name][x:y] for r, x, y in zip(arrs, a, b)])[:-1]
+                out[name][r, :n[r] - 1] = np.concatenate([q[name][x:y] for q, x, y in zip(arrs, a, b)])[:-1]
         return out
 
 
-def empty_window(L: int, annotations: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
-    z = lambda dt: np.zeros((L,), dt)  # noqa: E731
+def empty_window(shape: int | tuple[int, ...], annotations: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+    """Padding: every array of a window (shape L) or batch (shape (B, L)), zero."""
+    z = lambda dt: np.zeros(shape, dt)  # noqa: E731
     out = {"inputs": z(np.int32), "targets": z(np.int32), "segment_ids": z(np.int32), "positions": z(np.int32),
            "loss_mask": z(bool), "byte_mask": z(bool)}
     out.update({name: z(ANNOTATIONS[name][1]) for name in annotations})
@@ -531,15 +551,16 @@ def local_batch_size(global_batch: int) -> int:
 
 def make_train_iterator(cfg: DataConfig, docs):
     """Infinite, deterministic, per-process grain iterator of process-local batches (state savable):
-    windows shuffled lazily, each process takes every P-th, grain threads build batches ahead."""
+    window indices shuffled lazily, each process takes every P-th, grain threads build batches ahead (one
+    call per batch)."""
     src = WindowSource(docs, cfg.seq_len, pad_last=False, max_windows=cfg.max_windows, annotations=cfg.annotations,
                        unigram=cfg.unigram)
-    ds = grain.MapDataset.source(src)
+    ds = grain.MapDataset.range(len(src))
     if cfg.shuffle:
         ds = ds.seed(cfg.seed).shuffle()
     ds = ds.repeat(None)
     ds = ds[jax.process_index()::jax.process_count()]
-    ds = ds.batch(local_batch_size(cfg.batch_size), drop_remainder=True)
+    ds = ds.batch(local_batch_size(cfg.batch_size), drop_remainder=True).map(src.batch)
     return ds.to_iter_dataset(grain.ReadOptions(num_threads=READ_THREADS, prefetch_buffer_size=PREFETCH_BATCHES)).__iter__()
 
 
@@ -551,9 +572,7 @@ def iterate_eval_batches(cfg: DataConfig, docs) -> Iterator[dict[str, np.ndarray
     b_local = local_batch_size(cfg.batch_size)
     first = jax.process_index() * b_local
     for g in range(0, len(src), cfg.batch_size):
-        rows = [src[g + first + r] if g + first + r < len(src) else empty_window(cfg.seq_len, src.annotations)
-                for r in range(b_local)]
-        yield {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+        yield src.batch(range(g + first, min(g + first + b_local, len(src))), b_local)
 
 
 def with_annotations(cfg: DataConfig, names) -> DataConfig:
