@@ -207,3 +207,28 @@ def test_data_pipeline_benchmark_measures_a_prepared_dir(tmp_path):
     table = data_pipeline.markdown([{**row, "size_mib": 1, "prepare_s": 1.0, "annotations": ("word_starts",),
                                      "load_before": (1.0,), "load_after": (2.0,)}])
     assert table.splitlines()[2].startswith("| 1 MiB | ") and "| word_starts |" in table
+
+
+def test_document_index_is_not_loaded_into_memory(tmp_path):
+    """A million one-byte documents: opening them (with and without a byte range) and reading batches
+    allocates less than 4 bytes per document; the index is memory-mapped from the prepared directory."""
+    import tracemalloc
+
+    n = 1_000_000
+    src = tmp_path / "tiny.txt"
+    src.write_bytes(b"x\n" * n)
+    out = str(tmp_path / "prep")
+    P.prepare([str(src)], out, doc_split="line", progress=False, workers=1)
+    tracemalloc.start()
+    try:
+        for byte_range in ((0.0, 1.0), (0.1, 0.9)):
+            cfg = D.DataConfig(sources=(f"prepared:{out}",), seq_len=64, batch_size=4, byte_range=byte_range)
+            docs = D.open_documents(cfg)
+            batch = D.WindowSource(docs, 64, pad_last=False).batch([0, 7, len(docs) // 3 // 64])
+            assert batch["inputs"][0, :3].tolist() == [254, ord("x"), 255]
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(docs) == 800_000 and docs.stats.empty_skipped == 0  # the empty last line lies at fraction 1
+    assert isinstance(D.open_prepared(out).starts, np.memmap)
+    assert peak < 4 * n, f"{peak / n:.1f} bytes allocated per document"

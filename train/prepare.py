@@ -223,7 +223,7 @@ def shard_name(k: int, n: int) -> str:
 def sha256_of(path) -> str:
     h = hashlib.sha256()
     with epath.Path(path).open("rb") as f:
-        while block := f.read(1 << 22):
+        while block := f.read(1 << 20):
             h.update(block)
     return h.hexdigest()
 
