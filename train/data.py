@@ -21,9 +21,9 @@ whole document a window touches, when the window is built (so they see the full 
 One reading path: every source is a prepared directory of ArrayRecord shards (``train.prepare``). A
 ``prepared:DIR`` source (local or gs://) names one; any other source spec (``train.sources``: text files,
 directories, globs, ``*.jsonl[.gz|.zst]``, ``shared:<path>``, ``builtin:pydoc_topics``) is prepared into
-``cache_root()`` on first use. Only a per-document index is held in memory (~20 bytes per document: lengths,
-cumulative raw and framed offsets); a window reads the one or two blocks it covers, so memory does not grow
-with the bytes.
+``cache_root()`` on first use. The per-document index is memory-mapped from the prepared directory (only
+per-source-file offsets are held in memory) and a window reads the one or two blocks it covers, so memory
+does not grow with the corpus. Grain shuffles window indices and builds a batch of windows per call.
 """
 
 from __future__ import annotations
@@ -312,11 +312,14 @@ class DocumentIndex:
     def _run(self, d: int) -> int:
         return min(int(np.searchsorted(self.run_doc, d, "right")) - 1, len(self.runs) - 1)
 
-    def locate(self, p: int) -> int:
-        """The document whose framed bytes hold framed position p (0 <= p < total)."""
-        r = int(np.searchsorted(self.run_framed, p, "right")) - 1
-        st = self.runs[r].starts
-        return int(self.run_doc[r]) + int(np.searchsorted(st, p - int(self.run_framed[r]) + int(st[0]), "right")) - 1
+    def locate(self, p: np.ndarray) -> np.ndarray:
+        """The documents whose framed bytes hold framed positions p (int64 [k], 0 <= p < total)."""
+        r = np.searchsorted(self.run_framed, p, "right") - 1
+        d = np.empty_like(p)
+        for k in np.unique(r).tolist():
+            st, sel = self.runs[k].starts, r == k
+            d[sel] = self.run_doc[k] - 1 + np.searchsorted(st, p[sel] - (self.run_framed[k] - st[0]), "right")
+        return d
 
     def framed_starts(self, d0: int, d1: int) -> np.ndarray:
         """Framed starts of documents d0..d1 inclusive (d1 = len(self): ``total``), int64 [d1 - d0 + 1]."""
@@ -490,13 +493,11 @@ class WindowSource:
         out = empty_window((rows or B, L), self.annotations)
         if not B:
             return out
-        n, spans, raws = np.empty(B, np.int64), [], []
-        for r, i in enumerate(indices):
-            lo = int(i) * L
-            n[r] = min(lo + N, self.total) - lo  # framed bytes [lo, lo + n) of the window
-            d0 = self.docs.locate(lo)
-            d1 = self.docs.locate(lo + int(n[r]) - 1) + 1
-            s = self.docs.framed_starts(d0, d1) - lo  # [d1 - d0 + 1] window-relative framed starts
+        lo = np.asarray(indices, np.int64) * L
+        n = np.minimum(lo + N, self.total) - lo  # framed bytes [lo, lo + n) of each window
+        spans, raws = [], []
+        for r, (d0, d1) in enumerate(zip(self.docs.locate(lo).tolist(), (self.docs.locate(lo + n - 1) + 1).tolist())):
+            s = self.docs.framed_starts(d0, d1) - lo[r]  # [d1 - d0 + 1] window-relative framed starts
             raws.append(self.docs.read_range(d0, d1, max(-int(s[0]) - 1, 0),
                                              min(int(n[r] - s[-2]), int(s[-1] - s[-2]) - 1) - 1))
             spans.append((d0, d1, s))
@@ -519,10 +520,11 @@ class WindowSource:
         got = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "segment_ids": doc[:, :-1] + 1,
                "positions": np.arange(L) - S[doc[:, :-1] + off[:, None]], "loss_mask": doc[:, :-1] == doc[:, 1:]}
         got["byte_mask"] = got["loss_mask"] & ~is_frame[:, 1:]
-        pad = np.arange(L) >= n[:, None] - 1  # [B, L] after the last target
+        pad = np.arange(L) >= n[:, None] - 1 if (n < N).any() else None  # [B, L] after the last target
         for k, v in got.items():
             out[k][:B] = v
-            out[k][:B][pad] = 0
+            if pad is not None:
+                out[k][:B][pad] = 0
         for r, (d0, d1, s) in enumerate(spans if self.annotations else ()):
             a = np.maximum(-s[:-1], 0).tolist()  # framed slice [a, b) of each document in the window
             b = np.minimum(n[r] - s[:-1], np.diff(s)).tolist()
