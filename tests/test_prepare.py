@@ -211,7 +211,7 @@ def test_data_pipeline_benchmark_measures_a_prepared_dir(tmp_path):
 
 def test_document_index_is_not_loaded_into_memory(tmp_path):
     """A million one-byte documents: opening them (with and without a byte range) and reading batches
-    allocates less than 4 bytes per document; the index is memory-mapped from the prepared directory."""
+    allocates less than 4 bytes per document: the index is read from the prepared directory by slices."""
     import tracemalloc
 
     n = 1_000_000
@@ -230,5 +230,5 @@ def test_document_index_is_not_loaded_into_memory(tmp_path):
     finally:
         tracemalloc.stop()
     assert len(docs) == 800_000 and docs.stats.empty_skipped == 0  # the empty last line lies at fraction 1
-    assert isinstance(D.open_prepared(out).starts, np.memmap)
+    assert isinstance(D.open_prepared(out).starts, D.IndexFile)
     assert peak < 4 * n, f"{peak / n:.1f} bytes allocated per document"

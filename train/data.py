@@ -111,8 +111,51 @@ class DataStats:
 # Prepared shards (train.prepare): opened, checked, read by record
 # ------------------------------------------------------------------------------------------------
 
+class IndexFile:
+    """A 1-D int64 ``.npy`` file read by slices with ``os.pread`` (not memory-mapped: the pages it reads stay
+    in the page cache, out of this process's resident memory). ``searchsorted`` bisects a coarse sample
+    (every ``STRIDE``-th value, read once in chunks on first use), then reads one block."""
+
+    STRIDE = 512
+
+    def __init__(self, path: str):
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            (self.n,), _, dtype = getattr(np.lib.format, f"read_array_header_{version[0]}_0")(f)
+            self.offset = f.tell()
+        if dtype != np.int64:
+            raise DataError(f"{path}: index of dtype {dtype}, want int64")
+        self.fd = os.open(path, os.O_RDONLY)
+        self._coarse = None
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, k):
+        """Elements [a, b) of a slice k (step 1), or element k."""
+        if isinstance(k, slice):
+            a, b, _ = k.indices(self.n)
+            return np.frombuffer(os.pread(self.fd, 8 * max(b - a, 0), self.offset + 8 * a), np.int64)
+        return int(self[k % self.n:k % self.n + 1][0])
+
+    def coarse(self) -> np.ndarray:
+        if self._coarse is None:
+            step = self.STRIDE * 64  # values per chunk read
+            self._coarse = np.concatenate([self[a:a + step][::self.STRIDE].copy() for a in range(0, self.n, step)])
+        return self._coarse
+
+    def searchsorted(self, x: np.ndarray, a: int, b: int) -> np.ndarray:
+        """``np.searchsorted(self[a:b], x, "right") + a`` (int64 [k])."""
+        out = np.empty_like(x)
+        for t, (v, blk) in enumerate(zip(x.tolist(), (np.searchsorted(self.coarse(), x, "right") - 1).tolist())):
+            g = 0 if blk < 0 else blk * self.STRIDE + int(np.searchsorted(
+                self[blk * self.STRIDE:(blk + 1) * self.STRIDE], v, "right"))
+            out[t] = min(max(g, a), b)
+        return out
+
+
 class Prepared:
-    """One prepared directory: its manifest, its memory-mapped document index (``prep.INDEX``: nothing per
+    """One prepared directory: its manifest, its document index (``prep.INDEX``, ``IndexFile``: nothing per
     document is read into memory) and lazy readers. The documents' bytes form one raw stream (shard after
     shard, document after document); per source file (small arrays), ``source_docs`` / ``source_empty``
     [sources + 1] are the first non-empty / empty document of each and ``source_raw`` its raw offset."""
@@ -142,8 +185,8 @@ class Prepared:
         todo = iter(range(len(shards)))
         for _ in range(min(len(shards), os.cpu_count() or 1)):
             threading.Thread(target=self._verify, args=(todo,), daemon=True).start()
-        index = {name: np.load(os.path.join(directory, name + ".npy"), mmap_mode="r") for name in prep.INDEX}
-        self.starts, self.invalid, self.empty = (index[name] for name in prep.INDEX)  # int64 [N + 1], [N + 1], [E]
+        # int64 [N + 1], [N + 1], [E]: read by slices from the files, never into memory (prep.INDEX)
+        self.starts, self.invalid, self.empty = (IndexFile(os.path.join(directory, n + ".npy")) for n in prep.INDEX)
         self.shard_start = np.concatenate([[0], np.cumsum([s["bytes"] for s in shards])]).astype(np.int64)
         src = self.manifest["sources"]
         cum = lambda key: np.concatenate([[0], np.cumsum([s[key] for s in src])]).astype(np.int64)  # noqa: E731
@@ -153,7 +196,7 @@ class Prepared:
 
     def raw_start(self, j: int) -> int:
         """Raw-stream offset of non-empty document j (j = N: the stream's length)."""
-        return int(self.starts[j]) - 2 * j
+        return self.starts[j] - 2 * j
 
     def _check(self, name: str, sha256: str):
         """sha256 of a shard file against the manifest: nothing trains on a corrupted shard."""
@@ -275,12 +318,13 @@ def prepared_dir(source: str, cfg: DataConfig) -> str:
 # ------------------------------------------------------------------------------------------------
 
 class Run(NamedTuple):
-    """Consecutive documents of one raw stream: document i starts at framed offset ``starts[i] - starts[0]``
-    of the run and at raw offset ``starts[i] - 2i + shift`` of ``stream`` (``starts`` [m + 1]: a view of
-    a prepared directory's memory-mapped index, or a small array)."""
+    """Documents j0..j1-1 of ``starts`` (framed starts, an ``IndexFile`` or a small array), one raw stream:
+    document j starts at raw offset ``starts[j] - 2j + shift`` of ``stream``."""
 
     stream: object  # .read_raw(lo, hi) -> bytes
-    starts: np.ndarray
+    starts: object
+    j0: int
+    j1: int
     shift: int
     source: str
 
@@ -297,13 +341,16 @@ class _Bytes:
 
 class DocumentIndex:
     """Non-empty documents, in order, as ``runs``; documents are framed (BOS, bytes, EOS) into one framed
-    stream of ``total`` bytes. In memory only per run: ``run_doc`` / ``run_framed`` [runs + 1], the first
-    document and the framed start of each run."""
+    stream of ``total`` bytes. In memory only per run [runs + 1]: ``run_doc`` its first document, ``run_framed``
+    its framed start, ``run_raw`` the raw offset of document d of the run minus (framed start - 2d)."""
 
     def __init__(self, runs: list[Run]):
         self.runs = runs
-        self.run_doc = np.cumsum([0] + [len(r.starts) - 1 for r in runs], dtype=np.int64)
-        self.run_framed = np.cumsum([0] + [int(r.starts[-1]) - int(r.starts[0]) for r in runs], dtype=np.int64)
+        self.run_st0 = np.array([r.starts[r.j0] for r in runs], np.int64)
+        self.run_doc = np.cumsum([0] + [r.j1 - r.j0 for r in runs], dtype=np.int64)
+        self.run_framed = np.cumsum([0] + [r.starts[r.j1] - r.starts[r.j0] for r in runs], dtype=np.int64)
+        self.run_raw = np.array([r.shift - 2 * r.j0 for r in runs], np.int64) + self.run_st0 - self.run_framed[:-1] \
+            + 2 * self.run_doc[:-1]
         self.total = int(self.run_framed[-1])
 
     def __len__(self) -> int:
@@ -317,37 +364,40 @@ class DocumentIndex:
         r = np.searchsorted(self.run_framed, p, "right") - 1
         d = np.empty_like(p)
         for k in np.unique(r).tolist():
-            st, sel = self.runs[k].starts, r == k
-            d[sel] = self.run_doc[k] - 1 + np.searchsorted(st, p[sel] - (self.run_framed[k] - st[0]), "right")
+            run, sel = self.runs[k], r == k
+            x = p[sel] - self.run_framed[k] + self.run_st0[k]
+            j = (np.searchsorted(run.starts[run.j0:run.j1 + 1], x, "right") + run.j0 if isinstance(run.starts, np.ndarray)
+                 else run.starts.searchsorted(x, run.j0, run.j1 + 1))
+            d[sel] = self.run_doc[k] - 1 + j - run.j0
         return d
 
     def framed_starts(self, d0: int, d1: int) -> np.ndarray:
         """Framed starts of documents d0..d1 inclusive (d1 = len(self): ``total``), int64 [d1 - d0 + 1]."""
         parts, r = [], self._run(d0)
         while True:
-            first, end, st = int(self.run_doc[r]), int(self.run_doc[r + 1]), self.runs[r].starts
-            parts.append(st[d0 - first:min(d1, end) - first + 1] + (int(self.run_framed[r]) - int(st[0])))
+            first, end, run = int(self.run_doc[r]), int(self.run_doc[r + 1]), self.runs[r]
+            j = run.j0 - first
+            parts.append(run.starts[d0 + j:min(d1, end) + j + 1] + (int(self.run_framed[r]) - int(self.run_st0[r])))
             if d1 <= end:
                 return np.concatenate(parts) if len(parts) > 1 else parts[0]
             parts[-1], d0, r = parts[-1][:-1], end, r + 1
 
-    def read_range(self, d0: int, d1: int, head: int, tail: int) -> bytes:
+    def read_range(self, d0: int, d1: int, f: np.ndarray, head: int, tail: int) -> bytes:
         """Raw bytes of documents d0..d1-1 concatenated, from offset ``head`` of d0 to offset ``tail`` of
-        d1 - 1 (the documents between whole)."""
-        parts, r = [], self._run(d0)
+        d1 - 1 (the documents between whole); ``f``: ``framed_starts(d0, d1)``."""
+        parts, r, base = [], self._run(d0), d0
         while d0 < d1:
-            first, end, run = int(self.run_doc[r]), int(self.run_doc[r + 1]), self.runs[r]
-            raw = lambda i: int(run.starts[i]) - 2 * i + run.shift  # noqa: E731, B023
-            i0, i1 = d0 - first, min(d1, end) - first
-            parts.append(run.stream.read_raw(raw(i0) + head, raw(i1 - 1) + tail if d1 <= end else raw(i1)))
+            end, c = min(d1, int(self.run_doc[r + 1])), int(self.run_raw[r])
+            hi = int(f[d1 - 1 - base]) - 2 * (d1 - 1) + c + tail if end == d1 else int(f[end - base]) - 2 * end + c
+            parts.append(self.runs[r].stream.read_raw(int(f[d0 - base]) - 2 * d0 + c + head, hi))
             d0, r, head = end, r + 1, 0
         return b"".join(parts)
 
     def read(self, lo: int, hi: int) -> list[Document]:
         """Documents lo..hi-1, whole, each tagged with its source path."""
-        ends = self.framed_starts(lo, hi)
-        lens = np.diff(ends) - 2
-        raw = self.read_range(lo, hi, 0, int(lens[-1]))
+        f = self.framed_starts(lo, hi)
+        lens = np.diff(f) - 2
+        raw = self.read_range(lo, hi, f, 0, int(lens[-1]))
         cum = np.cumsum(lens).tolist()
         src = [self.runs[self._run(d)].source for d in range(lo, hi)]
         return [Document(raw[e - n:e], s) for e, n, s in zip(cum, lens.tolist(), src)]
@@ -377,7 +427,7 @@ class Documents(DocumentIndex):
                         self.stats.empty_skipped += 1
                         continue
                     self.stats.invalid_utf8 += not prep.is_valid_utf8(p.read_raw(raw, raw + n))
-                    runs.append(Run(p, np.array([0, n + 2], np.int64), raw, meta["path"]))
+                    runs.append(Run(p, np.array([0, n + 2], np.int64), 0, 1, raw, meta["path"]))
                     continue
                 if (lo, hi) != (0.0, 1.0):  # documents whose start lies at a fraction in [lo, hi) of the source
                     frac = lambda j: (p.raw_start(j) - base) / (total or 1)  # noqa: E731, B023
@@ -385,9 +435,9 @@ class Documents(DocumentIndex):
                     j0, j1 = [j0 + bisect.bisect_left(range(j0, j1), x, key=frac) for x in (lo, hi)]
                     e0, e1 = [e0 + bisect.bisect_left(range(e0, e1), x, key=efrac) for x in (lo, hi)]
                 self.stats.empty_skipped += e1 - e0
-                self.stats.invalid_utf8 += int(p.invalid[j1]) - int(p.invalid[j0])
+                self.stats.invalid_utf8 += p.invalid[j1] - p.invalid[j0]
                 if j1 > j0:
-                    runs.append(Run(p, np.asarray(p.starts[j0:j1 + 1]), -2 * j0, meta["path"]))
+                    runs.append(Run(p, p.starts, j0, j1, 0, meta["path"]))
         super().__init__(runs)
         self.stats.documents, self.stats.bytes = len(self), self.total - 2 * len(self)
         if not len(self):
@@ -402,7 +452,7 @@ class DocumentList(DocumentIndex):
         self.docs = list(docs)
         lens = np.array([len(d) for d in self.docs], np.int64)
         starts = np.concatenate([[0], np.cumsum(lens + 2)])
-        super().__init__([Run(_Bytes(b"".join(self.docs)), starts, 0, "")] if self.docs else [])
+        super().__init__([Run(_Bytes(b"".join(self.docs)), starts, 0, len(lens), 0, "")] if self.docs else [])
 
     def read(self, lo: int, hi: int) -> list[bytes]:
         return self.docs[lo:hi]
@@ -498,7 +548,7 @@ class WindowSource:
         spans, raws = [], []
         for r, (d0, d1) in enumerate(zip(self.docs.locate(lo).tolist(), (self.docs.locate(lo + n - 1) + 1).tolist())):
             s = self.docs.framed_starts(d0, d1) - lo[r]  # [d1 - d0 + 1] window-relative framed starts
-            raws.append(self.docs.read_range(d0, d1, max(-int(s[0]) - 1, 0),
+            raws.append(self.docs.read_range(d0, d1, s + lo[r], max(-int(s[0]) - 1, 0),
                                              min(int(n[r] - s[-2]), int(s[-1] - s[-2]) - 1) - 1))
             spans.append((d0, d1, s))
         m = np.array([len(s) for _, _, s in spans])  # documents per window + 1
