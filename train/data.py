@@ -21,7 +21,7 @@ whole document a window touches, when the window is built (so they see the full 
 One reading path: every source is a prepared directory of ArrayRecord shards (``train.prepare``). A
 ``prepared:DIR`` source (local or gs://) names one; any other source spec (``train.sources``: text files,
 directories, globs, ``*.jsonl[.gz|.zst]``, ``shared:<path>``, ``builtin:pydoc_topics``) is prepared into
-``cache_root()`` on first use. The per-document index is memory-mapped from the prepared directory (only
+``cache_root()`` on first use. The per-document index is read by slices from the prepared directory (only
 per-source-file offsets are held in memory) and a window reads the one or two blocks it covers, so memory
 does not grow with the corpus. Grain shuffles window indices and builds a batch of windows per call.
 """
@@ -366,8 +366,8 @@ class DocumentIndex:
         for k in np.unique(r).tolist():
             run, sel = self.runs[k], r == k
             x = p[sel] - self.run_framed[k] + self.run_st0[k]
-            j = (np.searchsorted(run.starts[run.j0:run.j1 + 1], x, "right") + run.j0 if isinstance(run.starts, np.ndarray)
-                 else run.starts.searchsorted(x, run.j0, run.j1 + 1))
+            j = (run.starts.searchsorted(x, run.j0, run.j1 + 1) if isinstance(run.starts, IndexFile)
+                 else np.searchsorted(run.starts[run.j0:run.j1 + 1], x, "right") + run.j0)
             d[sel] = self.run_doc[k] - 1 + j - run.j0
         return d
 
@@ -404,8 +404,8 @@ class DocumentIndex:
 
 
 class Documents(DocumentIndex):
-    """The non-empty documents of a split over one or more prepared directories: one run per source file,
-    views of the directories' memory-mapped index. ``byte_range`` per source file: a single document is cut
+    """The non-empty documents of a split over one or more prepared directories: one run per source file
+    over its directory's ``IndexFile``. ``byte_range`` per source file: a single document is cut
     at byte fractions [lo, hi); several documents are assigned whole, by the fraction of the source at
     which they start (a contiguous run)."""
 
@@ -443,6 +443,9 @@ class Documents(DocumentIndex):
         if not len(self):
             raise DataError(f"no non-empty document in sources {list(cfg.sources)} (range {cfg.byte_range}): "
                             f"{self.stats}")
+
+    def __getitem__(self, i: int) -> Document:
+        return self.read(i, i + 1)[0]
 
 
 class DocumentList(DocumentIndex):

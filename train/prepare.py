@@ -15,7 +15,7 @@ their source order and one file is prepared in parallel. ``DIR`` (local or ``gs:
                                     directory's index below is built from)
   shard-KKKKK-of-NNNNN.json         done marker: counts and sha256 of both files (a killed run resumes
                                     by skipping the shards that have one)
-  starts.npy, invalid.npy, empty.npy  the directory's document index, memory-mapped by readers (``INDEX``):
+  starts.npy, invalid.npy, empty.npy  the directory's document index, read by slices (``INDEX``):
                                     over the N non-empty documents of all shards, in order, ``starts``
                                     int64 [N + 1] the framed start of document j (cumulative length + 2j:
                                     its raw start is starts[j] - 2j), ``invalid`` int64 [N + 1] the
@@ -48,7 +48,7 @@ from train import storage
 from train.sources import DataError, expand_source
 
 FORMAT = "hnet-bytes-arrayrecord"
-VERSION = 4  # 4: the directory-level memory-mapped index (INDEX)
+VERSION = 4  # 4: the directory-level document index (INDEX)
 AR_OPTIONS = "group_size:1,uncompressed"  # random access to single blocks, no decompression per read
 BLOCK = 32 << 10  # bytes per record
 PARTIAL = ".partial-"  # shards being written
