@@ -232,3 +232,20 @@ def test_document_index_is_not_loaded_into_memory(tmp_path):
     assert len(docs) == 800_000 and docs.stats.empty_skipped == 0  # the empty last line lies at fraction 1
     assert isinstance(D.open_prepared(out).starts, D.IndexFile)
     assert peak < 4 * n, f"{peak / n:.1f} bytes allocated per document"
+
+
+def test_older_format_is_a_clear_error_and_the_cache_re_prepares(tmp_path, monkeypatch):
+    out = _prepared(tmp_path)
+    manifest = json.loads(open(os.path.join(out, "manifest.json")).read())
+    with open(os.path.join(out, "manifest.json"), "w") as f:
+        json.dump({**manifest, "version": P.VERSION - 1}, f)
+    with pytest.raises(DataError, match=f"version {P.VERSION - 1}, this code reads .* prepare it again"):
+        D.open_documents(D.DataConfig(sources=(f"prepared:{out}",)))
+    raw = D.DataConfig(sources=(str(tmp_path / "t.txt"),), doc_split="blank_line")
+    version = P.VERSION
+    monkeypatch.setattr(P, "VERSION", version - 1)  # a cache entry written by the older version ...
+    old = D.prepared_dir(raw.sources[0], raw)
+    monkeypatch.setattr(P, "VERSION", version)
+    new = D.prepared_dir(raw.sources[0], raw)  # ... is not reused: the cache key holds the version
+    assert new != old and json.loads(open(os.path.join(new, "manifest.json")).read())["version"] == P.VERSION
+    assert len(D.open_documents(raw)) == len(D.open_documents(D.DataConfig(sources=(f"prepared:{new}",))))

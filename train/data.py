@@ -154,6 +154,13 @@ class IndexFile:
         return out
 
 
+def check_format(directory: str, manifest: dict):
+    """A prepared directory of another format version (an older cache) is an error that says what to do."""
+    if (manifest.get("format"), manifest.get("version")) != (prep.FORMAT, prep.VERSION):
+        raise DataError(f"{directory}: format {manifest.get('format')!r} version {manifest.get('version')!r}, this "
+                        f"code reads {prep.FORMAT} {prep.VERSION}: prepare it again (python -m train.prepare ...)")
+
+
 class Prepared:
     """One prepared directory: its manifest, its document index (``prep.INDEX``, ``IndexFile``: nothing per
     document is read into memory) and lazy readers. The documents' bytes form one raw stream (shard after
@@ -166,10 +173,7 @@ class Prepared:
             self.manifest = json.loads((epath.Path(directory) / "manifest.json").read_text())
         except (OSError, ValueError) as e:
             raise DataError(f"{directory} is not a prepared data directory (manifest.json: {e})") from e
-        if (self.manifest.get("format"), self.manifest.get("version")) != (prep.FORMAT, prep.VERSION):
-            raise DataError(f"{directory}: format {self.manifest.get('format')!r} version "
-                            f"{self.manifest.get('version')!r}, this code reads {prep.FORMAT} {prep.VERSION}: "
-                            f"prepare it again (python -m train.prepare --out=<new dir> ...)")
+        check_format(directory, self.manifest)
         shards = self.manifest["shards"]
         for s in shards:
             path = os.path.join(directory, s["shard"])
@@ -268,6 +272,7 @@ def _stage(url: str) -> str:
     manifest = (epath.Path(url) / "manifest.json").read_text()
     local = os.path.join(cache_root(), "remote-" + hashlib.sha256((url + manifest).encode()).hexdigest()[:20])
     if not os.path.isfile(os.path.join(local, "manifest.json")):
+        check_format(url, json.loads(manifest))
         tmp = f"{local}.tmp-{os.getpid()}"
         os.makedirs(tmp, exist_ok=True)
         for name in [s["shard"] for s in json.loads(manifest)["shards"]] + [i + ".npy" for i in prep.INDEX]:
