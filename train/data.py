@@ -571,18 +571,21 @@ class WindowSource:
         tokens = np.zeros(B * N, np.uint8)  # BOS, EOS by position; the documents' bytes in between
         tokens[bos], tokens[eos], is_frame[bos], is_frame[eos] = BOS, EOS, True, True
         tokens[~is_frame] = np.frombuffer(b"".join(raws), np.uint8)
-        doc = np.zeros(B * N, np.int32)  # document of each position in its window: 0 = d0
-        doc[flat[~first & ~last]] = 1
-        doc = np.cumsum(doc.reshape(B, N), axis=1, dtype=np.int32)
+        doc = np.zeros((B, N), np.int32)  # document of each position in its window: 0 = d0
+        doc.ravel()[flat[~first & ~last]] = 1
+        np.cumsum(doc, axis=1, out=doc)
         tokens, is_frame = tokens.reshape(B, N), is_frame.reshape(B, N)
-        got = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "segment_ids": doc[:, :-1] + 1,
-               "positions": np.arange(L) - S[doc[:, :-1] + off[:, None]], "loss_mask": doc[:, :-1] == doc[:, 1:]}
-        got["byte_mask"] = got["loss_mask"] & ~is_frame[:, 1:]
-        pad = np.arange(L) >= n[:, None] - 1 if (n < N).any() else None  # [B, L] after the last target
-        for k, v in got.items():
-            out[k][:B] = v
-            if pad is not None:
-                out[k][:B][pad] = 0
+        o = {k: v[:B] for k, v in out.items()}  # written in place: large temporaries cost page faults
+        o["inputs"][:], o["targets"][:] = tokens[:, :-1], tokens[:, 1:]
+        np.add(doc[:, :-1], 1, out=o["segment_ids"])
+        # int32 (wraps as the int32 output would): a 2-D gather of int64 is several times slower
+        np.subtract(np.arange(L, dtype=np.int32), S.astype(np.int32)[doc[:, :-1] + off.astype(np.int32)[:, None]],
+                    out=o["positions"])
+        np.equal(doc[:, :-1], doc[:, 1:], out=o["loss_mask"])
+        np.greater(o["loss_mask"], is_frame[:, 1:], out=o["byte_mask"])  # and the target is no frame
+        if (n < N).any():  # after the last target
+            for v in o.values():
+                v[np.arange(L) >= n[:, None] - 1] = 0
         for r, (d0, d1, s) in enumerate(spans if self.annotations else ()):
             a = np.maximum(-s[:-1], 0).tolist()  # framed slice [a, b) of each document in the window
             b = np.minimum(n[r] - s[:-1], np.diff(s)).tolist()
