@@ -387,6 +387,15 @@ class DocumentIndex:
                 return np.concatenate(parts) if len(parts) > 1 else parts[0]
             parts[-1], d0, r = parts[-1][:-1], end, r + 1
 
+    def framed_starts_to(self, d0: int, p: int, k: int = 64) -> np.ndarray:
+        """``framed_starts(d0, d1)`` up to d1, the first document that starts at or after framed position p
+        (or len(self)): read k documents ahead, more if they end before p."""
+        while True:
+            f = self.framed_starts(d0, min(d0 + k, len(self)))
+            if f[-1] >= p or d0 + k >= len(self):
+                return f[:int(np.searchsorted(f, p, "left")) + 1]
+            k *= 4
+
     def read_range(self, d0: int, d1: int, f: np.ndarray, head: int, tail: int) -> bytes:
         """Raw bytes of documents d0..d1-1 concatenated, from offset ``head`` of d0 to offset ``tail`` of
         d1 - 1 (the documents between whole); ``f``: ``framed_starts(d0, d1)``."""
@@ -554,9 +563,10 @@ class WindowSource:
         lo = np.asarray(indices, np.int64) * L
         n = np.minimum(lo + N, self.total) - lo  # framed bytes [lo, lo + n) of each window
         spans, raws = [], []
-        for r, (d0, d1) in enumerate(zip(self.docs.locate(lo).tolist(), (self.docs.locate(lo + n - 1) + 1).tolist())):
-            s = self.docs.framed_starts(d0, d1) - lo[r]  # [d1 - d0 + 1] window-relative framed starts
-            raws.append(self.docs.read_range(d0, d1, s + lo[r], max(-int(s[0]) - 1, 0),
+        for r, d0 in enumerate(self.docs.locate(lo).tolist()):
+            f = self.docs.framed_starts_to(d0, int(lo[r] + n[r]))
+            d1, s = d0 + len(f) - 1, f - lo[r]  # [d1 - d0 + 1] window-relative framed starts
+            raws.append(self.docs.read_range(d0, d1, f, max(-int(s[0]) - 1, 0),
                                              min(int(n[r] - s[-2]), int(s[-1] - s[-2]) - 1) - 1))
             spans.append((d0, d1, s))
         m = np.array([len(s) for _, _, s in spans])  # documents per window + 1
