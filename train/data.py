@@ -39,6 +39,7 @@ import os
 import shutil
 import sys
 import threading
+import weakref
 from typing import Iterator, NamedTuple
 
 import grain
@@ -126,6 +127,7 @@ class IndexFile:
         if dtype != np.int64:
             raise DataError(f"{path}: index of dtype {dtype}, want int64")
         self.fd = os.open(path, os.O_RDONLY)
+        weakref.finalize(self, os.close, self.fd)
         self._coarse = None
 
     def __len__(self) -> int:
