@@ -5,9 +5,9 @@
 For each size, a corpus is generated from real text (the paragraphs of CPython's pydoc topics, reshuffled
 with a new seed for every copy) into a temporary directory, prepared with ``train.prepare``
 (doc_split='blank_line', one shard per ~256 MiB) and deleted afterwards. Each measurement runs in its own
-subprocess, so its peak RSS is its own: time from opening the data to the first batch (index load and
-sha256 check of every shard included), then packed window bytes per second over ``--seconds``, with
-annotations off and with ``word_starts`` on, and the subprocess's own peak RSS (VmHWM). Every row records os.getloadavg() (the machine is shared).
+subprocess: time from opening the data to the first batch (index hash and sha256 check of every shard
+included), then packed window bytes per second over ``--seconds``, with annotations off and with
+``word_starts`` on, and its own peak RSS (VmHWM). Every row records os.getloadavg() (the machine is shared).
 """
 
 from __future__ import annotations
