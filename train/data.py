@@ -415,7 +415,7 @@ class DocumentIndex:
         lens = np.diff(f) - 2
         raw = self.read_range(lo, hi, f, 0, int(lens[-1]))
         cum = np.cumsum(lens).tolist()
-        src = [self.runs[self._run(d)].source for d in range(lo, hi)]
+        src = [self.runs[r].source for r in (np.searchsorted(self.run_doc, np.arange(lo, hi), "right") - 1).tolist()]
         return [Document(raw[e - n:e], s) for e, n, s in zip(cum, lens.tolist(), src)]
 
 
