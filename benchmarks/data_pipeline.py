@@ -5,9 +5,9 @@
 For each size, a corpus is generated from real text (the paragraphs of CPython's pydoc topics, reshuffled
 with a new seed for every copy) into a temporary directory, prepared with ``train.prepare``
 (doc_split='blank_line', one shard per ~256 MiB) and deleted afterwards. Each measurement runs in its own
-subprocess, so its peak RSS is its own: time from opening the data to the first batch (index load and
-sha256 check of every shard included), then packed window bytes per second over ``--seconds``, with
-annotations off and with ``word_starts`` on. Every row records os.getloadavg() (the machine is shared).
+subprocess: time from opening the data to the first batch (index hash and sha256 check of every shard
+included), then packed window bytes per second over ``--seconds``, with annotations off and with
+``word_starts`` on, and its own peak RSS (VmHWM). Every row records os.getloadavg() (the machine is shared).
 """
 
 from __future__ import annotations
@@ -42,8 +42,6 @@ def generate(path: str, size: int, seed: int = 0) -> int:
 
 def measure(directory: str, seq_len: int, batch: int, annotations: tuple[str, ...], seconds: float) -> dict:
     """(child process) time to first batch, packed bytes/s, peak RSS."""
-    import resource
-
     from train import data as D
 
     t0 = time.perf_counter()
@@ -58,8 +56,14 @@ def measure(directory: str, seq_len: int, batch: int, annotations: tuple[str, ..
         n += b["inputs"].size
     dt = time.perf_counter() - t1
     return {"first_batch_s": first, "bytes_per_s": n / dt, "batches": n // (seq_len * batch),
-            "documents": len(docs), "corpus_bytes": docs.stats.bytes,
-            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "documents": len(docs), "corpus_bytes": docs.stats.bytes, "peak_rss_mib": peak_rss_mib()}
+
+
+def peak_rss_mib() -> float:
+    """This process's own peak RSS: VmHWM of its memory map (ru_maxrss also counts the parent's RSS at the
+    fork, here the process that prepared the corpus)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
 
 
 def run_child(directory: str, args, annotations: tuple[str, ...]) -> dict:

@@ -207,3 +207,45 @@ def test_data_pipeline_benchmark_measures_a_prepared_dir(tmp_path):
     table = data_pipeline.markdown([{**row, "size_mib": 1, "prepare_s": 1.0, "annotations": ("word_starts",),
                                      "load_before": (1.0,), "load_after": (2.0,)}])
     assert table.splitlines()[2].startswith("| 1 MiB | ") and "| word_starts |" in table
+
+
+def test_document_index_is_not_loaded_into_memory(tmp_path):
+    """A million one-byte documents: opening them (with and without a byte range) and reading batches
+    allocates less than 4 bytes per document: the index is read from the prepared directory by slices."""
+    import tracemalloc
+
+    n = 1_000_000
+    src = tmp_path / "tiny.txt"
+    src.write_bytes(b"x\n" * n)
+    out = str(tmp_path / "prep")
+    P.prepare([str(src)], out, doc_split="line", progress=False, workers=1)
+    tracemalloc.start()
+    try:
+        for byte_range in ((0.0, 1.0), (0.1, 0.9)):
+            cfg = D.DataConfig(sources=(f"prepared:{out}",), seq_len=64, batch_size=4, byte_range=byte_range)
+            docs = D.open_documents(cfg)
+            batch = D.WindowSource(docs, 64, pad_last=False).batch([0, 7, len(docs) // 3 // 64])
+            assert batch["inputs"][0, :3].tolist() == [254, ord("x"), 255]
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(docs) == 800_000 and docs.stats.empty_skipped == 0  # the empty last line lies at fraction 1
+    assert isinstance(D.open_prepared(out).starts, D.IndexFile)
+    assert peak < 4 * n, f"{peak / n:.1f} bytes allocated per document"
+
+
+def test_older_format_is_a_clear_error_and_the_cache_re_prepares(tmp_path, monkeypatch):
+    out = _prepared(tmp_path)
+    manifest = json.loads(open(os.path.join(out, "manifest.json")).read())
+    with open(os.path.join(out, "manifest.json"), "w") as f:
+        json.dump({**manifest, "version": P.VERSION - 1}, f)
+    with pytest.raises(DataError, match=f"version {P.VERSION - 1}, this code reads .* prepare it again"):
+        D.open_documents(D.DataConfig(sources=(f"prepared:{out}",)))
+    raw = D.DataConfig(sources=(str(tmp_path / "t.txt"),), doc_split="blank_line")
+    version = P.VERSION
+    monkeypatch.setattr(P, "VERSION", version - 1)  # a cache entry written by the older version ...
+    old = D.prepared_dir(raw.sources[0], raw)
+    monkeypatch.setattr(P, "VERSION", version)
+    new = D.prepared_dir(raw.sources[0], raw)  # ... is not reused: the cache key holds the version
+    assert new != old and json.loads(open(os.path.join(new, "manifest.json")).read())["version"] == P.VERSION
+    assert len(D.open_documents(raw)) == len(D.open_documents(D.DataConfig(sources=(f"prepared:{new}",))))

@@ -21,9 +21,9 @@ whole document a window touches, when the window is built (so they see the full 
 One reading path: every source is a prepared directory of ArrayRecord shards (``train.prepare``). A
 ``prepared:DIR`` source (local or gs://) names one; any other source spec (``train.sources``: text files,
 directories, globs, ``*.jsonl[.gz|.zst]``, ``shared:<path>``, ``builtin:pydoc_topics``) is prepared into
-``cache_root()`` on first use. Only a per-document index is held in memory (~20 bytes per document: lengths,
-cumulative raw and framed offsets); a window reads the one or two blocks it covers, so memory does not grow
-with the bytes.
+``cache_root()`` on first use. The per-document index is read by slices from the prepared directory (only
+per-source-file offsets are held in memory) and a window reads the one or two blocks it covers, so memory
+does not grow with the corpus. Grain shuffles window indices and builds a batch of windows per call.
 """
 
 from __future__ import annotations
@@ -39,7 +39,8 @@ import os
 import shutil
 import sys
 import threading
-from typing import Iterator
+import weakref
+from typing import Iterator, NamedTuple
 
 import grain
 import jax
@@ -111,10 +112,62 @@ class DataStats:
 # Prepared shards (train.prepare): opened, checked, read by record
 # ------------------------------------------------------------------------------------------------
 
+class IndexFile:
+    """A 1-D int64 ``.npy`` file read by slices with ``os.pread`` (not memory-mapped: the pages it reads stay
+    in the page cache, out of this process's resident memory). ``searchsorted`` bisects a coarse sample
+    (every ``STRIDE``-th value, read once in chunks on first use), then reads one block."""
+
+    STRIDE = 512
+
+    def __init__(self, path: str):
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            (self.n,), _, dtype = getattr(np.lib.format, f"read_array_header_{version[0]}_0")(f)
+            self.offset = f.tell()
+        if dtype != np.int64:
+            raise DataError(f"{path}: index of dtype {dtype}, want int64")
+        self.fd = os.open(path, os.O_RDONLY)
+        weakref.finalize(self, os.close, self.fd)
+        self._coarse = None
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, k):
+        """Elements [a, b) of a slice k (step 1), or element k."""
+        if isinstance(k, slice):
+            a, b, _ = k.indices(self.n)
+            return np.frombuffer(os.pread(self.fd, 8 * max(b - a, 0), self.offset + 8 * a), np.int64)
+        return int(self[k % self.n:k % self.n + 1][0])
+
+    def coarse(self) -> np.ndarray:
+        if self._coarse is None:
+            step = self.STRIDE * 64  # values per chunk read
+            self._coarse = np.concatenate([self[a:a + step][::self.STRIDE].copy() for a in range(0, self.n, step)])
+        return self._coarse
+
+    def searchsorted(self, x: np.ndarray, a: int, b: int) -> np.ndarray:
+        """``np.searchsorted(self[a:b], x, "right") + a`` (int64 [k])."""
+        out = np.empty_like(x)
+        for t, (v, blk) in enumerate(zip(x.tolist(), (np.searchsorted(self.coarse(), x, "right") - 1).tolist())):
+            g = 0 if blk < 0 else blk * self.STRIDE + int(np.searchsorted(
+                self[blk * self.STRIDE:(blk + 1) * self.STRIDE], v, "right"))
+            out[t] = min(max(g, a), b)
+        return out
+
+
+def check_format(directory: str, manifest: dict):
+    """A prepared directory of another format version (an older cache) is an error that says what to do."""
+    if (manifest.get("format"), manifest.get("version")) != (prep.FORMAT, prep.VERSION):
+        raise DataError(f"{directory}: format {manifest.get('format')!r} version {manifest.get('version')!r}, this "
+                        f"code reads {prep.FORMAT} {prep.VERSION}: prepare it again (python -m train.prepare ...)")
+
+
 class Prepared:
-    """One prepared directory: its manifest, the per-document index of all shards and lazy readers. The
-    documents' bytes form one raw stream (shard after shard, document after document); ``source_raw``
-    [sources + 1] is each source file's offset in it."""
+    """One prepared directory: its manifest, its document index (``prep.INDEX``, ``IndexFile``: nothing per
+    document is read into memory) and lazy readers. The documents' bytes form one raw stream (shard after
+    shard, document after document); per source file (small arrays), ``source_docs`` / ``source_empty``
+    [sources + 1] are the first non-empty / empty document of each and ``source_raw`` its raw offset."""
 
     def __init__(self, directory: str):
         self.dir = directory
@@ -122,9 +175,7 @@ class Prepared:
             self.manifest = json.loads((epath.Path(directory) / "manifest.json").read_text())
         except (OSError, ValueError) as e:
             raise DataError(f"{directory} is not a prepared data directory (manifest.json: {e})") from e
-        if (self.manifest.get("format"), self.manifest.get("version")) != (prep.FORMAT, prep.VERSION):
-            raise DataError(f"{directory}: unknown format {self.manifest.get('format')!r} "
-                            f"version {self.manifest.get('version')!r} (want {prep.FORMAT} {prep.VERSION})")
+        check_format(directory, self.manifest)
         shards = self.manifest["shards"]
         for s in shards:
             path = os.path.join(directory, s["shard"])
@@ -132,23 +183,26 @@ class Prepared:
                 raise DataError(f"prepared shard {path} is missing, truncated or corrupt: "
                                 f"{os.path.getsize(path) if os.path.isfile(path) else 'no'} bytes, manifest says "
                                 f"{s['size']}")
-            self._check(s["index"], s["index_sha256"])
+        for name, sha256 in self.manifest["index"].items():
+            self._check(name, sha256)
         # shard contents are hashed in the background; a read from a shard waits for its check
         self._verified = [threading.Event() for _ in shards]
         self._errors: list[Exception | None] = [None] * len(shards)
         todo = iter(range(len(shards)))
         for _ in range(min(len(shards), os.cpu_count() or 1)):
             threading.Thread(target=self._verify, args=(todo,), daemon=True).start()
-        index = [np.load(os.path.join(directory, s["index"])) for s in shards]
-        self.lengths = np.concatenate([i["lengths"] for i in index])  # [documents incl. empty]
-        self.invalid = np.concatenate([i["invalid_utf8"] for i in index])
+        # int64 [N + 1], [N + 1], [E]: read by slices from the files, never into memory (prep.INDEX)
+        self.starts, self.invalid, self.empty = (IndexFile(os.path.join(directory, n + ".npy")) for n in prep.INDEX)
         self.shard_start = np.concatenate([[0], np.cumsum([s["bytes"] for s in shards])]).astype(np.int64)
-        n = [s["documents"] + s["empty"] for s in self.manifest["sources"]]
-        self.source_first = np.concatenate([[0], np.cumsum(n)]).astype(np.int64)  # documents per source file
-        self.source_raw = np.concatenate([[0], np.cumsum([s["bytes"] for s in self.manifest["sources"]])]).astype(
-            np.int64)
+        src = self.manifest["sources"]
+        cum = lambda key: np.concatenate([[0], np.cumsum([s[key] for s in src])]).astype(np.int64)  # noqa: E731
+        self.source_docs, self.source_empty, self.source_raw = cum("documents"), cum("empty"), cum("bytes")
         self._readers: list = [None] * len(shards)
         self._lock = threading.Lock()
+
+    def raw_start(self, j: int) -> int:
+        """Raw-stream offset of non-empty document j (j = N: the stream's length)."""
+        return self.starts[j] - 2 * j
 
     def _check(self, name: str, sha256: str):
         """sha256 of a shard file against the manifest: nothing trains on a corrupted shard."""
@@ -220,11 +274,11 @@ def _stage(url: str) -> str:
     manifest = (epath.Path(url) / "manifest.json").read_text()
     local = os.path.join(cache_root(), "remote-" + hashlib.sha256((url + manifest).encode()).hexdigest()[:20])
     if not os.path.isfile(os.path.join(local, "manifest.json")):
+        check_format(url, json.loads(manifest))
         tmp = f"{local}.tmp-{os.getpid()}"
         os.makedirs(tmp, exist_ok=True)
-        for s in json.loads(manifest)["shards"]:
-            for name in (s["shard"], s["index"]):
-                (epath.Path(url) / name).copy(epath.Path(tmp) / name, overwrite=True)
+        for name in [s["shard"] for s in json.loads(manifest)["shards"]] + [i + ".npy" for i in prep.INDEX]:
+            (epath.Path(url) / name).copy(epath.Path(tmp) / name, overwrite=True)
         with open(os.path.join(tmp, "manifest.json"), "w") as f:
             f.write(manifest)
         _publish(tmp, local)
@@ -270,92 +324,157 @@ def prepared_dir(source: str, cfg: DataConfig) -> str:
 # Documents: the selected documents of a split (lazy: an index, records read on demand)
 # ------------------------------------------------------------------------------------------------
 
-class Documents:
-    """The non-empty documents of a split, in order, over one or more prepared directories. In memory:
-    ``cum`` [n + 1], the cumulative byte lengths, and per source file (small arrays) where its selected
-    documents start in its directory's raw stream. ``byte_range`` per source file: a single document is cut
+class Run(NamedTuple):
+    """Documents j0..j1-1 of ``starts`` (framed starts, an ``IndexFile`` or a small array), one raw stream:
+    document j starts at raw offset ``starts[j] - 2j + shift`` of ``stream``."""
+
+    stream: object  # .read_raw(lo, hi) -> bytes
+    starts: object
+    j0: int
+    j1: int
+    shift: int
+    source: str
+
+
+class _Bytes:
+    """An in-memory raw stream."""
+
+    def __init__(self, data: bytes):
+        self.data = data
+
+    def read_raw(self, lo: int, hi: int) -> bytes:
+        return self.data[lo:hi]
+
+
+class DocumentIndex:
+    """Non-empty documents, in order, as ``runs``; documents are framed (BOS, bytes, EOS) into one framed
+    stream of ``total`` bytes. In memory only per run [runs + 1]: ``run_doc`` its first document, ``run_framed``
+    its framed start, ``run_raw`` the raw offset of document d of the run minus (framed start - 2d)."""
+
+    def __init__(self, runs: list[Run]):
+        self.runs = runs
+        self.run_st0 = np.array([r.starts[r.j0] for r in runs], np.int64)
+        self.run_doc = np.cumsum([0] + [r.j1 - r.j0 for r in runs], dtype=np.int64)
+        self.run_framed = np.cumsum([0] + [r.starts[r.j1] - r.starts[r.j0] for r in runs], dtype=np.int64)
+        self.run_raw = np.array([r.shift - 2 * r.j0 for r in runs], np.int64) + self.run_st0 - self.run_framed[:-1] \
+            + 2 * self.run_doc[:-1]
+        self.total = int(self.run_framed[-1])
+
+    def __len__(self) -> int:
+        return int(self.run_doc[-1])
+
+    def _run(self, d: int) -> int:
+        return min(int(np.searchsorted(self.run_doc, d, "right")) - 1, len(self.runs) - 1)
+
+    def locate(self, p: np.ndarray) -> np.ndarray:
+        """The documents whose framed bytes hold framed positions p (int64 [k], 0 <= p < total)."""
+        r = np.searchsorted(self.run_framed, p, "right") - 1
+        d = np.empty_like(p)
+        for k in np.unique(r).tolist():
+            run, sel = self.runs[k], r == k
+            x = p[sel] - self.run_framed[k] + self.run_st0[k]
+            j = (run.starts.searchsorted(x, run.j0, run.j1 + 1) if isinstance(run.starts, IndexFile)
+                 else np.searchsorted(run.starts[run.j0:run.j1 + 1], x, "right") + run.j0)
+            d[sel] = self.run_doc[k] - 1 + j - run.j0
+        return d
+
+    def framed_starts(self, d0: int, d1: int) -> np.ndarray:
+        """Framed starts of documents d0..d1 inclusive (d1 = len(self): ``total``), int64 [d1 - d0 + 1]."""
+        parts, r = [], self._run(d0)
+        while True:
+            first, end, run = int(self.run_doc[r]), int(self.run_doc[r + 1]), self.runs[r]
+            j = run.j0 - first
+            parts.append(run.starts[d0 + j:min(d1, end) + j + 1] + (int(self.run_framed[r]) - int(self.run_st0[r])))
+            if d1 <= end:
+                return np.concatenate(parts) if len(parts) > 1 else parts[0]
+            parts[-1], d0, r = parts[-1][:-1], end, r + 1
+
+    def framed_starts_to(self, d0: int, p: int, k: int = 64) -> np.ndarray:
+        """``framed_starts(d0, d1)`` up to d1, the first document that starts at or after framed position p
+        (or len(self)): read k documents ahead, more if they end before p."""
+        while True:
+            f = self.framed_starts(d0, min(d0 + k, len(self)))
+            if f[-1] >= p or d0 + k >= len(self):
+                return f[:int(np.searchsorted(f, p, "left")) + 1]
+            k *= 4
+
+    def read_range(self, d0: int, d1: int, f: np.ndarray, head: int, tail: int) -> bytes:
+        """Raw bytes of documents d0..d1-1 concatenated, from offset ``head`` of d0 to offset ``tail`` of
+        d1 - 1 (the documents between whole); ``f``: ``framed_starts(d0, d1)``."""
+        parts, r, base = [], self._run(d0), d0
+        while d0 < d1:
+            end, c = min(d1, int(self.run_doc[r + 1])), int(self.run_raw[r])
+            hi = int(f[d1 - 1 - base]) - 2 * (d1 - 1) + c + tail if end == d1 else int(f[end - base]) - 2 * end + c
+            parts.append(self.runs[r].stream.read_raw(int(f[d0 - base]) - 2 * d0 + c + head, hi))
+            d0, r, head = end, r + 1, 0
+        return b"".join(parts)
+
+    def read(self, lo: int, hi: int) -> list[Document]:
+        """Documents lo..hi-1, whole, each tagged with its source path."""
+        f = self.framed_starts(lo, hi)
+        lens = np.diff(f) - 2
+        raw = self.read_range(lo, hi, f, 0, int(lens[-1]))
+        cum = np.cumsum(lens).tolist()
+        src = [self.runs[r].source for r in (np.searchsorted(self.run_doc, np.arange(lo, hi), "right") - 1).tolist()]
+        return [Document(raw[e - n:e], s) for e, n, s in zip(cum, lens.tolist(), src)]
+
+
+class Documents(DocumentIndex):
+    """The non-empty documents of a split over one or more prepared directories: one run per source file
+    over its directory's ``IndexFile``. ``byte_range`` per source file: a single document is cut
     at byte fractions [lo, hi); several documents are assigned whole, by the fraction of the source at
     which they start (a contiguous run)."""
 
     def __init__(self, cfg: DataConfig):
-        self.sets: list[Prepared] = []
-        self.paths: list[str] = []
-        lens_parts, first, set_of, raw_of, self.stats, n_docs = [], [], [], [], DataStats(), 0
+        runs, self.stats = [], DataStats()
         lo, hi = cfg.byte_range
         for spec in cfg.sources:
             p = open_prepared(prepared_dir(spec, cfg))
-            self.sets.append(p)
             for s, meta in enumerate(p.manifest["sources"]):
-                a, b = p.source_first[s], p.source_first[s + 1]
-                lens, invalid, raw = p.lengths[a:b], p.invalid[a:b], int(p.source_raw[s])
-                if (lo, hi) != (0.0, 1.0) and b - a == 1:
-                    n = int(lens[0])
-                    raw, lens = raw + int(lo * n), np.array([int(hi * n) - int(lo * n)], np.int64)
-                    invalid = np.array([bool(lens[0]) and not prep.is_valid_utf8(p.read_raw(raw, raw + int(lens[0])))])
-                elif (lo, hi) != (0.0, 1.0):
-                    frac = (np.cumsum(lens, dtype=np.int64) - lens) / (int(lens.sum(dtype=np.int64)) or 1)
-                    i0, i1 = np.searchsorted(frac, lo, "left"), np.searchsorted(frac, hi, "left")
-                    raw += int(lens[:i0].sum(dtype=np.int64))
-                    lens, invalid = lens[i0:i1], invalid[i0:i1]
-                ok = lens > 0
+                j0, j1, e0, e1 = (int(x) for x in (p.source_docs[s], p.source_docs[s + 1], p.source_empty[s],
+                                                    p.source_empty[s + 1]))
                 self.stats.files += meta["files"]
                 self.stats.bad_json += meta["bad_json"]
-                self.stats.empty_skipped += int((~ok).sum())
-                self.stats.invalid_utf8 += int(invalid[ok].sum())
-                self.paths.append(meta["path"])
-                lens_parts.append(lens if ok.all() else lens[ok])
-                first.append(n_docs)
-                set_of.append(len(self.sets) - 1)
-                raw_of.append(raw)
-                n_docs += len(lens_parts[-1])
-        self.cum = np.zeros(n_docs + 1, np.int64)
-        np.cumsum(np.concatenate(lens_parts) if len(lens_parts) != 1 else lens_parts[0], dtype=np.int64, out=self.cum[1:])
-        # per source file: first view document, directory, raw-stream start of that document
-        self.src_first, self.src_set, self.src_raw = np.array(first), np.array(set_of), np.array(raw_of, np.int64)
-        self.stats.documents, self.stats.bytes = n_docs, int(self.cum[-1])
-        if not n_docs:
+                base, total = int(p.source_raw[s]), meta["bytes"]
+                if (lo, hi) != (0.0, 1.0) and j1 - j0 + e1 - e0 == 1:  # one document: cut at byte fractions
+                    n = int(hi * total) - int(lo * total)
+                    raw = base + int(lo * total)
+                    if n == 0:
+                        self.stats.empty_skipped += 1
+                        continue
+                    self.stats.invalid_utf8 += not prep.is_valid_utf8(p.read_raw(raw, raw + n))
+                    runs.append(Run(p, np.array([0, n + 2], np.int64), 0, 1, raw, meta["path"]))
+                    continue
+                if (lo, hi) != (0.0, 1.0):  # documents whose start lies at a fraction in [lo, hi) of the source
+                    frac = lambda j: (p.raw_start(j) - base) / (total or 1)  # noqa: E731, B023
+                    efrac = lambda k: frac(int(p.empty[k]))  # noqa: E731, B023
+                    j0, j1 = [j0 + bisect.bisect_left(range(j0, j1), x, key=frac) for x in (lo, hi)]
+                    e0, e1 = [e0 + bisect.bisect_left(range(e0, e1), x, key=efrac) for x in (lo, hi)]
+                self.stats.empty_skipped += e1 - e0
+                self.stats.invalid_utf8 += p.invalid[j1] - p.invalid[j0]
+                if j1 > j0:
+                    runs.append(Run(p, p.starts, j0, j1, 0, meta["path"]))
+        super().__init__(runs)
+        self.stats.documents, self.stats.bytes = len(self), self.total - 2 * len(self)
+        if not len(self):
             raise DataError(f"no non-empty document in sources {list(cfg.sources)} (range {cfg.byte_range}): "
                             f"{self.stats}")
-
-    def __len__(self) -> int:
-        return len(self.cum) - 1
-
-    def read_spans(self, lo: int, hi: int, a: np.ndarray, b: np.ndarray) -> bytes:
-        """Bytes [a_j, b_j) of documents j = lo..hi-1, concatenated (contiguous spans read together)."""
-        src = np.searchsorted(self.src_first, np.arange(lo, hi), "right") - 1  # source file of each document
-        base = self.src_raw[src] + self.cum[lo:hi] - self.cum[self.src_first[src]]
-        sets, starts, ends = self.src_set[src], base + a, base + b
-        cut = np.flatnonzero((sets[1:] != sets[:-1]) | (starts[1:] != ends[:-1])) + 1
-        return b"".join(self.sets[sets[i]].read_raw(int(starts[i]), int(ends[j - 1]))
-                        for i, j in zip(np.r_[0, cut].tolist(), np.r_[cut, hi - lo].tolist()))
-
-    def read(self, lo: int, hi: int) -> list[Document]:
-        """Documents lo..hi-1, whole."""
-        lens = np.diff(self.cum[lo:hi + 1])
-        raw = self.read_spans(lo, hi, np.zeros_like(lens), lens)
-        ends = (self.cum[lo + 1:hi + 1] - self.cum[lo]).tolist()
-        src = (np.searchsorted(self.src_first, np.arange(lo, hi), "right") - 1).tolist()
-        return [Document(raw[e - n:e], self.paths[s]) for e, n, s in zip(ends, lens.tolist(), src)]
 
     def __getitem__(self, i: int) -> Document:
         return self.read(i, i + 1)[0]
 
 
-class DocumentList:
+class DocumentList(DocumentIndex):
     """An in-memory list of documents behind the same interface (evaluation of perturbed texts, tests)."""
 
     def __init__(self, docs: list[bytes]):
         self.docs = list(docs)
-        self.cum = np.concatenate([[0], np.cumsum([len(d) for d in self.docs], dtype=np.int64)])
-
-    def __len__(self) -> int:
-        return len(self.docs)
+        lens = np.array([len(d) for d in self.docs], np.int64)
+        starts = np.concatenate([[0], np.cumsum(lens + 2)])
+        super().__init__([Run(_Bytes(b"".join(self.docs)), starts, 0, len(lens), 0, "")] if self.docs else [])
 
     def read(self, lo: int, hi: int) -> list[bytes]:
         return self.docs[lo:hi]
-
-    def read_spans(self, lo: int, hi: int, a: np.ndarray, b: np.ndarray) -> bytes:
-        return b"".join(d[x:y] for d, x, y in zip(self.docs[lo:hi], a.tolist(), b.tolist()))
 
 
 def open_documents(cfg: DataConfig) -> Documents:
@@ -401,10 +520,10 @@ class WindowSource:
         unknown = set(annotations) - set(ANNOTATIONS)
         if unknown:
             raise DataError(f"unknown annotations {sorted(unknown)} (known: {sorted(ANNOTATIONS)})")
-        self.docs = docs if hasattr(docs, "read") else DocumentList(docs)
+        self.docs = docs if isinstance(docs, DocumentIndex) else DocumentList(docs)
         self.L, self.annotations = seq_len, tuple(annotations)
         self.unigram_sp = unigram.processor() if "unigram_ends" in self.annotations else None
-        self.total = self._framed_start(len(self.docs.cum) - 1)
+        self.total = self.docs.total
         n = self.total - 1  # number of (input, target) pairs
         self.n = (-(-n // seq_len) if pad_last else n // seq_len)
         if max_windows:
@@ -416,10 +535,6 @@ class WindowSource:
 
     def __len__(self) -> int:
         return self.n
-
-    def _framed_start(self, d: int) -> int:
-        """Start of document d in the framed stream: cum[d] + 2d (found by bisection, not stored)."""
-        return int(self.docs.cum[d]) + 2 * d
 
     def _annotations(self, j: int, doc: bytes, whole: bool) -> dict[str, np.ndarray]:
         """A document's annotations; the last few partly-covered (long) documents are cached, since the
@@ -438,44 +553,64 @@ class WindowSource:
         return out
 
     def __getitem__(self, i: int) -> dict[str, np.ndarray]:
-        L = self.L
-        lo = int(i) * L
-        hi = min(lo + L + 1, self.total)
-        index = range(len(self.docs.cum))
-        d0 = bisect.bisect_right(index, lo, key=self._framed_start) - 1
-        d1 = bisect.bisect_right(index, hi - 1, lo=d0, key=self._framed_start)
-        starts = self.docs.cum[d0:d1 + 1] + 2 * np.arange(d0, d1 + 1)
-        framed = np.diff(starts)
-        a = np.maximum(lo - starts[:-1], 0)  # framed slice [a, b) of each document in the window
-        b = np.minimum(hi - starts[:-1], framed)
-        lens = b - a
-        doc = np.repeat(np.arange(d1 - d0, dtype=np.int32), lens)
-        positions = np.arange(hi - lo) - np.repeat(np.cumsum(lens) - lens, lens) + np.repeat(a, lens)
-        is_bos, is_eos = positions == 0, positions == np.repeat(framed - 1, lens)
-        is_frame = is_bos | is_eos
-        tokens = np.empty(hi - lo, np.uint8)  # BOS, EOS by position; the documents' bytes in between
-        tokens[is_bos], tokens[is_eos] = BOS, EOS
-        tokens[~is_frame] = np.frombuffer(self.docs.read_spans(d0, d1, np.maximum(a - 1, 0),
-                                                               np.minimum(b - 1, framed - 2)), np.uint8)
-        n = hi - lo - 1
-        out = empty_window(L, self.annotations)
-        out["inputs"][:n] = tokens[:-1]
-        out["targets"][:n] = tokens[1:]
-        out["segment_ids"][:n] = doc[:-1] + 1
-        out["positions"][:n] = positions[:-1]
-        out["loss_mask"][:n] = doc[:-1] == doc[1:]
-        out["byte_mask"][:n] = out["loss_mask"][:n] & ~is_frame[1:]
-        if self.annotations:
-            docs = self.docs.read(d0, d1)
+        return {k: v[0] for k, v in self.batch([i]).items()}
+
+    def batch(self, indices, rows: int = 0) -> dict[str, np.ndarray]:
+        """Windows ``indices`` as a batch [rows, L] (default: one row each; rows after them stay empty). The
+        documents are located and read window by window; the B windows are framed together, flat [B, L + 1]."""
+        L, N, B = self.L, self.L + 1, len(indices)
+        out = empty_window((rows or B, L), self.annotations)
+        if not B:
+            return out
+        lo = np.asarray(indices, np.int64) * L
+        n = np.minimum(lo + N, self.total) - lo  # framed bytes [lo, lo + n) of each window
+        spans, raws = [], []
+        for r, d0 in enumerate(self.docs.locate(lo).tolist()):
+            f = self.docs.framed_starts_to(d0, int(lo[r] + n[r]))
+            d1, s = d0 + len(f) - 1, f - lo[r]  # [d1 - d0 + 1] window-relative framed starts
+            raws.append(self.docs.read_range(d0, d1, f, max(-int(s[0]) - 1, 0),
+                                             min(int(n[r] - s[-2]), int(s[-1] - s[-2]) - 1) - 1))
+            spans.append((d0, d1, s))
+        m = np.array([len(s) for _, _, s in spans])  # documents per window + 1
+        off = np.cumsum(m) - m  # where each window's starts begin in S
+        S = np.concatenate([s for _, _, s in spans])
+        flat = S + np.repeat(np.arange(B) * N, m)  # position in the flat [B * N] batch
+        first, last = np.zeros(len(S), bool), np.zeros(len(S), bool)
+        first[off], last[off + m - 1] = True, True
+        bos = flat[~last & (S >= 0)]  # each document's BOS and EOS inside its window
+        eos = flat[~first & (S <= np.repeat(n, m))] - 1
+        is_frame = (np.arange(N) >= n[:, None]).ravel()  # frames and the padding after the corpus end
+        tokens = np.zeros(B * N, np.uint8)  # BOS, EOS by position; the documents' bytes in between
+        tokens[bos], tokens[eos], is_frame[bos], is_frame[eos] = BOS, EOS, True, True
+        tokens[~is_frame] = np.frombuffer(b"".join(raws), np.uint8)
+        doc = np.zeros((B, N), np.int32)  # document of each position in its window: 0 = d0
+        doc.ravel()[flat[~first & ~last]] = 1
+        np.cumsum(doc, axis=1, out=doc)
+        tokens, is_frame = tokens.reshape(B, N), is_frame.reshape(B, N)
+        o = {k: v[:B] for k, v in out.items()}  # written in place: large temporaries cost page faults
+        o["inputs"][:], o["targets"][:] = tokens[:, :-1], tokens[:, 1:]
+        np.add(doc[:, :-1], 1, out=o["segment_ids"])
+        # int32 (wraps as the int32 output would): a 2-D gather of int64 is several times slower
+        np.subtract(np.arange(L, dtype=np.int32), S.astype(np.int32)[doc[:, :-1] + off.astype(np.int32)[:, None]],
+                    out=o["positions"])
+        np.equal(doc[:, :-1], doc[:, 1:], out=o["loss_mask"])
+        np.greater(o["loss_mask"], is_frame[:, 1:], out=o["byte_mask"])  # and the target is no frame
+        if (n < N).any():  # after the last target
+            for v in o.values():
+                v[np.arange(L) >= n[:, None] - 1] = 0
+        for r, (d0, d1, s) in enumerate(spans if self.annotations else ()):
+            a = np.maximum(-s[:-1], 0).tolist()  # framed slice [a, b) of each document in the window
+            b = np.minimum(n[r] - s[:-1], np.diff(s)).tolist()
             arrs = [self._annotations(d0 + k, d, x == 0 and y == len(d) + 2)
-                    for k, (d, x, y) in enumerate(zip(docs, a.tolist(), b.tolist()))]
+                    for k, (d, x, y) in enumerate(zip(self.docs.read(d0, d1), a, b))]
             for name in self.annotations:
-                out[name][:n] = np.concatenate([r[name][x:y] for r, x, y in zip(arrs, a.tolist(), b.tolist())])[:-1]
+                out[name][r, :n[r] - 1] = np.concatenate([q[name][x:y] for q, x, y in zip(arrs, a, b)])[:-1]
         return out
 
 
-def empty_window(L: int, annotations: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
-    z = lambda dt: np.zeros((L,), dt)  # noqa: E731
+def empty_window(shape: int | tuple[int, ...], annotations: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+    """Padding: every array of a window (shape L) or batch (shape (B, L)), zero."""
+    z = lambda dt: np.zeros(shape, dt)  # noqa: E731
     out = {"inputs": z(np.int32), "targets": z(np.int32), "segment_ids": z(np.int32), "positions": z(np.int32),
            "loss_mask": z(bool), "byte_mask": z(bool)}
     out.update({name: z(ANNOTATIONS[name][1]) for name in annotations})
@@ -491,15 +626,16 @@ def local_batch_size(global_batch: int) -> int:
 
 def make_train_iterator(cfg: DataConfig, docs):
     """Infinite, deterministic, per-process grain iterator of process-local batches (state savable):
-    windows shuffled lazily, each process takes every P-th, grain threads build batches ahead."""
+    window indices shuffled lazily, each process takes every P-th, grain threads build batches ahead (one
+    call per batch)."""
     src = WindowSource(docs, cfg.seq_len, pad_last=False, max_windows=cfg.max_windows, annotations=cfg.annotations,
                        unigram=cfg.unigram)
-    ds = grain.MapDataset.source(src)
+    ds = grain.MapDataset.range(len(src))
     if cfg.shuffle:
         ds = ds.seed(cfg.seed).shuffle()
     ds = ds.repeat(None)
     ds = ds[jax.process_index()::jax.process_count()]
-    ds = ds.batch(local_batch_size(cfg.batch_size), drop_remainder=True)
+    ds = ds.batch(local_batch_size(cfg.batch_size), drop_remainder=True).map(src.batch)
     return ds.to_iter_dataset(grain.ReadOptions(num_threads=READ_THREADS, prefetch_buffer_size=PREFETCH_BATCHES)).__iter__()
 
 
@@ -511,9 +647,7 @@ def iterate_eval_batches(cfg: DataConfig, docs) -> Iterator[dict[str, np.ndarray
     b_local = local_batch_size(cfg.batch_size)
     first = jax.process_index() * b_local
     for g in range(0, len(src), cfg.batch_size):
-        rows = [src[g + first + r] if g + first + r < len(src) else empty_window(cfg.seq_len, src.annotations)
-                for r in range(b_local)]
-        yield {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+        yield src.batch(range(g + first, min(g + first + b_local, len(src))), b_local)
 
 
 def with_annotations(cfg: DataConfig, names) -> DataConfig:

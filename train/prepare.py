@@ -11,10 +11,16 @@ their source order and one file is prepared in parallel. ``DIR`` (local or ``gs:
   shard-KKKKK-of-NNNNN.arrayrecord  records: the shard's documents concatenated, cut into BLOCK-byte blocks
                                     (a window reads the one or two blocks it covers, not every document)
   shard-KKKKK-of-NNNNN.index.npz    per document incl. empty ones, in order: ``lengths`` (int32, or int64
-                                    for documents of 2 GiB or more), ``invalid_utf8`` bool; the manifest
-                                    gives each source file's number of documents
+                                    for documents of 2 GiB or more), ``invalid_utf8`` bool (what the
+                                    directory's index below is built from)
   shard-KKKKK-of-NNNNN.json         done marker: counts and sha256 of both files (a killed run resumes
                                     by skipping the shards that have one)
+  starts.npy, invalid.npy, empty.npy  the directory's document index, read by slices (``INDEX``):
+                                    over the N non-empty documents of all shards, in order, ``starts``
+                                    int64 [N + 1] the framed start of document j (cumulative length + 2j:
+                                    its raw start is starts[j] - 2j), ``invalid`` int64 [N + 1] the
+                                    cumulative count of documents with invalid UTF-8; ``empty`` int64 [E]
+                                    for each empty document, the index j of the next non-empty one
   plan.json, manifest.json          the work plan; the manifest (format version, sources with their
                                     documents, bytes, empty / invalid UTF-8 / bad JSONL counts, shards)
 """
@@ -42,12 +48,13 @@ from train import storage
 from train.sources import DataError, expand_source
 
 FORMAT = "hnet-bytes-arrayrecord"
-VERSION = 3
+VERSION = 4  # 4: the directory-level document index (INDEX)
 AR_OPTIONS = "group_size:1,uncompressed"  # random access to single blocks, no decompression per read
 BLOCK = 32 << 10  # bytes per record
 PARTIAL = ".partial-"  # shards being written
 UNIT_BYTES = 64 << 20  # a line-split file is cut into units of about this size (bounded memory per worker)
 SEPARATORS = {"line": b"\n", "blank_line": b"\n\n"}
+INDEX = ("starts", "invalid", "empty")  # the directory's index files: NAME.npy
 
 
 # ------------------------------------------------------------------------------------------------
@@ -216,7 +223,7 @@ def shard_name(k: int, n: int) -> str:
 def sha256_of(path) -> str:
     h = hashlib.sha256()
     with epath.Path(path).open("rb") as f:
-        while block := f.read(1 << 22):
+        while block := f.read(1 << 20):
             h.update(block)
     return h.hexdigest()
 
@@ -328,12 +335,41 @@ def prepare(sources: list[str], out: str, *, shards: int = 0, doc_split: str = "
             markers[k] = write_shard(out, k, n, plan["shards"][k], *args)
             bar.update(sum(_unit_bytes(u) for u in plan["shards"][k]))
     bar.close()
-    manifest = make_manifest(plan, [markers[k] for k in range(n)])
+    manifest = make_manifest(plan, [markers[k] for k in range(n)], write_index(out, [markers[k] for k in range(n)]))
     storage.write_text(storage.join(out, "manifest.json"), json.dumps(manifest, indent=1))
     return manifest
 
 
-def make_manifest(plan: dict, markers: list[dict]) -> dict:
+def write_index(out: str, markers: list[dict]) -> dict[str, str]:
+    """Write the directory's index (``INDEX``) from the shards' indexes, one shard in memory at a time;
+    returns the sha256 of each file."""
+    n = sum(m["counts"]["documents"] for m in markers)
+    e = sum(m["counts"]["empty"] for m in markers)
+    with tempfile.TemporaryDirectory(prefix=PARTIAL, dir=None if storage.is_remote(out) else out) as tmp:
+        arr = {name: np.lib.format.open_memmap(os.path.join(tmp, name + ".npy"), "w+", np.int64, (size,))
+               for name, size in zip(INDEX, (n + 1, n + 1, e))}
+        j, k, raw, invalid = 0, 0, 0, 0  # non-empty documents, empty documents, bytes, invalid so far
+        for m in markers:
+            with (epath.Path(out) / m["index"]).open("rb") as fh, np.load(fh) as f:
+                lengths, bad = f["lengths"].astype(np.int64), f["invalid_utf8"]
+            ok = lengths > 0
+            nj = int(ok.sum())
+            arr["starts"][j:j + nj] = raw + np.cumsum(lengths[ok]) - lengths[ok] + 2 * np.arange(j, j + nj)
+            arr["invalid"][j:j + nj] = invalid + np.cumsum(bad[ok]) - bad[ok]
+            arr["empty"][k:k + len(ok) - nj] = j + np.cumsum(ok)[~ok]
+            j, k, raw, invalid = j + nj, k + len(ok) - nj, raw + int(lengths.sum()), invalid + int(bad[ok].sum())
+        arr["starts"][n], arr["invalid"][n] = raw + 2 * n, invalid
+        sums = {}
+        for name, a in arr.items():
+            a.flush()
+            local = os.path.join(tmp, name + ".npy")
+            sums[name] = sha256_of(local)
+            epath.Path(local).copy(epath.Path(out) / (name + ".npy"), overwrite=True)
+        arr.clear()
+    return sums
+
+
+def make_manifest(plan: dict, markers: list[dict], index: dict[str, str]) -> dict:
     src = {i: Counts() for i in range(len(plan["files"]))}
     for m in markers:
         for s, c in m["sources"].items():
@@ -344,7 +380,7 @@ def make_manifest(plan: dict, markers: list[dict]) -> dict:
     return {"format": FORMAT, "version": VERSION, "doc_split": plan["doc_split"], "jsonl_field": plan["jsonl_field"],
             "source_specs": plan["sources"],
             "sources": [{"path": p, **dataclasses.asdict(src[i])} for i, p in enumerate(plan["files"])],
-            "totals": dataclasses.asdict(totals),
+            "totals": dataclasses.asdict(totals), "index": {name + ".npy": h for name, h in index.items()},
             "shards": [{k: m[k] for k in ("shard", "index", "sha256", "index_sha256", "size", "documents_incl_empty")}
                        | {"documents": m["counts"]["documents"], "bytes": m["counts"]["bytes"]} for m in markers]}
 
