@@ -130,6 +130,12 @@ def token_nll(out: ModelOutput, batch) -> tuple[jax.Array, jax.Array, jax.Array]
     return nll_BxL, w_BxL, batch["byte_mask"] & w_BxL
 
 
+def bits_per_byte(byte_nll_sum, n_bytes, xp=jnp):
+    """Σ NLL over real UTF-8 target bytes / (ln 2 · #bytes) (no bytes: the sum itself / ln 2). ``xp``: jax.numpy
+    (in-graph) or numpy (host)."""
+    return byte_nll_sum / (LN2 * xp.maximum(n_bytes, 1.0))
+
+
 def masked_by_model(batch, w_BxL) -> jax.Array:
     """Real UTF-8 bytes whose targets the model did not score (``w_BxL`` from ``token_nll``; capacity
     overflow): counted, never silently dropped. fp32 scalar."""

@@ -35,7 +35,7 @@ from hnet.dynamic_pooling import (EVAL_NOISE_STEP, DTPPooling, NoiseStep, Routed
                                   entropy_spike_targets, gumbel_noise, route_binomial_loss, select_route)
 from hnet.layers import RMSNorm, Stack, StackConfig, normal
 from hnet.sharding import constrain, param_init
-from models.base import (LN2, ByteLM, ModelOutput, capacity_slots, configurable, cross_entropy_sums,
+from models.base import (ByteLM, ModelOutput, bits_per_byte, capacity_slots, configurable, cross_entropy_sums,
                          dtype_from_name)
 
 # ------------------------------------------------------------------------------------------------
@@ -493,4 +493,4 @@ def loss_metrics(prefix: str, logits_BxLxV, target_mask_BxL, batch) -> dict[str,
         return {}
     s = cross_entropy_sums(ModelOutput(logits_BxLxV, target_mask_BxL=target_mask_BxL), batch)
     return {f"{prefix}_ce": s["nll_sum"] / jnp.maximum(s["n_targets"], 1.0),
-            f"{prefix}_bpb": s["byte_nll_sum"] / (LN2 * jnp.maximum(s["n_bytes"], 1.0))}
+            f"{prefix}_bpb": bits_per_byte(s["byte_nll_sum"], s["n_bytes"])}

@@ -19,12 +19,12 @@ import pytest
 from flax import nnx
 
 from hnet.sharding import batch_sharding, global_batch_from_local, mesh_context
-from models.base import ModelOutput
+from models.base import LN2, ModelOutput
 from tests.helpers import REPO_ROOT, make_tiny_model, pydoc_text, tiny_model_fn
 from train import data as data_lib
 from train.loop import train
 from train.optim import OptimizerConfig, decay_mask, make_optimizer, make_schedule
-from train.step import LN2, cross_entropy_sums, make_train_step
+from train.step import cross_entropy_sums, make_train_step
 
 STEPS = 16
 CKPT_EVERY = 4

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from models.base import LN2
+from models.base import bits_per_byte
 
 DROP_P = 0.1
 REPEAT_P = 0.2
@@ -24,7 +24,7 @@ PERTURBATIONS = ("antspeak", "drop", "randomcase", "repeat", "uppercase")
 
 def bpb(byte_nll_sum: float, n_bytes: float) -> float:
     """Bits per byte: Σ NLL over real UTF-8 target bytes / (ln 2 · #bytes) (no bytes: the sum itself / ln 2)."""
-    return float(byte_nll_sum / (LN2 * max(n_bytes, 1.0)))
+    return float(bits_per_byte(byte_nll_sum, n_bytes, np))
 
 
 def perturb(data: bytes, kind: str, seed: int = 0) -> bytes:

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from models.base import LN2, ModelOutput, cross_entropy_sums, token_nll  # noqa: F401  (re-exported)
+from models.base import ModelOutput, bits_per_byte, cross_entropy_sums
 
 
 @jax.tree_util.register_dataclass
@@ -77,7 +77,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, *, gra
             skipped_steps=state.skipped_steps + (~ok).astype(jnp.int32),
         )
         metrics = dict(metrics, loss=loss, grad_norm=grad_norm, lr=schedule(state.step),
-                       bpb=metrics["byte_nll_sum"] / (LN2 * jnp.maximum(metrics["n_bytes"], 1.0)),
+                       bpb=bits_per_byte(metrics["byte_nll_sum"], metrics["n_bytes"]),
                        skipped_steps=new_state.skipped_steps.astype(jnp.float32),
                        bad_steps=new_state.bad_steps.astype(jnp.float32))
         return new_state, metrics
