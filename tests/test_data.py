@@ -338,6 +338,19 @@ def test_shuffle_is_deterministic_per_seed_and_a_permutation():
     assert set(as_rows(a)) <= set(all_rows) and len(set(as_rows(a))) == n_b * 4
 
 
+def test_every_epoch_is_a_new_permutation_of_the_windows():
+    src = D.WindowSource(pydoc_docs(("pass", "continue", "lambda")), L, pad_last=False)
+    n = len(src)
+    stream = D.TrainBatches(src, 4, shuffle=True, seed=5)
+    flat = [i for k in range(-(-3 * n // 4)) for i in stream.indices(k)]
+    epochs = [flat[e * n:(e + 1) * n] for e in range(3)]
+    for e in epochs:
+        assert sorted(e) == list(range(n))
+    assert epochs[0] != epochs[1] != epochs[2]
+    ordered = [i for k in range(-(-n // 4)) for i in D.TrainBatches(src, 4, shuffle=False, seed=5).indices(k)]
+    assert ordered[:n] == list(range(n))
+
+
 def test_max_windows_limits_eval(tmp_path):
     docs = pydoc_docs(("assignment",))
     wins = _all_eval_windows(_cfg(max_windows=5), docs)

@@ -34,6 +34,7 @@ import dataclasses
 import functools
 import hashlib
 import io
+import itertools
 import json
 import os
 import shutil
@@ -55,7 +56,7 @@ from train.sources import DataError, Document, expand_source
 
 PREPARED = "prepared:"
 READ_OPTIONS = "readahead_buffer_size:0,max_parallelism:0"  # ArrayRecord reader tuned for random access
-READ_THREADS, PREFETCH_BATCHES = 2, 4  # grain threads building batches ahead of the step
+PREFETCH_BATCHES = 4  # batches built ahead of the step
 
 
 def cache_root() -> str:
@@ -150,8 +151,8 @@ class IndexFile:
         """``np.searchsorted(self[a:b], x, "right") + a`` (int64 [k])."""
         out = np.empty_like(x)
         for t, (v, blk) in enumerate(zip(x.tolist(), (np.searchsorted(self.coarse(), x, "right") - 1).tolist())):
-            g = 0 if blk < 0 else blk * self.STRIDE + int(np.searchsorted(
-                self[blk * self.STRIDE:(blk + 1) * self.STRIDE], v, "right"))
+            g = 0 if blk < 0 else blk * self.STRIDE + int(
+                self[blk * self.STRIDE:(blk + 1) * self.STRIDE].searchsorted(v, "right"))
             out[t] = min(max(g, a), b)
         return out
 
@@ -193,7 +194,7 @@ class Prepared:
             threading.Thread(target=self._verify, args=(todo,), daemon=True).start()
         # int64 [N + 1], [N + 1], [E]: read by slices from the files, never into memory (prep.INDEX)
         self.starts, self.invalid, self.empty = (IndexFile(os.path.join(directory, n + ".npy")) for n in prep.INDEX)
-        self.shard_start = np.concatenate([[0], np.cumsum([s["bytes"] for s in shards])]).astype(np.int64)
+        self.shard_start = [0, *itertools.accumulate(s["bytes"] for s in shards)]
         src = self.manifest["sources"]
         cum = lambda key: np.concatenate([[0], np.cumsum([s[key] for s in src])]).astype(np.int64)  # noqa: E731
         self.source_docs, self.source_empty, self.source_raw = cum("documents"), cum("empty"), cum("bytes")
@@ -223,6 +224,8 @@ class Prepared:
             self._verified[k].set()
 
     def _reader(self, k: int):
+        if self._readers[k] is not None:  # opened after its check passed
+            return self._readers[k]
         self._verified[k].wait()
         if self._errors[k] is not None:
             raise self._errors[k]
@@ -238,18 +241,18 @@ class Prepared:
     def read_raw(self, lo: int, hi: int) -> bytes:
         """Bytes [lo, hi) of the raw stream: the blocks (records) that cover them, shard by shard."""
         out = []
-        k = int(np.searchsorted(self.shard_start, lo, "right")) - 1
+        k = bisect.bisect_right(self.shard_start, lo) - 1
         while lo < hi:
-            a, b = lo - int(self.shard_start[k]), min(hi, int(self.shard_start[k + 1])) - int(self.shard_start[k])
+            a, b = lo - self.shard_start[k], min(hi, self.shard_start[k + 1]) - self.shard_start[k]
             reader = self._reader(k)
-            try:
-                blocks = reader.read(a // prep.BLOCK, -(-b // prep.BLOCK))
+            try:  # one record per call: reading a range of records costs several times more per record
+                blocks = [reader.read(i, i + 1)[0] for i in range(a // prep.BLOCK, -(-b // prep.BLOCK))]
             except Exception as e:  # noqa: BLE001 - riegeli reports corruption as a generic error
                 raise DataError(f"cannot read prepared shard {self.manifest['shards'][k]['shard']} in {self.dir}: "
                                 f"{e}") from e
             first = a // prep.BLOCK * prep.BLOCK
-            out.append(b"".join(blocks)[a - first:b - first])
-            lo, k = int(self.shard_start[k + 1]), k + 1
+            out.append(blocks[0][a - first:b - first] if len(blocks) == 1 else b"".join(blocks)[a - first:b - first])
+            lo, k = self.shard_start[k + 1], k + 1
         return b"".join(out)
 
 
@@ -359,12 +362,15 @@ class DocumentIndex:
         self.run_raw = np.array([r.shift - 2 * r.j0 for r in runs], np.int64) + self.run_st0 - self.run_framed[:-1] \
             + 2 * self.run_doc[:-1]
         self.total = int(self.run_framed[-1])
+        # Python-int copies for the per-window scalar lookups (numpy scalars cost several times more)
+        self._doc, self._raw = self.run_doc.tolist(), self.run_raw.tolist()
+        self._shift = (self.run_framed[:-1] - self.run_st0).tolist()  # framed start = starts[j] + shift
 
     def __len__(self) -> int:
-        return int(self.run_doc[-1])
+        return self._doc[-1]
 
     def _run(self, d: int) -> int:
-        return min(int(np.searchsorted(self.run_doc, d, "right")) - 1, len(self.runs) - 1)
+        return min(bisect.bisect_right(self._doc, d) - 1, len(self.runs) - 1)
 
     def locate(self, p: np.ndarray) -> np.ndarray:
         """The documents whose framed bytes hold framed positions p (int64 [k], 0 <= p < total)."""
@@ -382,9 +388,9 @@ class DocumentIndex:
         """Framed starts of documents d0..d1 inclusive (d1 = len(self): ``total``), int64 [d1 - d0 + 1]."""
         parts, r = [], self._run(d0)
         while True:
-            first, end, run = int(self.run_doc[r]), int(self.run_doc[r + 1]), self.runs[r]
-            j = run.j0 - first
-            parts.append(run.starts[d0 + j:min(d1, end) + j + 1] + (int(self.run_framed[r]) - int(self.run_st0[r])))
+            end, run = self._doc[r + 1], self.runs[r]
+            j = run.j0 - self._doc[r]
+            parts.append(run.starts[d0 + j:min(d1, end) + j + 1] + self._shift[r])
             if d1 <= end:
                 return np.concatenate(parts) if len(parts) > 1 else parts[0]
             parts[-1], d0, r = parts[-1][:-1], end, r + 1
@@ -395,7 +401,7 @@ class DocumentIndex:
         while True:
             f = self.framed_starts(d0, min(d0 + k, len(self)))
             if f[-1] >= p or d0 + k >= len(self):
-                return f[:int(np.searchsorted(f, p, "left")) + 1]
+                return f[:f.searchsorted(p) + 1]
             k *= 4
 
     def read_range(self, d0: int, d1: int, f: np.ndarray, head: int, tail: int) -> bytes:
@@ -403,7 +409,7 @@ class DocumentIndex:
         d1 - 1 (the documents between whole); ``f``: ``framed_starts(d0, d1)``."""
         parts, r, base = [], self._run(d0), d0
         while d0 < d1:
-            end, c = min(d1, int(self.run_doc[r + 1])), int(self.run_raw[r])
+            end, c = min(d1, self._doc[r + 1]), self._raw[r]
             hi = int(f[d1 - 1 - base]) - 2 * (d1 - 1) + c + tail if end == d1 else int(f[end - base]) - 2 * end + c
             parts.append(self.runs[r].stream.read_raw(int(f[d0 - base]) - 2 * d0 + c + head, hi))
             d0, r, head = end, r + 1, 0
@@ -572,28 +578,34 @@ class WindowSource:
                                              min(int(n[r] - s[-2]), int(s[-1] - s[-2]) - 1) - 1))
             spans.append((d0, d1, s))
         m = np.array([len(s) for _, _, s in spans])  # documents per window + 1
-        off = np.cumsum(m) - m  # where each window's starts begin in S
-        S = np.concatenate([s for _, _, s in spans])
-        flat = S + np.repeat(np.arange(B) * N, m)  # position in the flat [B * N] batch
-        first, last = np.zeros(len(S), bool), np.zeros(len(S), bool)
-        first[off], last[off + m - 1] = True, True
-        bos = flat[~last & (S >= 0)]  # each document's BOS and EOS inside its window
-        eos = flat[~first & (S <= np.repeat(n, m))] - 1
-        is_frame = (np.arange(N) >= n[:, None]).ravel()  # frames and the padding after the corpus end
-        tokens = np.zeros(B * N, np.uint8)  # BOS, EOS by position; the documents' bytes in between
-        tokens[bos], tokens[eos], is_frame[bos], is_frame[eos] = BOS, EOS, True, True
+        S = np.concatenate([s for _, _, s in spans]).astype(np.int32)  # window-relative framed starts
+        last = np.cumsum(m) - 1  # each window's last entry: the first document after it (or the corpus end)
+        # segments of the flat [B, N] batch: document k of a window covers [S_k, S_k+1) clipped to [0, n);
+        # the window's last entry covers its padding [n, N)
+        C = np.clip(S, 0, np.repeat(n, m).astype(np.int32))
+        E = np.empty_like(C)
+        E[:-1], E[last] = C[1:], N
+        lens = E - C
+        seg_id = np.arange(len(S), dtype=np.int32) - np.repeat(last - m + 1, m).astype(np.int32) + 1
+        seg_id[last] = 0
+        seg = np.repeat(seg_id, lens).reshape(B, N)  # 1, 2, ... per document in its window; 0 = padding
+        pos = np.tile(np.arange(N, dtype=np.int32), B)
+        pos -= np.repeat(S, lens)
+        is_frame = np.repeat(seg_id == 0, lens)  # BOS, EOS and the padding after the corpus end
+        bos, eos = (S + np.repeat(np.arange(B, dtype=np.int32) * N, m)), S - 1 + np.repeat(np.arange(B, dtype=np.int32) * N, m)
+        first = np.zeros(len(S), bool)
+        first[last - m + 1] = True
+        bos, eos = bos[(seg_id > 0) & (S >= 0)], eos[~first & (S - 1 < np.repeat(n, m))]
+        is_frame[bos], is_frame[eos] = True, True
+        tokens = np.zeros(B * N, np.uint8)
+        tokens[bos], tokens[eos] = BOS, EOS
         tokens[~is_frame] = np.frombuffer(b"".join(raws), np.uint8)
-        doc = np.zeros((B, N), np.int32)  # document of each position in its window: 0 = d0
-        doc.ravel()[flat[~first & ~last]] = 1
-        np.cumsum(doc, axis=1, out=doc)
         tokens, is_frame = tokens.reshape(B, N), is_frame.reshape(B, N)
         o = {k: v[:B] for k, v in out.items()}  # written in place: large temporaries cost page faults
         o["inputs"][:], o["targets"][:] = tokens[:, :-1], tokens[:, 1:]
-        np.add(doc[:, :-1], 1, out=o["segment_ids"])
-        # int32 (wraps as the int32 output would): a 2-D gather of int64 is several times slower
-        np.subtract(np.arange(L, dtype=np.int32), S.astype(np.int32)[doc[:, :-1] + off.astype(np.int32)[:, None]],
-                    out=o["positions"])
-        np.equal(doc[:, :-1], doc[:, 1:], out=o["loss_mask"])
+        o["segment_ids"][:] = seg[:, :-1]
+        o["positions"][:] = pos.reshape(B, N)[:, :-1]
+        np.equal(seg[:, :-1], seg[:, 1:], out=o["loss_mask"])
         np.greater(o["loss_mask"], is_frame[:, 1:], out=o["byte_mask"])  # and the target is no frame
         if (n < N).any():  # after the last target
             for v in o.values():
@@ -624,19 +636,37 @@ def local_batch_size(global_batch: int) -> int:
     return global_batch // pc
 
 
+class TrainBatches:
+    """Batch k of this process (a grain map over batch numbers): the global window stream is epoch after
+    epoch of a lazy permutation of the ``len(src)`` windows (grain's ``index_shuffle``, seed + epoch per
+    epoch), and process p of P takes elements p, p + P, p + 2P, ... of it. One call per batch, so grain's
+    per-element overhead is paid once per batch."""
+
+    def __init__(self, src: WindowSource, batch: int, shuffle: bool, seed: int):
+        self.src, self.batch, self.shuffle, self.seed = src, batch, shuffle, seed
+        self.p, self.P = jax.process_index(), jax.process_count()
+
+    def indices(self, k: int) -> list[int]:
+        n = len(self.src)
+        g = ((k * self.batch + np.arange(self.batch)) * self.P + self.p).tolist()
+        if not self.shuffle:
+            return [i % n for i in g]
+        shuffle = grain.experimental.index_shuffle
+        return [shuffle(i % n, max_index=n - 1, seed=(self.seed + i // n) % 2**32, rounds=4) for i in g]
+
+    def __call__(self, k: int) -> dict[str, np.ndarray]:
+        return self.src.batch(self.indices(k))
+
+
 def make_train_iterator(cfg: DataConfig, docs):
-    """Infinite, deterministic, per-process grain iterator of process-local batches (state savable):
-    window indices shuffled lazily, each process takes every P-th, grain threads build batches ahead (one
-    call per batch)."""
+    """Infinite, deterministic, per-process grain iterator of process-local batches (``TrainBatches``; state
+    savable: the next batch number), built ahead of the step by a background thread."""
     src = WindowSource(docs, cfg.seq_len, pad_last=False, max_windows=cfg.max_windows, annotations=cfg.annotations,
                        unigram=cfg.unigram)
-    ds = grain.MapDataset.range(len(src))
-    if cfg.shuffle:
-        ds = ds.seed(cfg.seed).shuffle()
-    ds = ds.repeat(None)
-    ds = ds[jax.process_index()::jax.process_count()]
-    ds = ds.batch(local_batch_size(cfg.batch_size), drop_remainder=True).map(src.batch)
-    return ds.to_iter_dataset(grain.ReadOptions(num_threads=READ_THREADS, prefetch_buffer_size=PREFETCH_BATCHES)).__iter__()
+    ds = grain.MapDataset.range(2**62).map(TrainBatches(src, local_batch_size(cfg.batch_size), cfg.shuffle, cfg.seed))
+    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+    # one background thread runs the pipeline ahead (a thread pool costs more in GIL hand-offs)
+    return grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=PREFETCH_BATCHES).__iter__()
 
 
 def iterate_eval_batches(cfg: DataConfig, docs) -> Iterator[dict[str, np.ndarray]]:
