@@ -8,6 +8,9 @@ model configs at several sequence lengths (one subprocess per measurement, so pe
     # --resume keeps the rows already in --out (written after every measurement) and measures the rest
     # the families at matched FLOPs per byte: configs and per-model bindings of a sweep file
     .venv/bin/python benchmarks/throughput.py --models_from configs/sweeps/matched_models.gin
+    # in the trained regime: the train state (params, optimizer) of a run of the same config, e.g. H-Net
+    # with its learned ~6 bytes per chunk instead of the ~2 of a fresh router (static shapes are the same)
+    .venv/bin/python benchmarks/throughput.py --configs hnet_1stage_tiny --init_from runs/default
 
 Each config is trained on its run's data pipeline (configs/runs/default.gin), with the per-byte
 annotations each model declares (HAT/LYT word starts, MAGNET script routes); a config whose data needs
@@ -61,8 +64,9 @@ def sweep_models(path: str) -> dict[str, list[str]]:
     return {os.path.splitext(os.path.basename(m))[0]: list(sw.model_bindings.get(m, ())) for m in sw.models}
 
 
-def compiled_step(config: str, seq_len: int, bytes_per_step: int, bindings: list[str]):
-    """Builds ``config``'s train step at ``seq_len`` on its run's data pipeline (B = bytes_per_step // L).
+def compiled_step(config: str, seq_len: int, bytes_per_step: int, bindings: list[str], init_from: str | None = None):
+    """Builds ``config``'s train step at ``seq_len`` on its run's data pipeline (B = bytes_per_step // L),
+    from a fresh state or the latest checkpoint of the workdir ``init_from`` (a run of the same config).
 
     Returns (compiled step, state, next_batch(), n_params, compile seconds, batch size, mesh)."""
     import gin
@@ -83,6 +87,12 @@ def compiled_step(config: str, seq_len: int, bytes_per_step: int, bindings: list
     data_cfg = dataclasses.replace(data_cfg, seq_len=seq_len, batch_size=batch)
     mesh = sharding.make_mesh()
     setup = build_state(model_fn, OptimizerConfig(), 1000, mesh)
+    if init_from:
+        from train.restore import checkpointer
+
+        ckpt = checkpointer(init_from)
+        with sharding.mesh_context(mesh):
+            setup.state = ckpt.restore(ckpt.all_steps()[-1], setup.state)
     data_cfg = setup.data_config(data_cfg)  # the annotations the model reads
     docs, _ = data_lib.load_documents(data_cfg)
     it = data_lib.make_train_iterator(data_cfg, docs)
@@ -99,7 +109,8 @@ def compiled_step(config: str, seq_len: int, bytes_per_step: int, bindings: list
     return compiled, setup.state, next_batch, n_params, compile_s, batch, mesh
 
 
-def measure(config: str, seq_len: int, bytes_per_step: int, steps: int, bindings: list[str]) -> dict:
+def measure(config: str, seq_len: int, bytes_per_step: int, steps: int, bindings: list[str],
+            init_from: str | None = None) -> dict:
     """Runs in the child process: compile, one warm-up step, then ``steps`` timed steps (median)."""
     import jax
     import numpy as np
@@ -108,7 +119,7 @@ def measure(config: str, seq_len: int, bytes_per_step: int, steps: int, bindings
     from train.step import flops_per_byte
 
     compiled, state, next_batch, n_params, compile_s, batch, mesh = compiled_step(
-        config, seq_len, bytes_per_step, bindings)
+        config, seq_len, bytes_per_step, bindings, init_from)
     with sharding.mesh_context(mesh):
         box = {"state": state}
 
@@ -122,7 +133,8 @@ def measure(config: str, seq_len: int, bytes_per_step: int, steps: int, bindings
     return {"config": config, "seq_len": seq_len, "batch": batch, "params": n_params,
             "compile_s": compile_s, "step_s": step_s, "step_times_s": times, "bytes_per_s": batch * seq_len / step_s,
             "flops_per_byte": flops_per_byte(compiled, batch * seq_len),
-            "peak_rss_mb": peak_rss_mb(), "loss": float(box["m"]["loss"]), "bindings": bindings,
+            "peak_rss_mb": peak_rss_mb(), "loss": float(box["m"]["loss"]), "bindings": bindings, "init_from": init_from,
+            "bytes_per_chunk": {k: float(v) for k, v in box["m"].items() if k.startswith("bytes_per_chunk")},
             "threads": len(os.sched_getaffinity(0))}
 
 
@@ -144,8 +156,9 @@ def run_child(script: str, args: list[str], timeout: float = 1800) -> dict | Non
 
 
 def measure_in_subprocess(config: str, seq_len: int, bytes_per_step: int, steps: int,
-                          bindings: list[str] = ()) -> dict | None:
+                          bindings: list[str] = (), init_from: str | None = None) -> dict | None:
     args = ["--child", f"{config}@{seq_len}", "--bytes_per_step", str(bytes_per_step), "--steps", str(steps)]
+    args += ["--init_from", os.path.abspath(init_from)] if init_from else []
     return run_child(os.path.abspath(__file__), args + [f"--gin={g}" for g in bindings])
 
 
@@ -204,6 +217,7 @@ def main(argv=None):
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks/out/throughput.json"),
                     help="JSON, rewritten after every measurement")
     ap.add_argument("--resume", action="store_true", help="keep the rows already in --out and skip them")
+    ap.add_argument("--init_from", help="workdir of a run of the same config: time its latest train state")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
@@ -211,7 +225,7 @@ def main(argv=None):
 
         config, L = args.child.split("@")
         try:
-            r = measure(config, int(L), args.bytes_per_step, args.steps, args.gin)
+            r = measure(config, int(L), args.bytes_per_step, args.steps, args.gin, args.init_from)
         except DataError as e:  # the run's data cannot feed this model: skipped, not a failure
             r = {"skipped": str(e)}
         print("RESULT " + json.dumps(r))
@@ -223,7 +237,7 @@ def main(argv=None):
         for L in seq_lens:
             if any((r["config"], r["seq_len"]) == (config, L) for r in rows):
                 continue
-            r = measure_in_subprocess(config, L, args.bytes_per_step, args.steps, own + args.gin)
+            r = measure_in_subprocess(config, L, args.bytes_per_step, args.steps, own + args.gin, args.init_from)
             if r is not None and "skipped" in r:
                 print(f"{config}: skipped, {r['skipped']}", flush=True)
                 break

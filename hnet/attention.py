@@ -167,12 +167,16 @@ def resolve_impl(impl: str, q_BxQxHxK, k_BxSxHxK, **features) -> str:
 
 def dot_product_attention(q_BxQxHxK, k_BxSxHxK, v_BxSxHxK, *, q_segment_ids_BxQ, k_segment_ids_BxS,
                           causal: bool = True, window: int = -1, softmax1: bool = False, key_bias_BxS=None,
-                          impl: str = "auto"):
-    """Segment-masked attention (see the module docstring). q/k/v any float dtype; -> o_BxQxHxK in v's dtype."""
+                          impl: str = "auto", padded_tail: bool = False):
+    """Segment-masked attention (see the module docstring). q/k/v any float dtype; -> o_BxQxHxK in v's dtype.
+    ``padded_tail``: the caller discards the outputs of padding queries (segment 0), which trail each row:
+    'blockwise' then skips query blocks that are padding in every row (``skip_padding``; padding outputs are
+    0 there instead of padding attending to padding); the other kernels compute them as usual."""
     features = dict(causal=causal, window=window, softmax1=softmax1, key_bias_BxS=key_bias_BxS)
     impl = resolve_impl(impl, q_BxQxHxK, k_BxSxHxK, **features)
+    kw = {"skip_padding": True} if padded_tail and impl == "blockwise" else {}
     return _KERNELS[impl](q_BxQxHxK, k_BxSxHxK, v_BxSxHxK, q_segment_ids_BxQ=q_segment_ids_BxQ,
-                          k_segment_ids_BxS=k_segment_ids_BxS, **features)
+                          k_segment_ids_BxS=k_segment_ids_BxS, **features, **kw)
 
 
 __all__ = ["IMPLS", "attention_mask", "dot_product_attention", "masked_attention", "resolve_impl"]

@@ -76,6 +76,8 @@ class Attention(nnx.Module):
     ``causal`` False: bidirectional within each segment (encoders; ``step`` stays causal-only).
     ``score_margin`` m (not None): every full forward stores mean over unmasked scores of max(s, m) - m
     (raw scores q·k/√d before the key bias) in ``self.score_reg`` (an ``AttentionScoreReg`` variable).
+    ``padded_tail``: each row's padding (segment 0) is a tail whose outputs the caller discards (H-Net's
+    compacted chunks), so the kernel may skip it (``hnet.attention.dot_product_attention``).
     """
 
     def __init__(
@@ -93,10 +95,12 @@ class Attention(nnx.Module):
         score_margin: float | None = None,
         causal: bool = True,
         impl: str = "auto",
+        padded_tail: bool = False,
         rngs: nnx.Rngs,
     ):
         assert d_model % num_heads == 0, (d_model, num_heads)
         self.softmax1, self.score_margin, self.causal, self.impl = softmax1, score_margin, causal, impl
+        self.padded_tail = padded_tail
         self.score_reg = AttentionScoreReg(jnp.zeros((), jnp.float32)) if score_margin is not None else None
         self.num_heads, self.head_dim = num_heads, d_model // num_heads
         self.rotary_dim = self.head_dim if rotary_dim is None else rotary_dim
@@ -138,7 +142,7 @@ class Attention(nnx.Module):
         else:
             o = dot_product_attention(q, k, v, q_segment_ids_BxQ=segment_ids_BxL, k_segment_ids_BxS=segment_ids_BxL,
                                       causal=self.causal, window=self.window, softmax1=self.softmax1,
-                                      key_bias_BxS=key_bias_BxL, impl=self.impl)
+                                      key_bias_BxS=key_bias_BxL, impl=self.impl, padded_tail=self.padded_tail)
         return self.out(o.reshape(B, L, D))
 
     # ----- incremental decoding -----
@@ -216,6 +220,7 @@ class StackConfig:
     score_margin: float | None = None  # record the attention-score regulariser (MrT5 App. D)
     causal: bool = True  # False: bidirectional attention within each segment (full forward only; no step)
     attention_impl: str = "auto"  # hnet.attention IMPLS: 'auto' | 'dense' | 'splash' | 'cudnn' | 'blockwise'
+    padded_tail: bool = False  # rows end in padding whose outputs are discarded: attention may skip it
     ssm_d_state: int = 128
     ssm_d_conv: int = 4
     ssm_expand: int = 2
@@ -238,7 +243,8 @@ class Block(nnx.Module):
             self.mixer = Attention(cfg.d_model, cfg.num_heads, rotary_dim=cfg.rotary_dim, window=cfg.window,
                                    out_init_std=out_init_std, dtype=dtype, param_dtype=param_dtype,
                                    length_axis=length_axis, softmax1=cfg.softmax1, score_margin=cfg.score_margin,
-                                   causal=cfg.causal, impl=cfg.attention_impl, rngs=rngs)
+                                   causal=cfg.causal, impl=cfg.attention_impl, padded_tail=cfg.padded_tail,
+                                   rngs=rngs)
         else:
             from hnet.mamba2 import Mamba2
 

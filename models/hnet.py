@@ -72,7 +72,8 @@ class HNetConfig:
         return StackConfig(layout=layout, d_model=self.d_model[s], d_ff=self.d_ff[s], num_heads=heads,
                            rotary_dim=rot, window=self.window[s], ssm_d_state=self.ssm_d_state,
                            ssm_d_conv=self.ssm_d_conv, ssm_expand=self.ssm_expand, ssm_headdim=self.ssm_headdim,
-                           ssm_chunk_size=self.ssm_chunk_size)
+                           ssm_chunk_size=self.ssm_chunk_size,
+                           padded_tail=s > 0)  # inner stages: compacted chunks, then padding (never expanded)
 
     def lr_multipliers(self) -> list[float]:
         """Eq. 11: λ_s = sqrt(N_GPT · Π_{i≥s} N_i / Π_{i≥0} N_i · D_S / D_s), N_S = 1."""

@@ -59,6 +59,21 @@ def test_throughput_end_to_end(tmp_path):
     assert row["batch"] == 2 and row["bytes_per_s"] > 0 and len(row["load_before"]) == 3
 
 
+def test_throughput_from_a_trained_state(tmp_path):
+    """--init_from times the latest train state of a run: the restored step count continues from it."""
+    from train import main as train_main
+
+    wd = str(tmp_path / "run")
+    train_main.train_from_config(
+        [os.path.join(REPO, "configs", f) for f in ("isotropic_tiny.gin", "runs/default.gin")],
+        ["TRAIN_STEPS=3", "SEQ_LEN=64", "BATCH=2", "train.train.eval_every=0", "train.train.sample_prompts=()",
+         "eval/train.DataConfig.max_windows=2"], wd)
+    throughput.main(["--configs", "isotropic_tiny", "--seq_lens", "64", "--bytes_per_step", "128", "--steps", "1",
+                     "--init_from", wd, "--out", str(tmp_path / "t.json")])
+    (row,) = json.load(open(tmp_path / "t.json"))["rows"]
+    assert row["init_from"] == os.path.abspath(wd) and row["bytes_per_s"] > 0
+
+
 def test_families_are_the_tiny_configs():
     # discovered, not listed: configs the old hand-kept list had missed are there
     assert {"hnet_1stage_tiny", "magnet_lso_tiny", "mrt5_encdec_tiny"} <= set(throughput.FAMILIES)

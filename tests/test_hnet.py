@@ -143,6 +143,55 @@ def test_every_parameter_gets_gradient():
     assert not dead, dead
 
 
+@pytest.mark.parametrize("config,evaluation", [("one", False), ("two", True)])
+def test_inner_stages_skip_their_padding_tail_without_changing_anything(config, evaluation, monkeypatch):
+    """Inner stages run over compacted chunks followed by padding (``StackConfig.padded_tail``): the blockwise
+    kernel (forced here, blocks of 8) skips query blocks that are padding in every row, and the model's
+    logits, loss and every gradient equal the run without skipping."""
+    import dataclasses
+    import functools
+
+    from hnet import attention
+    from hnet.kernels.blockwise_attention import blockwise_attention
+
+    skipped = []
+
+    def record(seg):  # at run time: is some query block of 8 padding in every row?
+        skipped.append(any(not seg[:, i:i + 8].any() for i in range(0, seg.shape[1], 8)))
+
+    def kernel(*a, skip_padding=False, **kw):
+        if skip_padding:
+            jax.debug.callback(record, kw["q_segment_ids_BxQ"])
+        return functools.partial(blockwise_attention, block_q=8, block_k=8)(*a, skip_padding=skip_padding, **kw)
+
+    monkeypatch.setattr(attention, "BLOCKWISE_MIN_LEN", 8)
+    monkeypatch.setitem(attention._KERNELS, "blockwise", kernel)
+    cfg, batch = (ONE if config == "one" else TWO), to_jnp(_batch())
+
+    def run(padded: bool):
+        orig = HNetConfig.stack_config
+        monkeypatch.setattr(HNetConfig, "stack_config",
+                            lambda self, s, layout: dataclasses.replace(orig(self, s, layout), padded_tail=padded and s > 0))
+        model = HNetLM(cfg, seed=2)
+        monkeypatch.setattr(HNetConfig, "stack_config", orig)
+        if evaluation:
+            model.eval()
+
+        def loss(m):
+            out = m(batch)
+            return jnp.mean(jax.nn.logsumexp(out.logits_BxLxV, -1)) + out.aux_loss, out.logits_BxLxV
+
+        (value, logits), grads = nnx.jit(nnx.value_and_grad(loss, has_aux=True))(model)
+        return value, logits, nnx.state(grads, nnx.Param)
+
+    want, got = run(False), run(True)
+    assert any(skipped), "no all-padding query block: the test exercises nothing"
+    np.testing.assert_allclose(np.asarray(got[0]), np.asarray(want[0]), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(got[1]), np.asarray(want[1]), rtol=1e-5, atol=1e-5)
+    for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got[2]), jax.tree_util.tree_leaves(want[2])):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+
+
 def test_ratio_loss_hand_example():
     """Eq. 10 with N = 6, F = 0.25, G = 0.10 gives 0.96; F = G = 1/N gives exactly 1."""
     valid = jnp.ones((1, 20), bool)
