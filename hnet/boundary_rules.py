@@ -178,8 +178,9 @@ def hat_word_starts(doc_bytes: bytes, max_word_bytes: int = DEFAULT_MAX_WORD_BYT
         words = sp.split_with_limit(text, max_word_bytes)
         raw = text.encode("utf-8")
         assert b"".join(words) == raw, "hat_splitter lost or changed bytes"
-        lens_W = np.fromiter((len(w) for w in words), dtype=np.int64, count=len(words))
-        starts_N[off + np.concatenate([[0], np.cumsum(lens_W)[:-1]])] = True
+        ends_W = np.cumsum(np.fromiter(map(len, words), dtype=np.int64, count=len(words)))
+        starts_N[off] = True
+        starts_N[off + ends_W[:-1]] = True
     return starts_N
 
 
