@@ -11,6 +11,11 @@ are seen, or for text without spaces (r ≥ ``--spaceless``), a byte keeps the p
 UTF-8 length classes (``NTREX_LSO_UTF8_GROUPS``, priors as configs/magnet_lso_utf8_tiny.gin); otherwise a
 byte routed to a length class gets α_t = α_eng / π̂_t instead.
 
+A second estimator reads the script's inventory instead of its spaces: D = distinct letters (Unicode L*)
+among the document's first ``--letters`` letters, κ = characters per English byte with log κ = a' + b' log D
+fitted on the 18 seen training files (alphabets: a few dozen letters, κ ≈ 1; syllabaries and logographs:
+hundreds, κ < 1), and π̂_t = (bytes so far / characters so far) · κ once those letters are complete.
+
 Output: per held-out language its true premium on the valid files, the whole-file estimate, and the
 prior-implied chunks per English-equivalent byte (Σ_t α_t over the file / English's bytes) with the UTF-8
 classes and with the estimator; the seen languages' parity priors (``parity_priors`` on the 18 training
@@ -38,10 +43,32 @@ def word_ratio(doc: bytes, eng_bytes_per_word: float) -> np.ndarray:
         return n / spaces / eng_bytes_per_word
 
 
+def inventory(doc: bytes, letters: int) -> tuple[int, int]:
+    """(distinct letters among the first ``letters`` letters of ``doc``, byte index where the last of them ends,
+    or -1 when the document has fewer)."""
+    import regex
+
+    seen, n, end = set(), 0, 0
+    for c in doc.decode("utf-8", errors="surrogateescape"):
+        end += len(c.encode("utf-8", errors="surrogateescape"))
+        if regex.match(r"\p{L}", c):
+            seen.add(c)
+            n += 1
+            if n == letters:
+                return len(seen), end - 1
+    return len(seen), -1
+
+
+def chars_per_byte(doc: bytes) -> np.ndarray:
+    """Characters so far per byte so far, at every byte (a character counts from its lead byte)."""
+    return np.cumsum((np.frombuffer(doc, np.uint8) & 0xC0) != 0x80) / np.arange(1, len(doc) + 1)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--min_words", type=int, default=8)
     ap.add_argument("--spaceless", type=float, default=6.0, help="r at or above this: no word statistic")
+    ap.add_argument("--letters", type=int, default=500, help="letters that define a document's inventory")
     ap.add_argument("--out")
     args = ap.parse_args(argv)
 
@@ -75,6 +102,11 @@ def main(argv=None):
     x, y = np.log([r_file[g] for g in fit]), np.log([prem[g] for g in fit])
     a = float(x @ y / (x @ x))
     resid = y - a * x
+    inv = {g: inventory(train[g], args.letters)[0] for g in seen}
+    kappa = {g: prem[g] * chars_per_byte(train[g])[-1] for g in seen}  # characters per English byte
+    xi, yi = np.log([inv[g] for g in seen]), np.log([kappa[g] for g in seen])
+    b_inv, a_inv = np.polyfit(xi, yi, 1)
+    resid_inv = yi - (a_inv + b_inv * xi)
 
     # prior-implied chunks per English-equivalent byte on the valid files
     E = len(valid["eng"])
@@ -88,10 +120,16 @@ def main(argv=None):
         spaces = np.cumsum(np.frombuffer(doc, np.uint8) == 0x20)
         use = (route_t >= len(seen_routes)) & (spaces >= args.min_words) & (r_t < args.spaceless)
         alpha_est = np.where(use, a_eng / np.exp(a * np.log(np.where(use, r_t, 1.0))), alpha_cls)
+        D, t0 = inventory(doc, args.letters)
+        use_inv = (route_t >= len(seen_routes)) & (np.arange(len(doc)) >= t0) & (t0 >= 0)
+        pi_inv = np.exp(a_inv + b_inv * np.log(D)) / chars_per_byte(doc)
+        alpha_inv = np.where(use_inv, a_eng / pi_inv, alpha_cls)
         r_whole = len(doc) / len(doc.split(b" ")) / bpw["valid"]
         rows.append({"lang": g, "premium": len(doc) / E, "premium_estimate_whole_file": float(r_whole ** a),
                      "bytes_with_estimate": float(use.mean()),
-                     "implied_utf8_classes": float(alpha_cls.sum() / E), "implied_estimator": float(alpha_est.sum() / E)})
+                     "implied_utf8_classes": float(alpha_cls.sum() / E), "implied_estimator": float(alpha_est.sum() / E),
+                     "inventory": D, "premium_estimate_inventory": float(pi_inv[-1]),
+                     "implied_inventory": float(alpha_inv.sum() / E)})
 
     def parity(key):
         v = list(implied.values()) + [r[key] for r in rows]
@@ -99,20 +137,25 @@ def main(argv=None):
 
     print(f"premium model: log premium = {a:.3f} log(bytes per word / English's), fitted on {len(fit)} seen "
           f"training files (residual sd {resid.std():.3f})")
-    print("| lang | premium (valid) | estimate (whole file) | bytes with a word estimate | prior-implied chunks/eng-byte,"
-          " UTF-8 classes | with the estimator |\n|---|---|---|---|---|---|")
+    print(f"inventory model: log κ = {a_inv:.3f} + {b_inv:.3f} log D, fitted on {len(seen)} seen training files "
+          f"(residual sd {resid_inv.std():.3f}, largest {np.abs(resid_inv).max():.3f}: "
+          f"{seen[int(np.abs(resid_inv).argmax())]})")
+    print("| lang | premium (valid) | π̂ words (whole file) | bytes with a word estimate | D | π̂ inventory (end) | "
+          "prior-implied chunks/eng-byte: UTF-8 classes | words | inventory |\n|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['lang']} | {r['premium']:.2f} | {r['premium_estimate_whole_file']:.2f} | "
-              f"{r['bytes_with_estimate']:.0%} | {r['implied_utf8_classes']:.4f} | {r['implied_estimator']:.4f} |")
+              f"{r['bytes_with_estimate']:.0%} | {r['inventory']} | {r['premium_estimate_inventory']:.2f} | "
+              f"{r['implied_utf8_classes']:.4f} | {r['implied_estimator']:.4f} | {r['implied_inventory']:.4f} |")
     lo, hi = min(implied, key=implied.get), max(implied, key=implied.get)
     print(f"seen (18): prior-implied {implied[lo]:.4f} ({lo}) .. {implied[hi]:.4f} ({hi}), parity {implied[hi] / implied[lo]:.2f}")
     print(f"overall (22) prior-implied parity: UTF-8 classes {parity('implied_utf8_classes'):.2f}, "
-          f"estimator {parity('implied_estimator'):.2f}")
+          f"words {parity('implied_estimator'):.2f}, inventory {parity('implied_inventory'):.2f}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"slope": a, "fit_languages": fit, "rows": rows, "seen_implied": implied,
                        "parity_utf8_classes": parity("implied_utf8_classes"),
-                       "parity_estimator": parity("implied_estimator"), "args": vars(args)}, f, indent=1)
+                       "parity_estimator": parity("implied_estimator"), "inventory_model": [a_inv, b_inv],
+                       "parity_inventory": parity("implied_inventory"), "args": vars(args)}, f, indent=1)
 
 
 if __name__ == "__main__":
