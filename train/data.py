@@ -23,7 +23,8 @@ One reading path: every source is a prepared directory of ArrayRecord shards (``
 directories, globs, ``*.jsonl[.gz|.zst]``, ``shared:<path>``, ``builtin:pydoc_topics``) is prepared into
 ``cache_root()`` on first use. The per-document index is read by slices from the prepared directory (only
 per-source-file offsets are held in memory) and a window reads the one or two blocks it covers, so memory
-does not grow with the corpus. Grain shuffles window indices and builds a batch of windows per call.
+does not grow with the corpus. Training maps grain over batch numbers (``TrainBatches``): each batch draws
+its window indices from a lazy per-epoch permutation and frames its windows in one call.
 """
 
 from __future__ import annotations
