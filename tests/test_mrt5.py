@@ -466,13 +466,13 @@ def test_config_trains_and_checkpoints_the_controller(name, tmp_path, gin_clean)
     from train.config import parse
     from train.loop import train
 
-    steps = 8
+    steps = 8  # on one batch of 4 windows (max_windows = 4): every logged loss is on the same data
     encdec = name == "mrt5_encdec_tiny"  # its eval path (hard + soft) is covered above; skip the loop's eval
     parse([f"configs/{name}.gin", "configs/runs/default.gin"],
           [f"TRAIN_STEPS = {steps}", "SEQ_LEN = 64", "BATCH = 4", "models.MrT5Config.d_model = 32",
            "models.MrT5Config.d_ff = 64", "models.MrT5Config.num_heads = 2", "models.MrT5Config.regularizer_delay = 2",
            "train.OptimizerConfig.warmup_steps = 2", "train.train.log_every = 4", "train.train.eval_every = 0",
-           "train/train.DataConfig.max_windows = 16", "eval/train.DataConfig.max_windows = 2",
+           "train/train.DataConfig.max_windows = 4", "eval/train.DataConfig.max_windows = 2",
            "train.train.sample_prompts = ()"] + (["train.train.eval_data = None"] if encdec else []))
     res = train(workdir=str(tmp_path))
     hist = res["history"]
