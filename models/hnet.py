@@ -8,7 +8,11 @@ Innermost stage:  [pad] -> main isotropic stack -> truncate.
 
 Static shapes: each outer stage has a capacity M_s = ceil(capacity_s · L_s) in training (M_s = L_s in
 eval mode: no overflow, every byte scored). Chunks past M_s are dropped; the bytes that would read them
-get ``target_mask`` False (never silently scored) and the overflow is counted in the metrics.
+get ``target_mask`` False (never silently scored) and the overflow is counted in the metrics. Compacted
+chunks fill the front of the M_s slots and padding trails them, so an inner stage may skip that tail: its
+attention skips all-padding query blocks (``StackConfig.padded_tail``), and in eval mode, where a trained
+router fills ~1/N of the L slots, the outermost stage runs its inner stage on only as many slots as the
+batch fills (``HNetStage.run_inner``, ``eval_capacity_buckets``).
 """
 
 from __future__ import annotations
@@ -43,6 +47,9 @@ class HNetConfig:
     window: Sequence[int] = (-1, -1)
     ratio_targets: Sequence[float] = (6.0,)  # N_s per outer stage
     capacity: Sequence[float] = (0.5,)  # M_s / L_s per outer stage
+    # eval mode (M = L slots, no overflow): the outermost stage runs its inner stage on only the first S slots,
+    # S = the smallest of M·k/n (k = 1..n) that holds every row's chunks (n compiled copies, forward only)
+    eval_capacity_buckets: int = 4
     ratio_loss_weight: float = 0.03  # alpha
     ssm_d_state: int = 128
     ssm_d_conv: int = 4
@@ -190,8 +197,8 @@ class HNetStage(nnx.Module):
         P = chunking.compact(p[..., None], b, M, impl=self.impl)[0][..., 0]
         zseg, = chunking.compact_ids(b, M, segment_ids_BxL)
         zstart = doc_starts(zseg)
-        zh, inner_ok, stats = self.inner(constrain(z, ("batch", "chunk_len", "act_embed")), zseg,
-                                         offsets_since_start(zstart))
+        zh, inner_ok, stats = self.run_inner(constrain(z, ("batch", "chunk_len", "act_embed")), zseg,
+                                             offsets_since_start(zstart))
 
         zbar = ema_over_chunks(zh, jnp.clip(P, 1e-4, 1 - 1e-4), zstart)
         ztil = chunking.expand(zbar, b, impl=self.impl)
@@ -216,6 +223,29 @@ class HNetStage(nnx.Module):
         for st, m in zip(stats, inner_masks):
             st["boundaries"] = m & b
         return self._truncate(out), ok & real | ~real, [stat] + stats
+
+    def run_inner(self, z_BxMxD, zseg_BxM, zpos_BxM):
+        """``self.inner`` on the M compacted slots; in eval mode at the outermost stage, on the first S of them,
+        S = the smallest of M·k/n (k = 1..n, n = ``eval_capacity_buckets``) >= the most slots a row fills, with
+        its outputs padded back to M (y 0, ok True, inner boundaries False). Chunks fill each row's front and
+        the inner stage is causal over slots, so the real slots' outputs are those of the full run. (In
+        training the derivative of the switch costs more than it saves: docs/benchmarks.md.)"""
+        M = z_BxMxD.shape[1]
+        n = self.cfg.eval_capacity_buckets if self.deterministic and self.s == 0 else 1
+        sizes = sorted({-(-M * k // n) for k in range(1, n + 1)})
+        if len(sizes) == 1:
+            return self.inner(z_BxMxD, zseg_BxM, zpos_BxM)
+
+        def run(S):
+            def branch(inner, z, zseg, zpos):
+                y, ok, stats = inner(z[:, :S], zseg[:, :S], zpos[:, :S])
+                pad = lambda a, v: jnp.pad(a, [(0, 0), (0, M - S)] + [(0, 0)] * (a.ndim - 2),  # noqa: E731
+                                           constant_values=v)
+                return pad(y, 0), pad(ok, True), [dict(st, boundaries=pad(st["boundaries"], False)) for st in stats]
+            return branch
+
+        k = jnp.searchsorted(jnp.asarray(sizes), jnp.max(jnp.sum(zseg_BxM > 0, axis=1)))  # smallest size >= used
+        return nnx.switch(k, [run(S) for S in sizes], self.inner, z_BxMxD, zseg_BxM, zpos_BxM)
 
     # ----- incremental decoding -----
     def init_cache(self, batch_size: int, max_len: int):

@@ -192,6 +192,34 @@ def test_inner_stages_skip_their_padding_tail_without_changing_anything(config, 
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path))
 
 
+@pytest.mark.parametrize("config", ["one", "two"])
+def test_eval_capacity_buckets_give_the_full_run_on_fewer_slots(config):
+    """In eval mode (M = L slots) the outermost stage runs its inner stage on the smallest of M/4 ... M slots
+    that holds the batch's chunks (``eval_capacity_buckets`` = 4): logits, target mask, metrics and boundaries
+    equal the single-size run, and the batch does take a smaller size."""
+    import dataclasses
+
+    cfg = ONE if config == "one" else TWO
+    batch = to_jnp(_batch())
+
+    def run(n):
+        model = HNetLM(dataclasses.replace(cfg, eval_capacity_buckets=n), seed=2)
+        model.eval()
+        gd, st = nnx.split(model)
+        return jax.jit(lambda st, b: nnx.merge(gd, st)(b))(st, batch)
+
+    full, bucketed = run(1), run(4)
+    chunks = int(np.max(np.sum(np.asarray(full.boundaries["s0"]), axis=1)))
+    assert chunks <= 3 * batch["inputs"].shape[1] // 4, chunks  # M = L: a smaller size applies
+    np.testing.assert_allclose(np.asarray(bucketed.logits_BxLxV), np.asarray(full.logits_BxLxV), atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(bucketed.target_mask_BxL), np.asarray(full.target_mask_BxL))
+    for k in full.metrics:
+        np.testing.assert_allclose(np.asarray(bucketed.metrics[k]), np.asarray(full.metrics[k]), rtol=1e-5,
+                                   atol=1e-6, err_msg=k)
+    for k in full.boundaries:
+        np.testing.assert_array_equal(np.asarray(bucketed.boundaries[k]), np.asarray(full.boundaries[k]))
+
+
 def test_ratio_loss_hand_example():
     """Eq. 10 with N = 6, F = 0.25, G = 0.10 gives 0.96; F = G = 1/N gives exactly 1."""
     valid = jnp.ones((1, 20), bool)
