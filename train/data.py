@@ -158,6 +158,20 @@ class IndexFile:
         return out
 
 
+class ArrayIndex:
+    """An in-memory int64 index (small, or a ``DocumentList``'s) behind ``IndexFile``'s interface."""
+
+    def __init__(self, values):
+        self.values = np.asarray(values, np.int64)
+
+    def __getitem__(self, k):
+        return self.values[k]
+
+    def searchsorted(self, x: np.ndarray, a: int, b: int) -> np.ndarray:
+        """``np.searchsorted(self[a:b], x, "right") + a`` (int64 [k])."""
+        return np.searchsorted(self.values[a:b], x, "right") + a
+
+
 def check_format(directory: str, manifest: dict):
     """A prepared directory of another format version (an older cache) is an error that says what to do."""
     if (manifest.get("format"), manifest.get("version")) != (prep.FORMAT, prep.VERSION):
@@ -252,7 +266,7 @@ class Prepared:
                 raise DataError(f"cannot read prepared shard {self.manifest['shards'][k]['shard']} in {self.dir}: "
                                 f"{e}") from e
             first = a // prep.BLOCK * prep.BLOCK
-            out.append(blocks[0][a - first:b - first] if len(blocks) == 1 else b"".join(blocks)[a - first:b - first])
+            out.append(b"".join(blocks)[a - first:b - first])
             lo, k = self.shard_start[k + 1], k + 1
         return b"".join(out)
 
@@ -329,7 +343,7 @@ def prepared_dir(source: str, cfg: DataConfig) -> str:
 # ------------------------------------------------------------------------------------------------
 
 class Run(NamedTuple):
-    """Documents j0..j1-1 of ``starts`` (framed starts, an ``IndexFile`` or a small array), one raw stream:
+    """Documents j0..j1-1 of ``starts`` (framed starts, an ``IndexFile`` or ``ArrayIndex``), one raw stream:
     document j starts at raw offset ``starts[j] - 2j + shift`` of ``stream``."""
 
     stream: object  # .read_raw(lo, hi) -> bytes
@@ -380,8 +394,7 @@ class DocumentIndex:
         for k in np.unique(r).tolist():
             run, sel = self.runs[k], r == k
             x = p[sel] - self.run_framed[k] + self.run_st0[k]
-            j = (run.starts.searchsorted(x, run.j0, run.j1 + 1) if isinstance(run.starts, IndexFile)
-                 else np.searchsorted(run.starts[run.j0:run.j1 + 1], x, "right") + run.j0)
+            j = run.starts.searchsorted(x, run.j0, run.j1 + 1)
             d[sel] = self.run_doc[k] - 1 + j - run.j0
         return d
 
@@ -450,7 +463,7 @@ class Documents(DocumentIndex):
                         self.stats.empty_skipped += 1
                         continue
                     self.stats.invalid_utf8 += not prep.is_valid_utf8(p.read_raw(raw, raw + n))
-                    runs.append(Run(p, np.array([0, n + 2], np.int64), 0, 1, raw, meta["path"]))
+                    runs.append(Run(p, ArrayIndex([0, n + 2]), 0, 1, raw, meta["path"]))
                     continue
                 if (lo, hi) != (0.0, 1.0):  # documents whose start lies at a fraction in [lo, hi) of the source
                     frac = lambda j: (p.raw_start(j) - base) / (total or 1)  # noqa: E731, B023
@@ -477,7 +490,7 @@ class DocumentList(DocumentIndex):
     def __init__(self, docs: list[bytes]):
         self.docs = list(docs)
         lens = np.array([len(d) for d in self.docs], np.int64)
-        starts = np.concatenate([[0], np.cumsum(lens + 2)])
+        starts = ArrayIndex(np.concatenate([[0], np.cumsum(lens + 2)]))
         super().__init__([Run(_Bytes(b"".join(self.docs)), starts, 0, len(lens), 0, "")] if self.docs else [])
 
     def read(self, lo: int, hi: int) -> list[bytes]:
@@ -581,22 +594,24 @@ class WindowSource:
         m = np.array([len(s) for _, _, s in spans])  # documents per window + 1
         S = np.concatenate([s for _, _, s in spans]).astype(np.int32)  # window-relative framed starts
         last = np.cumsum(m) - 1  # each window's last entry: the first document after it (or the corpus end)
+        first = last - m + 1
+        n_S = np.repeat(n, m).astype(np.int32)  # per entry: its window's n, and the flat offset of its row
+        row_S = np.repeat(np.arange(B, dtype=np.int32) * N, m)
         # segments of the flat [B, N] batch: document k of a window covers [S_k, S_k+1) clipped to [0, n);
         # the window's last entry covers its padding [n, N)
-        C = np.clip(S, 0, np.repeat(n, m).astype(np.int32))
+        C = np.clip(S, 0, n_S)
         E = np.empty_like(C)
         E[:-1], E[last] = C[1:], N
         lens = E - C
-        seg_id = np.arange(len(S), dtype=np.int32) - np.repeat(last - m + 1, m).astype(np.int32) + 1
+        seg_id = np.arange(len(S), dtype=np.int32) - np.repeat(first, m).astype(np.int32) + 1
         seg_id[last] = 0
         seg = np.repeat(seg_id, lens).reshape(B, N)  # 1, 2, ... per document in its window; 0 = padding
         pos = np.tile(np.arange(N, dtype=np.int32), B)
         pos -= np.repeat(S, lens)
         is_frame = np.repeat(seg_id == 0, lens)  # BOS, EOS and the padding after the corpus end
-        bos, eos = (S + np.repeat(np.arange(B, dtype=np.int32) * N, m)), S - 1 + np.repeat(np.arange(B, dtype=np.int32) * N, m)
-        first = np.zeros(len(S), bool)
-        first[last - m + 1] = True
-        bos, eos = bos[(seg_id > 0) & (S >= 0)], eos[~first & (S - 1 < np.repeat(n, m))]
+        has_eos = S - 1 < n_S  # the previous document's EOS (entry k > first) lies in the window
+        has_eos[first] = False
+        bos, eos = (S + row_S)[(seg_id > 0) & (S >= 0)], (S - 1 + row_S)[has_eos]
         is_frame[bos], is_frame[eos] = True, True
         tokens = np.zeros(B * N, np.uint8)
         tokens[bos], tokens[eos] = BOS, EOS
