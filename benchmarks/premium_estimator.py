@@ -35,12 +35,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 
-def word_ratio(doc: bytes, eng_bytes_per_word: float) -> np.ndarray:
-    """Causal r_t per byte: bytes so far per space so far, over English's bytes per word (inf before a space)."""
+def word_ratio(doc: bytes, eng_bytes_per_word: float) -> tuple[np.ndarray, np.ndarray]:
+    """Per byte, causal: (spaces so far, r_t = bytes so far per space so far over English's bytes per word;
+    inf before the first space)."""
     spaces = np.cumsum(np.frombuffer(doc, np.uint8) == 0x20)
     n = np.arange(1, len(doc) + 1)
     with np.errstate(divide="ignore"):
-        return n / spaces / eng_bytes_per_word
+        return spaces, n / spaces / eng_bytes_per_word
 
 
 def inventory(doc: bytes, letters: int) -> tuple[int, int]:
@@ -116,12 +117,12 @@ def main(argv=None):
         doc = valid[g]
         route_t = scripts.byte_routes(doc, utf8)
         alpha_cls = priors_utf8[route_t]  # the UTF-8 class model: seen routes and class routes
-        r_t = word_ratio(doc, bpw["valid"])
-        spaces = np.cumsum(np.frombuffer(doc, np.uint8) == 0x20)
-        use = (route_t >= len(seen_routes)) & (spaces >= args.min_words) & (r_t < args.spaceless)
+        is_class = route_t >= len(seen_routes)  # routed to a UTF-8 length class (the catch-all)
+        spaces, r_t = word_ratio(doc, bpw["valid"])
+        use = is_class & (spaces >= args.min_words) & (r_t < args.spaceless)
         alpha_est = np.where(use, a_eng / np.exp(a * np.log(np.where(use, r_t, 1.0))), alpha_cls)
         D, t0 = inventory(doc, args.letters)
-        use_inv = (route_t >= len(seen_routes)) & (np.arange(len(doc)) >= t0) & (t0 >= 0)
+        use_inv = is_class & (np.arange(len(doc)) >= t0) & (t0 >= 0)
         pi_inv = np.exp(a_inv + b_inv * np.log(D)) / chars_per_byte(doc)
         alpha_inv = np.where(use_inv, a_eng / pi_inv, alpha_cls)
         r_whole = len(doc) / len(doc.split(b" ")) / bpw["valid"]
