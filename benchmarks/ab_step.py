@@ -52,9 +52,10 @@ def main(argv=None):
     ap.add_argument("--seq_len", type=int, default=1024)
     ap.add_argument("--bytes_per_step", type=int, default=8192)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--block_q", type=int, nargs="*", default=[256], help="one blockwise variant per value")
+    ap.add_argument("--block_q", type=int, nargs="*", default=[0],
+                    help="one blockwise variant per value (0: the kernel's own tile sizes)")
     ap.add_argument("--variant", action="append", default=[], help="NAME=BINDING: a dense variant with a gin binding")
-    ap.add_argument("--block_k", type=int, default=128)
+    ap.add_argument("--block_k", type=int, default=0, help="0: the kernel's own")
     ap.add_argument("--skip_padding", action="store_true", help="also each blockwise variant with skip_padding")
     ap.add_argument("--only", choices=["blockwise"], help="measure the blockwise variant(s) alone")
     ap.add_argument("--gin", action="append", default=[])
@@ -64,12 +65,12 @@ def main(argv=None):
     from hnet import sharding
 
     variants = {} if args.only else {"dense": (lambda: attention_kernel("dense"), [])}
+    tiles = lambda bq: dict(block_q=bq or None, block_k=args.block_k or None)  # noqa: E731
     for bq in args.block_q:
-        variants[f"blockwise bq={bq}"] = (
-            lambda bq=bq: attention_kernel("blockwise", block_q=bq, block_k=args.block_k), [])
+        variants[f"blockwise bq={bq or 'auto'}"] = (lambda bq=bq: attention_kernel("blockwise", **tiles(bq)), [])
         if args.skip_padding:
-            variants[f"blockwise bq={bq} skip_padding"] = (
-                lambda bq=bq: attention_kernel("blockwise", block_q=bq, block_k=args.block_k, skip_padding=True), [])
+            variants[f"blockwise bq={bq or 'auto'} skip_padding"] = (
+                lambda bq=bq: attention_kernel("blockwise", **tiles(bq), skip_padding=True), [])
     for v in args.variant:
         name, binding = v.split("=", 1)
         variants[name] = (lambda: attention_kernel("dense"), [binding])

@@ -118,7 +118,7 @@ def profile(config: str, seq_len: int, bytes_per_step: int, steps: int, bindings
 
     from hnet import sharding
 
-    with ab_step.attention_kernel("blockwise", block_q=256) if blockwise else ab_step.attention_kernel("dense"):
+    with ab_step.attention_kernel("blockwise") if blockwise else ab_step.attention_kernel("dense"):
         compiled, state, next_batch, _, _, batch, mesh = throughput.compiled_step(config, seq_len, bytes_per_step,
                                                                                    bindings)
     instrs, comps, labels = parse_hlo(compiled.as_text())

@@ -11,10 +11,10 @@ q and k positions are their indices. ``impl``:
                 segment ids, causal / local masks, never materialises [Q, S].
     * 'cudnn':  ``jax.nn.dot_product_attention(implementation='cudnn')`` (GPU flash attention).
     * 'blockwise': ``hnet.kernels.blockwise_attention`` (XLA:CPU; every feature; no [Q, S] tensor, no work
-                on blocks the causal mask or the window rule out).
+                on tiles the causal mask, the window or a padded tail rule out).
     * 'auto':   by the target platform (``hnet.sharding.target_platform``: the mesh's devices): splash on
                 TPU, cudnn on GPU, on CPU blockwise for self-attention of length >= ``BLOCKWISE_MIN_LEN``
-                (dense below: one or two blocks save little and cost compile time), and dense wherever
+                (dense below: one tile saves nothing), and dense wherever
                 the kernel lacks a feature (softmax1, key_bias) or a shape (splash: Q and S multiples of 128).
 New kernels are one more entry of ``_KERNELS`` plus a line in ``_supports``.
 """
@@ -33,9 +33,9 @@ from hnet.sharding import mesh_axes, target_platform
 NEG_INF = -1e30
 IMPLS = ("auto", "dense", "splash", "cudnn", "blockwise")
 _SPLASH_BLOCK = 128
-# CPU train step, blockwise vs dense (docs/benchmarks.md, issue 18): 1.20x at L = 256, 1.6-1.7x at 512,
-# 2.3x at 1024 (isotropic_tiny); 512 keeps the short sequences of the test suite on the cheaper compile.
-BLOCKWISE_MIN_LEN = 512
+# CPU train step of isotropic_tiny, blockwise vs dense (docs/benchmarks.md, issue 18): 1.02x at L = 128
+# (noise), 1.17x at 256; the gain grows with L.
+BLOCKWISE_MIN_LEN = 256
 
 
 def attention_mask(q_seg_BxQ, k_seg_BxK, q_idx_BxQ, k_idx_BxK, window: int, causal: bool = True) -> jax.Array:
@@ -170,8 +170,8 @@ def dot_product_attention(q_BxQxHxK, k_BxSxHxK, v_BxSxHxK, *, q_segment_ids_BxQ,
                           impl: str = "auto", padded_tail: bool = False):
     """Segment-masked attention (see the module docstring). q/k/v any float dtype; -> o_BxQxHxK in v's dtype.
     ``padded_tail``: the caller discards the outputs of padding queries (segment 0), which trail each row:
-    'blockwise' then skips query blocks that are padding in every row (``skip_padding``; padding outputs are
-    0 there instead of padding attending to padding); the other kernels compute them as usual."""
+    'blockwise' then skips the query tiles after the batch's last real query (``skip_padding``; padding
+    outputs are 0 there instead of padding attending to padding); the other kernels compute them as usual."""
     features = dict(causal=causal, window=window, softmax1=softmax1, key_bias_BxS=key_bias_BxS)
     impl = resolve_impl(impl, q_BxQxHxK, k_BxSxHxK, **features)
     kw = {"skip_padding": True} if padded_tail and impl == "blockwise" else {}

@@ -10,7 +10,7 @@ Static shapes: each outer stage has a capacity M_s = ceil(capacity_s · L_s) in 
 eval mode: no overflow, every byte scored). Chunks past M_s are dropped; the bytes that would read them
 get ``target_mask`` False (never silently scored) and the overflow is counted in the metrics. Compacted
 chunks fill the front of the M_s slots and padding trails them, so an inner stage may skip that tail: its
-attention skips all-padding query blocks (``StackConfig.padded_tail``), and in eval mode, where a trained
+attention skips the query tiles after the last chunk (``StackConfig.padded_tail``), and in eval mode, where a trained
 router fills ~1/N of the L slots, the outermost stage runs its inner stage on only as many slots as the
 batch fills (``HNetStage.run_inner``, ``eval_capacity_buckets``).
 """

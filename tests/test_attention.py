@@ -36,7 +36,9 @@ def test_auto_picks_by_mesh_platform():
 
     q = jax.ShapeDtypeStruct((4, 256, 2, 64), jnp.bfloat16)
     feats = dict(causal=True, window=-1, softmax1=False, key_bias_BxS=None)
-    assert attention.resolve_impl("auto", q, q, **feats) == "dense"  # CPU, below BLOCKWISE_MIN_LEN
+    assert attention.resolve_impl("auto", q, q, **feats) == "blockwise"  # CPU, from BLOCKWISE_MIN_LEN = 256 on
+    q128 = jax.ShapeDtypeStruct((4, 128, 2, 64), jnp.bfloat16)
+    assert attention.resolve_impl("auto", q128, q128, **feats) == "dense"  # CPU, below BLOCKWISE_MIN_LEN
     devices = topologies.get_topology_desc(topology_name="v5e:2x2", platform="tpu").devices
     with jax.set_mesh(sharding.make_mesh({"data": -1}, devices=devices)):
         assert jax.default_backend() == "cpu" and sharding.target_platform() == "tpu"

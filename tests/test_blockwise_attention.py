@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from hnet.kernels.blockwise_attention import blockwise_attention, key_ranges
+from hnet.kernels.blockwise_attention import blockwise_attention, key_tiles, query_tiles
 from hnet.layers import Attention, attention_mask
 
 B, L, H, K = 2, 37, 2, 8  # L is not a multiple of the blocks
@@ -85,28 +85,34 @@ def test_values_and_grads_match_dense(case, dtype):
 
 
 @pytest.mark.parametrize("causal,window", [(True, -1), (True, 7), (False, 7), (False, -1)])
-def test_key_ranges_are_tight(causal, window):
-    # with block_k = 1 each q-block's range is exactly the span of the keys its rows can see
-    n, bq = 37, 8
+def test_tile_ranges_are_tight(causal, window):
+    # with tiles of 1 on the other side, the key tiles of a query tile are exactly the span of the keys its
+    # rows can see, and the query tiles of a key tile exactly the span of the rows that see its keys
+    n, t = 37, 8
     idx = jnp.arange(n)[None]
     seg = jnp.ones((1, n), jnp.int32)
     vis = np.asarray(attention_mask(seg, seg, idx, idx, window, causal))[0, 0]
-    for q0, q1, lo, hi in key_ranges(n, n, bq, 1, causal, window):
-        cols = np.nonzero(vis[q0:q1].any(axis=0))[0]
-        assert (lo, hi) == (cols.min(), cols.max() + 1), (q0, lo, hi)
+    for i in range(-(-n // t)):
+        cols = np.nonzero(vis[i * t:(i + 1) * t].any(axis=0))[0]
+        assert tuple(map(int, key_tiles(i, t, 1, n, causal, window))) == (cols.min(), cols.max() + 1), i
+        rows = np.nonzero(vis[:, i * t:(i + 1) * t].any(axis=1))[0]
+        assert tuple(map(int, query_tiles(i, 1, t, n, causal, window))) == (rows.min(), rows.max() + 1), i
 
 
-def test_static_block_skipping():
-    # causal global: q-block i sees keys [0, (i + 1) * block) -> (n + 1) / 2n of the dense work
-    r = key_ranges(1024, 1024, 256, 128, causal=True, window=-1)
-    assert [(lo, hi) for _, _, lo, hi in r] == [(0, 256), (0, 512), (0, 768), (0, 1024)]
-    # a local window of 100 keeps each q-block's keys within [q0 - 100, q1), rounded out to 128
-    r = key_ranges(1024, 1024, 256, 128, causal=True, window=100)
-    assert [(lo, hi) for _, _, lo, hi in r] == [(0, 256), (128, 512), (384, 768), (640, 1024)]
+def test_static_tile_skipping():
+    # causal global: query tile i visits key tiles [0, i] -> (n + 1) / 2n of the dense work
+    assert [tuple(map(int, key_tiles(i, 128, 128, 8, True, -1))) for i in range(8)] == [(0, i + 1) for i in range(8)]
+    # a local window of 100 keeps each query tile's keys within [q0 - 100, q1), rounded out to 128
+    r = [tuple(map(int, key_tiles(i, 256, 128, 8, True, 100))) for i in range(4)]
+    assert r == [(0, 2), (1, 4), (3, 6), (5, 8)]
+    # backward: key tile j is seen by query tiles [j, 8) (causal) and [j, j + 2) (window 100)
+    assert [tuple(map(int, query_tiles(j, 128, 128, 8, True, -1))) for j in range(8)] == [(j, 8) for j in range(8)]
+    assert [tuple(map(int, query_tiles(j, 128, 128, 8, True, 100))) for j in range(8)] == [
+        (j, min(8, j + 2)) for j in range(8)]
 
 
 def test_no_quadratic_intermediate():
-    # forward + backward never hold an [L, L] block: the largest value is [B, H, block_q, L]
+    # forward + backward never hold an [L, L] block: the largest values are [B, H, L, K] and [B, H, block_q, block_k]
     n = 256
     q = jnp.ones((1, n, 1, 8))
     seg = jnp.ones((1, n), jnp.int32)
@@ -122,7 +128,7 @@ def test_no_quadratic_intermediate():
     assert max(sizes) <= 32 * n, max(sizes)
 
 
-@pytest.mark.parametrize("padded_tail", [6, 16])  # 16: the last block (rows 32..36) and the one before are all padding
+@pytest.mark.parametrize("padded_tail", [6, 16])  # 16: the last tile (rows 32..36) and the one before are all padding
 def test_skip_padding(padded_tail):
     # padding queries give 0; real rows and every gradient (cotangent 0 on padding rows, as when a caller
     # discards them) equal the dense path, whether or not whole blocks are skipped
@@ -142,7 +148,11 @@ def test_skip_padding(padded_tail):
                                    softmax1=False, key_bias_BxS=bias, block_q=8, block_k=4, skip_padding=True)
 
     run = jax.jit(lambda fn, *a: (lambda o, vjp: (o, vjp(ct)))(*jax.vjp(fn, *a)), static_argnums=0)
-    (o_ref, g_ref), (o, g) = run(dense, q, k, v, bias), run(blockwise, q, k, v, bias)
+    # queries of the tiles after the last real one are never read: NaN there would reach dk through
+    # dS^T Q (0 * NaN) if such a tile were visited
+    dead = -(-(L - padded_tail) // 8) * 8
+    q_dead = q.at[:, dead:].set(jnp.nan)
+    (o_ref, g_ref), (o, g) = run(dense, q, k, v, bias), run(blockwise, q_dead, k, v, bias)
     np.testing.assert_allclose(np.where(real, o, 0.0), np.where(real, o_ref, 0.0), atol=1e-5)
     assert not np.any(np.where(real, 0.0, o))
     for name, a, b in zip(["dq", "dk", "dv", "dbias"], g, g_ref):

@@ -146,7 +146,7 @@ def test_every_parameter_gets_gradient():
 @pytest.mark.parametrize("config,evaluation", [("one", False), ("two", True)])
 def test_inner_stages_skip_their_padding_tail_without_changing_anything(config, evaluation, monkeypatch):
     """Inner stages run over compacted chunks followed by padding (``StackConfig.padded_tail``): the blockwise
-    kernel (forced here, blocks of 8) skips query blocks that are padding in every row, and the model's
+    kernel (forced here, tiles of 8) skips the query tiles after the batch's last chunk, and the model's
     logits, loss and every gradient equal the run without skipping."""
     import dataclasses
     import functools
@@ -156,7 +156,7 @@ def test_inner_stages_skip_their_padding_tail_without_changing_anything(config, 
 
     skipped = []
 
-    def record(seg):  # at run time: is some query block of 8 padding in every row?
+    def record(seg):  # at run time: is some query tile of 8 padding in every row?
         skipped.append(any(not seg[:, i:i + 8].any() for i in range(0, seg.shape[1], 8)))
 
     def kernel(*a, skip_padding=False, **kw):
@@ -185,7 +185,7 @@ def test_inner_stages_skip_their_padding_tail_without_changing_anything(config, 
         return value, logits, nnx.state(grads, nnx.Param)
 
     want, got = run(False), run(True)
-    assert any(skipped), "no all-padding query block: the test exercises nothing"
+    assert any(skipped), "no all-padding query tile: the test exercises nothing"
     np.testing.assert_allclose(np.asarray(got[0]), np.asarray(want[0]), rtol=1e-6)
     np.testing.assert_allclose(np.asarray(got[1]), np.asarray(want[1]), rtol=1e-5, atol=1e-5)
     for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got[2]), jax.tree_util.tree_leaves(want[2])):

@@ -1,24 +1,25 @@
 """Blockwise (flash-style) attention for XLA:CPU with a custom VJP: no [B, H, L, L] tensor, no work on
-blocks that the causal mask or the local window rule out.
+tiles that the causal mask, the local window or trailing padding rule out.
 
-Queries are split into blocks of ``block_q`` rows; block i only sees the keys its rows can reach, one
-contiguous static range ``[lo_i, hi_i)``: ``hi_i`` = the block's last query + 1 (causal) and ``lo_i`` = its
-first query - ``window`` (local window), both rounded outwards to multiples of ``block_k``. The softmax over
-that range is exact (no online rescaling is needed: one matmul per block, which is what XLA:CPU runs
-fastest), so for causal global attention the work is (n + 1) / 2n of the dense path for n query blocks.
-The ranges are enumerated in Python, so the skipping is static; segments (packed documents) are masked
-inside a range, not skipped (a data-dependent skip cannot shrink a static range), except that with
-``skip_padding`` a query block that is all padding is skipped at run time.
+Queries are split into tiles of ``block_q`` rows and keys into tiles of ``block_k``. Query tile i visits
+only the key tiles ``key_tiles(i)`` its rows can reach (up to its last query if causal, from its first
+query - ``window`` with a local window), with an online softmax over them (FlashAttention-2, Alg. 1): a
+running row max m, sum l and unnormalised output acc, rescaled by exp(m_old - m_new) at every key tile.
+The loops are ``lax.fori_loop``s with run-time bounds, so compile time does not grow with the length, one
+tile pair's [B, H, block_q, block_k] tensors stay in cache, and the bounds can depend on the data: with
+``skip_padding`` the query tiles after the last real query of the batch are not visited at all.
 
-The forward keeps only q, k, v, o and the per-row log-sum-exp; the backward recomputes each block's
-probabilities (FlashAttention-2's backward, one q-block at a time, dK/dV accumulated over the key range).
-The blocks run one after the other (``_after``), so only one block's [B, H, block_q, range] tensors are live.
+The forward keeps only q, k, v, o and the per-row log-sum-exp; the backward (FlashAttention-2, Alg. 2)
+loops over key tiles, and for each over the query tiles ``query_tiles(j)`` that can see it, recomputing
+the probabilities p = exp(s - lse): dV_j += pᵀ dO_i, dS = p ⊙ (dO_i V_jᵀ - Δ_i) with Δ = rowsum(dO ⊙ O),
+dK_j += dSᵀ Q_i, dQ_i += dS K_j.
 
 Semantics equal the dense path (``hnet.layers.attention_mask`` + ``Attention._attend``): logits q·k/√K in
 fp32, plus ``key_bias`` per key; a key is visible if it is in the query's segment, not after it (causal)
-and at most ``window`` positions away (-1 = global); ``softmax1`` adds a zero-logit, zero-value sink key.
-Query i and key j sit at positions i and j (self-attention). One difference: a row that sees no key at all
-(impossible in self-attention, where a query sees itself) gives 0, where the dense path averages every value.
+and at most ``window`` positions away (-1 = global); ``softmax1`` adds a zero-logit, zero-value sink key
+(the running max and sum start at the sink: m = 0, l = 1). Query i and key j sit at positions i and j
+(self-attention). One difference: a row that sees no key at all (impossible in self-attention, where a
+query sees itself) gives 0, where the dense path averages every value.
 """
 
 from __future__ import annotations
@@ -28,168 +29,207 @@ import math
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
-__all__ = ["blockwise_attention", "key_ranges"]
+__all__ = ["blockwise_attention", "key_tiles", "query_tiles", "tile_sizes"]
 
-
-def key_ranges(Q: int, S: int, block_q: int, block_k: int, causal: bool, window: int) -> list[tuple[int, int, int, int]]:
-    """Static (q0, q1, lo, hi): query rows [q0, q1) of each block and the key range [lo, hi) they can see."""
-    out = []
-    for q0 in range(0, Q, block_q):
-        q1 = min(Q, q0 + block_q)
-        hi = min(S, q1) if causal else S
-        if window >= 0 and not causal:
-            hi = min(S, q1 + window)
-        lo = max(0, q0 - window) if window >= 0 else 0
-        lo = lo // block_k * block_k
-        hi = min(S, -(-hi // block_k) * block_k)
-        out.append((q0, q1, lo, max(hi, lo)))
-    return out
+_PAD_Q, _PAD_K = -2, -1  # segment ids of the rows added to reach whole tiles: they never match each other
 
 
-def _visible(qseg_BxT, kseg_BxR, q0, lo, causal, window, skip_padding=False):
-    """[B, 1, T, R] bool for query rows q0 + [0, T) and key rows lo + [0, R) (none for padding queries when
-    ``skip_padding``)."""
-    T, R = qseg_BxT.shape[1], kseg_BxR.shape[1]
-    delta = (q0 + jnp.arange(T))[:, None] - (lo + jnp.arange(R))[None, :]
-    ok = jnp.ones((T, R), bool)
+def key_tiles(i, block_q: int, block_k: int, n_k: int, causal: bool, window: int):
+    """Key tiles [lo, hi) that some row of query tile ``i`` can see (Python or traced ints)."""
+    q0, q_last = i * block_q, i * block_q + block_q - 1
+    if causal:
+        hi = jnp.minimum(n_k, q_last // block_k + 1)
+    elif window >= 0:
+        hi = jnp.minimum(n_k, (q_last + window) // block_k + 1)
+    else:
+        hi = n_k
+    lo = jnp.maximum(0, q0 - window) // block_k if window >= 0 else 0
+    return lo, hi
+
+
+def query_tiles(j, block_q: int, block_k: int, n_q: int, causal: bool, window: int):
+    """Query tiles [lo, hi) with some row that can see a key of key tile ``j`` (Python or traced ints)."""
+    k0, k_last = j * block_k, j * block_k + block_k - 1
+    if causal:
+        lo = k0 // block_q
+    elif window >= 0:
+        lo = jnp.maximum(0, k0 - window) // block_q
+    else:
+        lo = 0
+    hi = jnp.minimum(n_q, (k_last + window) // block_q + 1) if window >= 0 else n_q
+    return lo, hi
+
+
+def tile_sizes(n_heads_total: int, elements: int = 2 ** 20) -> tuple[int, int]:
+    """(block_q, block_k): powers of two from 128 x 128, key side first, until one tile pair's logits over
+    all ``n_heads_total`` = B * H heads hold ``elements`` values. Measured on XLA:CPU (docs/benchmarks.md):
+    128 x 256 at B * H = 32, 256 x 512 at 8 and 512 x 512 at 4 are the fastest tested."""
+    block_q = block_k = 128
+    while n_heads_total * block_q * block_k < elements:
+        if block_k <= block_q:
+            block_k *= 2
+        else:
+            block_q *= 2
+    return block_q, block_k
+
+
+def _tile(x, start, size, axis):
+    return lax.dynamic_slice_in_dim(x, start, size, axis)
+
+
+def _logits(qi, kj, bias_j, qseg_i, kseg_j, q0, k0, causal, window, skip_padding, keys_major=False):
+    """Masked logits [B, H, Tq, Tk] (fp32, -inf where not visible) of query rows q0 + [0, Tq) against key
+    rows k0 + [0, Tk); ``keys_major``: the same logits as [B, H, Tk, Tq]."""
+    scale = 1.0 / math.sqrt(qi.shape[-1])
+    a, b = (kj, qi) if keys_major else (qi, kj)
+    s = jnp.matmul(a, b.swapaxes(-1, -2), preferred_element_type=jnp.float32) * scale
+    q_col = lambda x: x[..., :, None] if not keys_major else x[..., None, :]  # noqa: E731  (along the query axis)
+    k_col = lambda x: x[..., None, :] if not keys_major else x[..., :, None]  # noqa: E731
+    delta = q_col(q0 + jnp.arange(qi.shape[2])) - k_col(k0 + jnp.arange(kj.shape[2]))
+    ok = q_col(qseg_i) == k_col(kseg_j)
+    if skip_padding:
+        ok &= q_col(qseg_i) != 0
     if causal:
         ok &= delta >= 0
     if window >= 0:
         ok &= jnp.abs(delta) <= window
-    same = qseg_BxT[:, :, None] == kseg_BxR[:, None, :]
-    if skip_padding:
-        same &= qseg_BxT[:, :, None] != 0
-    return (same & ok)[:, None]
+    return jnp.where(ok[:, None], s + k_col(bias_j)[:, None], -jnp.inf)
 
 
-def _after(x, dep):
-    """x, made to depend on ``dep`` (finite) so that XLA runs the query blocks one after the other: they are
-    independent, and XLA:CPU's scheduler otherwise overlaps them and holds many blocks' logits at once
-    (5.5 GB of temporaries at L = 8192). optimization_barrier does not order anything on XLA:CPU."""
-    return x + (0 * dep.reshape(-1)[0]).astype(x.dtype)
-
-
-def _block_logits(q_BxHxTxK, k_BxHxRxK, bias_BxR, visible_Bx1xTxR):
-    scale = 1.0 / math.sqrt(q_BxHxTxK.shape[-1])
-    s = jnp.matmul(q_BxHxTxK, k_BxHxRxK.swapaxes(-1, -2), preferred_element_type=jnp.float32) * scale
-    return jnp.where(visible_Bx1xTxR, s + bias_BxR[:, None, None, :], -jnp.inf)
-
-
-def _skippable(fn, skip_padding, qseg_BxT, *shapes_dtypes):
-    """``fn()``, or zeros of ``shapes_dtypes`` when ``skip_padding`` and every query row of the block is
-    padding in the whole batch (a run-time lax.cond; such a block's forward and backward are both skipped)."""
-    if not skip_padding:
-        return fn()
-    return jax.lax.cond(jnp.any(qseg_BxT != 0), fn, lambda: tuple(jnp.zeros(sh, dt) for sh, dt in shapes_dtypes))
-
-
-def _forward_block(qi, kr, vr, bias_r, vis, softmax1):
-    s = _block_logits(qi, kr, bias_r, vis)
-    m = jnp.max(s, axis=-1, keepdims=True)
-    if softmax1:
-        m = jnp.maximum(m, 0.0)
-    m = jnp.where(jnp.isfinite(m), m, 0.0)
-    p = jnp.exp(s - m)
-    denom = jnp.sum(p, axis=-1, keepdims=True) + (jnp.exp(-m) if softmax1 else 0.0)
-    probs = p / jnp.where(denom > 0, denom, 1.0)
-    # a row that sees no key gets lse = +inf, so that its backward probabilities are exp(-inf) = 0
-    lse = jnp.where(denom > 0, m + jnp.log(jnp.where(denom > 0, denom, 1.0)), jnp.inf)[..., 0]
-    return jnp.matmul(probs.astype(vr.dtype), vr), lse
-
-
-def _forward(q, k, v, qseg, kseg, bias, causal, window, softmax1, skip_padding, block_q, block_k):
-    """q, k, v: [B, H, L, K]. Returns o [B, H, Q, K] (v's dtype) and lse [B, H, Q] (fp32, sink included)."""
-    os, lses = [], []
-    B, H, _, K = q.shape
-    for q0, q1, lo, hi in key_ranges(q.shape[2], k.shape[2], block_q, block_k, causal, window):
-        qi = q[:, :, q0:q1]
-        if os:
-            qi = _after(qi, os[-1])
-        vis = _visible(qseg[:, q0:q1], kseg[:, lo:hi], q0, lo, causal, window, skip_padding)
-        fn = functools.partial(_forward_block, qi, k[:, :, lo:hi], v[:, :, lo:hi], bias[:, lo:hi], vis, softmax1)
-        o_i, lse_i = _skippable(fn, skip_padding, qseg[:, q0:q1], ((B, H, q1 - q0, K), v.dtype),
-                                ((B, H, q1 - q0), jnp.float32))
-        os.append(o_i)
-        lses.append(lse_i)
-    return jnp.concatenate(os, axis=2), jnp.concatenate(lses, axis=2)
-
-
-def _backward_block(qi, kr, vr, bias_r, vis, lse_i, doi, delta_i):
+def _forward(q, k, v, qseg, kseg, bias, n_q_live, causal, window, softmax1, skip_padding, block_q, block_k):
+    """q, k, v: [B, H, L, K] (lengths multiples of the tiles). -> o [B, H, Q, K] (v's dtype), lse [B, H, Q]
+    (fp32, sink included; +inf for a row that sees nothing)."""
+    B, H, Q, K = q.shape
     f32 = jnp.float32
-    scale = 1.0 / math.sqrt(qi.shape[-1])
-    s = _block_logits(qi, kr, bias_r, vis)
-    p = jnp.exp(s - lse_i[..., None])  # masked entries: exp(-inf) = 0
-    dv_r = jnp.matmul(p.astype(vr.dtype).swapaxes(-1, -2), doi, preferred_element_type=f32)
-    dp = jnp.matmul(doi, vr.swapaxes(-1, -2), preferred_element_type=f32)
-    ds = p * (dp - delta_i[..., None])
-    ds_c = ds.astype(qi.dtype)
-    dq_i = jnp.matmul(ds_c, kr, preferred_element_type=f32) * scale
-    dk_r = jnp.matmul(ds_c.swapaxes(-1, -2), qi, preferred_element_type=f32) * scale
-    return dq_i, dk_r, dv_r, jnp.sum(ds, axis=(1, 2))
+    mask_kw = dict(causal=causal, window=window, skip_padding=skip_padding)
+
+    def q_tile(i, carry):
+        o_all, lse_all = carry
+        q0 = i * block_q
+        qi, qseg_i = _tile(q, q0, block_q, 2), _tile(qseg, q0, block_q, 1)
+
+        def k_tile(j, c):
+            m, l, acc = c
+            k0 = j * block_k
+            s = _logits(qi, _tile(k, k0, block_k, 2), _tile(bias, k0, block_k, 1), qseg_i,
+                        _tile(kseg, k0, block_k, 1), q0, k0, **mask_kw)
+            m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+            m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)  # no visible key yet: keep exp() finite
+            p = jnp.exp(s - m_safe[..., None])
+            rescale = jnp.exp(m - m_safe)
+            pv = jnp.matmul(p.astype(v.dtype), _tile(v, k0, block_k, 2), preferred_element_type=f32)
+            return m_new, l * rescale + jnp.sum(p, axis=-1), acc * rescale[..., None] + pv
+
+        m0 = jnp.full((B, H, block_q), 0.0 if softmax1 else -jnp.inf, f32)  # softmax1: start at the sink
+        l0 = jnp.full((B, H, block_q), 1.0 if softmax1 else 0.0, f32)
+        m, l, acc = lax.fori_loop(*key_tiles(i, block_q, block_k, k.shape[2] // block_k, causal, window),
+                                  k_tile, (m0, l0, jnp.zeros((B, H, block_q, K), f32)))
+        seen = l > 0
+        l_safe = jnp.where(seen, l, 1.0)
+        lse = jnp.where(seen, jnp.where(jnp.isfinite(m), m, 0.0) + jnp.log(l_safe), jnp.inf)
+        o = (acc / l_safe[..., None]).astype(o_all.dtype)
+        return lax.dynamic_update_slice_in_dim(o_all, o, q0, 2), lax.dynamic_update_slice_in_dim(lse_all, lse, q0, 2)
+
+    return lax.fori_loop(0, n_q_live, q_tile, (jnp.zeros(q.shape, v.dtype), jnp.zeros((B, H, Q), f32)))
 
 
-def _backward(q, k, v, qseg, kseg, bias, o, lse, do, causal, window, softmax1, skip_padding, block_q, block_k):
+def _backward(q, k, v, qseg, kseg, bias, n_q_live, o, lse, do, causal, window, softmax1, skip_padding,
+              block_q, block_k):
+    del softmax1  # the sink has value 0: it enters only through lse
     f32 = jnp.float32
-    delta_BxHxQ = jnp.sum(do.astype(f32) * o.astype(f32), axis=-1)
-    dq_blocks = []
-    dk = jnp.zeros(k.shape, f32)
-    dv = jnp.zeros(v.shape, f32)
-    dbias = jnp.zeros(bias.shape, f32)
-    B, H, _, K = q.shape
-    for q0, q1, lo, hi in key_ranges(q.shape[2], k.shape[2], block_q, block_k, causal, window):
-        vis = _visible(qseg[:, q0:q1], kseg[:, lo:hi], q0, lo, causal, window, skip_padding)
-        qi = _after(q[:, :, q0:q1], dk)
-        fn = functools.partial(_backward_block, qi, k[:, :, lo:hi], v[:, :, lo:hi], bias[:, lo:hi], vis,
-                               lse[:, :, q0:q1], do[:, :, q0:q1], delta_BxHxQ[:, :, q0:q1])
-        T, R = q1 - q0, hi - lo
-        dq_i, dk_r, dv_r, db_r = _skippable(fn, skip_padding, qseg[:, q0:q1], ((B, H, T, K), f32),
-                                            ((B, H, R, K), f32), ((B, H, R, K), f32), ((B, R), f32))
-        dq_blocks.append(dq_i)
-        dk = dk.at[:, :, lo:hi].add(dk_r)
-        dv = dv.at[:, :, lo:hi].add(dv_r)
-        dbias = dbias.at[:, lo:hi].add(db_r)
-    dq = jnp.concatenate(dq_blocks, axis=2)
-    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dbias
+    B, H, Q, K = q.shape
+    delta = jnp.sum(do.astype(f32) * o.astype(f32), axis=-1)
+    mask_kw = dict(causal=causal, window=window, skip_padding=skip_padding)
+
+    def k_tile(j, carry):
+        dq, dk, dv, dbias = carry
+        k0 = j * block_k
+        kj, vj, bias_j, kseg_j = (_tile(k, k0, block_k, 2), _tile(v, k0, block_k, 2), _tile(bias, k0, block_k, 1),
+                                  _tile(kseg, k0, block_k, 1))
+        kj_t = _tile(k_t, k0, block_k, 3)
+
+        def q_tile(i, c):
+            dq, dk_j, dv_j, dbias_j = c
+            q0 = i * block_q
+            qi, doi = _tile(q, q0, block_q, 2), _tile(do, q0, block_q, 2)
+            # key-major [B, H, Tk, Tq]: the dV and dK products then contract the last axis of pᵀ and dSᵀ
+            s_t = _logits(qi, kj, bias_j, _tile(qseg, q0, block_q, 1), kseg_j, q0, k0, **mask_kw, keys_major=True)
+            p_t = jnp.exp(s_t - _tile(lse, q0, block_q, 2)[..., None, :])  # not visible: exp(-inf) = 0
+            dv_j += jnp.matmul(p_t.astype(vj.dtype), doi, preferred_element_type=f32)
+            dp_t = jnp.matmul(vj, doi.swapaxes(-1, -2), preferred_element_type=f32)
+            ds_t = p_t * (dp_t - _tile(delta, q0, block_q, 2)[..., None, :])
+            ds_c = ds_t.astype(q.dtype)
+            scale = 1.0 / math.sqrt(K)
+            dq_i = _tile(dq, q0, block_q, 3) + jnp.matmul(kj_t, ds_c, preferred_element_type=f32) * scale
+            dk_j += jnp.matmul(ds_c, qi, preferred_element_type=f32) * scale
+            return lax.dynamic_update_slice_in_dim(dq, dq_i, q0, 3), dk_j, dv_j, dbias_j + jnp.sum(ds_t, axis=(1, 3))
+
+        lo, hi = query_tiles(j, block_q, block_k, Q // block_q, causal, window)
+        zeros = jnp.zeros((B, H, block_k, K), f32)
+        dq, dk_j, dv_j, dbias_j = lax.fori_loop(lo, jnp.minimum(hi, n_q_live), q_tile,
+                                                (dq, zeros, zeros, jnp.zeros((B, block_k), f32)))
+        put = lambda full, tile, axis=2: lax.dynamic_update_slice_in_dim(full, tile, k0, axis)  # noqa: E731
+        return dq, put(dk, dk_j), put(dv, dv_j), put(dbias, dbias_j, 1)
+
+    k_t = k.swapaxes(-1, -2)
+    dq, dk, dv, dbias = lax.fori_loop(0, k.shape[2] // block_k, k_tile, (jnp.zeros(q.swapaxes(-1, -2).shape, f32), jnp.zeros(k.shape, f32),
+                                                                        jnp.zeros(v.shape, f32), jnp.zeros(bias.shape, f32)))
+    return dq.swapaxes(-1, -2).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dbias
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9, 10, 11))
-def _attention_bhlk(q, k, v, qseg, kseg, bias, *static):
-    return _forward(q, k, v, qseg, kseg, bias, *static)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10, 11, 12))
+def _attention_bhlk(q, k, v, qseg, kseg, bias, n_q_live, *static):
+    return _forward(q, k, v, qseg, kseg, bias, n_q_live, *static)[0]
 
 
-def _attention_fwd(q, k, v, qseg, kseg, bias, *static):
-    o, lse = _forward(q, k, v, qseg, kseg, bias, *static)
-    return o, (q, k, v, qseg, kseg, bias, o, lse)
+def _attention_fwd(q, k, v, qseg, kseg, bias, n_q_live, *static):
+    o, lse = _forward(q, k, v, qseg, kseg, bias, n_q_live, *static)
+    return o, (q, k, v, qseg, kseg, bias, n_q_live, o, lse)
 
 
 def _attention_bwd(*args):
     *static, res, do = args
-    q, k, v, qseg, kseg, bias, o, lse = res
-    dq, dk, dv, dbias = _backward(q, k, v, qseg, kseg, bias, o, lse, do, *static)
-    return dq, dk, dv, None, None, dbias.astype(bias.dtype)
+    q, k, v, qseg, kseg, bias, n_q_live, o, lse = res
+    dq, dk, dv, dbias = _backward(q, k, v, qseg, kseg, bias, n_q_live, o, lse, do, *static)
+    return dq, dk, dv, None, None, dbias.astype(bias.dtype), None
 
 
 _attention_bhlk.defvjp(_attention_fwd, _attention_bwd)
 
 
+def _pad_to(x, n, axis, value):
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, n - x.shape[axis])
+    return jnp.pad(x, pad, constant_values=value)
+
+
 def blockwise_attention(q_BxQxHxK, k_BxSxHxK, v_BxSxHxK, *, q_segment_ids_BxQ, k_segment_ids_BxS, causal: bool,
-                        window: int, softmax1: bool, key_bias_BxS=None, block_q: int = 128,
-                        block_k: int = 128, max_blocks: int = 8, skip_padding: bool = False):
+                        window: int, softmax1: bool, key_bias_BxS=None, block_q: int | None = None,
+                        block_k: int | None = None, skip_padding: bool = False):
     """Attention output [B, Q, H, K] in v's dtype (softmax in fp32). Segment id 0 = padding (attends to
     padding only, like the dense path); ``window`` -1 = global; ``key_bias_BxS`` is added to the logits.
-
-    The blocks are unrolled (each key range has its own shape), so compile time grows with their number:
-    ``block_q`` is raised to a multiple of ``block_k`` that gives at most ``max_blocks`` query blocks.
+    Lengths need not be multiples of the tiles (rows are added that see and are seen by nothing). Tiles
+    default to ``tile_sizes(B * H)``.
 
     ``skip_padding``: padding queries (segment 0) see no key and give 0 (the dense path lets them attend to
-    padding), and a query block that is padding in every row of the batch is skipped at run time (lax.cond).
+    padding), and the query tiles after the batch's last real query are not visited, forward or backward.
     For callers that discard padding rows, e.g. H-Net's inner network, whose chunks sit at the front of a
     static capacity M and whose padding tail is never expanded back to bytes."""
-    B, Q, S = k_BxSxHxK.shape[0], q_BxQxHxK.shape[1], k_BxSxHxK.shape[1]
-    block_q = max(block_q, -(-Q // (max_blocks * block_k)) * block_k)
+    (B, Q, H, K), S = q_BxQxHxK.shape, k_BxSxHxK.shape[1]
+    round_up = lambda n, m: -(-n // m) * m  # noqa: E731
+    auto_q, auto_k = tile_sizes(B * H)
+    block_q, block_k = min(block_q or auto_q, round_up(Q, 8)), min(block_k or auto_k, round_up(S, 8))
+    Qp, Sp = round_up(Q, block_q), round_up(S, block_k)
+    n_q_live = Qp // block_q
+    if skip_padding:  # padding trails every row: stop after the last tile that holds a real query
+        last_real = jnp.max(jnp.where(q_segment_ids_BxQ != 0, jnp.arange(Q)[None], -1))
+        n_q_live = (last_real + block_q) // block_q
     bias = jnp.zeros((B, S), jnp.float32) if key_bias_BxS is None else key_bias_BxS.astype(jnp.float32)
-    to_bhlk = lambda x: x.transpose(0, 2, 1, 3)  # noqa: E731  (head-major batched matmuls are fastest on XLA:CPU)
-    o = _attention_bhlk(to_bhlk(q_BxQxHxK), to_bhlk(k_BxSxHxK), to_bhlk(v_BxSxHxK), q_segment_ids_BxQ,
-                        k_segment_ids_BxS, bias, causal, window, softmax1, skip_padding, block_q, block_k)
-    return o.transpose(0, 2, 1, 3)
+    to_bhlk = lambda x, n: _pad_to(x.transpose(0, 2, 1, 3), n, 2, 0)  # noqa: E731  (head-major: fastest matmuls)
+    o = _attention_bhlk(to_bhlk(q_BxQxHxK, Qp), to_bhlk(k_BxSxHxK, Sp), to_bhlk(v_BxSxHxK, Sp),
+                        _pad_to(q_segment_ids_BxQ, Qp, 1, _PAD_Q), _pad_to(k_segment_ids_BxS, Sp, 1, _PAD_K),
+                        _pad_to(bias, Sp, 1, 0.0), jnp.asarray(n_q_live, jnp.int32), causal, window, softmax1,
+                        skip_padding, block_q, block_k)
+    return o[:, :, :Q].transpose(0, 2, 1, 3)
