@@ -113,14 +113,14 @@ def op_times(trace_dir: str) -> dict[str, float]:
 
 
 def profile(config: str, seq_len: int, bytes_per_step: int, steps: int, bindings: list[str],
-            blockwise: bool = False) -> dict:
+            blockwise: bool = False, init_from: str | None = None) -> dict:
     import jax
 
     from hnet import sharding
 
     with ab_step.attention_kernel("blockwise") if blockwise else ab_step.attention_kernel("dense"):
         compiled, state, next_batch, _, _, batch, mesh = throughput.compiled_step(config, seq_len, bytes_per_step,
-                                                                                   bindings)
+                                                                                   bindings, init_from)
     instrs, comps, labels = parse_hlo(compiled.as_text())
     with sharding.mesh_context(mesh), tempfile.TemporaryDirectory() as d:
         box = {"state": state}
@@ -154,9 +154,10 @@ def main(argv=None):
     ap.add_argument("--gin", action="append", default=[])
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--blockwise", action="store_true", help="with the blockwise attention kernel")
+    ap.add_argument("--init_from", help="workdir of a run of the same config: profile its latest train state")
     ap.add_argument("--out", help="JSON of the rows")
     args = ap.parse_args(argv)
-    r = profile(args.config, args.seq_len, args.bytes_per_step, args.steps, args.gin, args.blockwise)
+    r = profile(args.config, args.seq_len, args.bytes_per_step, args.steps, args.gin, args.blockwise, args.init_from)
     print(f"{r['config']} L={r['seq_len']} B={r['batch']}: wall {r['wall_ms']:.0f} ms/step, "
           f"summed op time {r['op_ms']:.0f} ms/step")
     print("| source (function) | op kind | ms/step | share |\n|---|---|---|---|")

@@ -36,6 +36,12 @@ def ste_one(c):
     return 1.0 + (c - jax.lax.stop_gradient(c))
 
 
+def scale_channels(x_NxC: Array, scale_C: Array) -> Array:
+    """``x * scale`` along the last axis, on x flattened to [N, C]: XLA:CPU reduces the gradient of
+    ``scale`` over [N, C] well but over [1, L, C] (a batch of one row) 3x more slowly (issue 18)."""
+    return (x_NxC.reshape(-1, x_NxC.shape[-1]) * scale_C).reshape(x_NxC.shape)
+
+
 class RMSNorm(nnx.Module):
     """y = x / sqrt(mean(x^2) + eps) * scale, computed in fp32, returned in ``out_dtype``."""
 
@@ -47,7 +53,7 @@ class RMSNorm(nnx.Module):
     def __call__(self, x: Array) -> Array:
         x32 = x.astype(jnp.float32)
         y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return (y * self.scale[...].astype(jnp.float32)).astype(self.out_dtype)
+        return scale_channels(y, self.scale[...].astype(jnp.float32)).astype(self.out_dtype)
 
 
 def apply_rope(x_BxLxHxK: Array, positions_BxL: Array, rotary_dim: int, base: float = 10000.0) -> Array:

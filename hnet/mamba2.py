@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from hnet.layers import scale_channels
 from hnet.sharding import constrain, param_init
 
 
@@ -84,12 +85,13 @@ def causal_conv_with_resets(xbc_BxLxC, w_KxC, b_C, doc_BxL):
     L = xbc_BxLxC.shape[1]
     x_pad = jnp.pad(xbc_BxLxC, ((0, 0), (K - 1, 0), (0, 0)))
     d_pad = jnp.pad(doc_BxL, ((0, 0), (K - 1, 0)), constant_values=-1)
-    out = jnp.zeros(xbc_BxLxC.shape, jnp.float32) + b_C.astype(jnp.float32)
+    out = scale_channels(jnp.ones(xbc_BxLxC.shape, jnp.float32), b_C.astype(jnp.float32))
     for j in range(K):
         start = K - 1 - j
         xs = jax.lax.slice_in_dim(x_pad, start, start + L, axis=1)
         same = jax.lax.slice_in_dim(d_pad, start, start + L, axis=1) == doc_BxL
-        out = out + jnp.where(same[..., None], xs.astype(jnp.float32), 0.0) * w_KxC[K - 1 - j].astype(jnp.float32)
+        out = out + scale_channels(jnp.where(same[..., None], xs.astype(jnp.float32), 0.0),
+                                   w_KxC[K - 1 - j].astype(jnp.float32))
     return out
 
 
@@ -267,7 +269,7 @@ class Mamba2(nnx.Module):
         """rmsnorm(y * silu(z)) * scale, then out_proj. y, z: [..., d_inner]."""
         g = y.astype(jnp.float32) * jax.nn.silu(z.astype(jnp.float32))
         g = g * jax.lax.rsqrt(jnp.mean(g * g, axis=-1, keepdims=True) + self.norm_eps)
-        g = g * self.norm_scale[...].astype(jnp.float32)
+        g = scale_channels(g, self.norm_scale[...].astype(jnp.float32))
         return self.out_proj(g.astype(self.dtype))
 
     # -- full sequence ---------------------------------------------------------------------------

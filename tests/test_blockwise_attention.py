@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from hnet.kernels.blockwise_attention import blockwise_attention, key_tiles, query_tiles
+from hnet.kernels.blockwise_attention import blockwise_attention, key_tiles, query_tiles, tile_sizes
 from hnet.layers import Attention, attention_mask
 
 B, L, H, K = 2, 37, 2, 8  # L is not a multiple of the blocks
@@ -109,6 +109,15 @@ def test_static_tile_skipping():
     assert [tuple(map(int, query_tiles(j, 128, 128, 8, True, -1))) for j in range(8)] == [(j, 8) for j in range(8)]
     assert [tuple(map(int, query_tiles(j, 128, 128, 8, True, 100))) for j in range(8)] == [
         (j, min(8, j + 2)) for j in range(8)]
+
+
+def test_tile_sizes_are_the_measured_ones():
+    # the fastest tiles measured on XLA:CPU (docs/benchmarks.md): B * H, query length, key length
+    assert tile_sizes(32, 1024, 1024) == (128, 128)  # isotropic_tiny, L = 1024
+    assert tile_sizes(8, 4096, 4096) == (256, 512)  # isotropic_tiny, L = 4096
+    assert tile_sizes(4, 8192, 8192) == (512, 512)  # isotropic_tiny, L = 8192
+    assert tile_sizes(32, 512, 512) == (64, 64)  # hnet_1stage_tiny's main network, L = 1024
+    assert tile_sizes(4, 4096, 4096) == (512, 512)  # hnet_1stage_tiny's main network, L = 8192
 
 
 def test_no_quadratic_intermediate():

@@ -62,16 +62,20 @@ def query_tiles(j, block_q: int, block_k: int, n_q: int, causal: bool, window: i
     return lo, hi
 
 
-def tile_sizes(n_heads_total: int, elements: int = 2 ** 20) -> tuple[int, int]:
-    """(block_q, block_k): powers of two from 128 x 128, key side first, until one tile pair's logits over
-    all ``n_heads_total`` = B * H heads hold ``elements`` values. Measured on XLA:CPU (docs/benchmarks.md):
-    128 x 256 at B * H = 32, 256 x 512 at 8 and 512 x 512 at 4 are the fastest tested."""
-    block_q = block_k = 128
+def tile_sizes(n_heads_total: int, q_len: int, k_len: int, elements: int = 2 ** 20) -> tuple[int, int]:
+    """(block_q, block_k): powers of two from 64 x 64, key side first, until one tile pair's logits over
+    all ``n_heads_total`` = B * H heads hold ``elements`` values (bigger ops run closer to XLA:CPU's peak),
+    but each side at most 1/8 of its length (bigger tiles waste work at the causal diagonal and at a padded
+    tail). Measured (docs/benchmarks.md): 128 x 128 at B * H = 32 and L = 1024, 256 x 512 at 8 and 4096,
+    512 x 512 at 4 and 8192, 64 x 64 for H-Net's main network at 32 and M = 512."""
+    block_q = block_k = 64
     while n_heads_total * block_q * block_k < elements:
-        if block_k <= block_q:
+        if block_k <= block_q and 2 * block_k <= k_len // 8:
             block_k *= 2
-        else:
+        elif 2 * block_q <= q_len // 8:
             block_q *= 2
+        else:
+            break
     return block_q, block_k
 
 
@@ -211,15 +215,15 @@ def blockwise_attention(q_BxQxHxK, k_BxSxHxK, v_BxSxHxK, *, q_segment_ids_BxQ, k
     """Attention output [B, Q, H, K] in v's dtype (softmax in fp32). Segment id 0 = padding (attends to
     padding only, like the dense path); ``window`` -1 = global; ``key_bias_BxS`` is added to the logits.
     Lengths need not be multiples of the tiles (rows are added that see and are seen by nothing). Tiles
-    default to ``tile_sizes(B * H)``.
+    default to ``tile_sizes(B * H, Q, S)``.
 
     ``skip_padding``: padding queries (segment 0) see no key and give 0 (the dense path lets them attend to
     padding), and the query tiles after the batch's last real query are not visited, forward or backward.
     For callers that discard padding rows, e.g. H-Net's inner network, whose chunks sit at the front of a
     static capacity M and whose padding tail is never expanded back to bytes."""
-    (B, Q, H, K), S = q_BxQxHxK.shape, k_BxSxHxK.shape[1]
+    (B, Q, H, _), S = q_BxQxHxK.shape, k_BxSxHxK.shape[1]
     round_up = lambda n, m: -(-n // m) * m  # noqa: E731
-    auto_q, auto_k = tile_sizes(B * H)
+    auto_q, auto_k = tile_sizes(B * H, Q, S)
     block_q, block_k = min(block_q or auto_q, round_up(Q, 8)), min(block_k or auto_k, round_up(S, 8))
     Qp, Sp = round_up(Q, block_q), round_up(S, block_k)
     n_q_live = Qp // block_q
