@@ -8,6 +8,7 @@ Pairs (ours <-> peer; every mismatch is printed and written to the JSON):
   hnet         hnet_1stage_tiny  <-> h_net_dynamic_chunking.HNet (x-transformers encoder / main / decoder)
   megabyte     fixed_tiny        <-> MEGABYTE_pytorch.MEGABYTE, 2 stages, patch 4
   transformer  isotropic_tiny    <-> MEGABYTE_pytorch.MEGABYTE, 1 stage (a plain byte Transformer)
+  transformer_ffn_matched        the same with our SwiGLU at d_ff 256: the peer's FFN FLOPs and parameters
 
 A measurement is one subprocess (so peak RSS is its own): a full training step (forward + backward +
 clipped AdamW) in fp32 on the same bytes per step and the same number of CPU threads, one warm-up step
@@ -57,6 +58,11 @@ PAIRS = {
         "T4 d128, 4 heads x 32, RoPE, RMSNorm, causal over the whole window: matched",
         "FFN: GELU ff_mult 3 (2 matrices) vs our SwiGLU d_ff 384 (3 matrices); token shift in every layer",
         "attention through torch SDPA (flash_attn=True); no document masking (ours resets at BOS)"]),
+    "transformer_ffn_matched": dict(ours="isotropic_tiny", bindings=["hnet.StackConfig.d_ff = 256"],
+                                    peer="megabyte-pytorch MEGABYTE (1 stage)", mismatch=[
+        "as 'transformer', but our SwiGLU has d_ff 256 (3 matrices, 98K weights per layer), the peer's GELU FFN's "
+        "FLOPs and parameters (2 matrices of 128 x 384)",
+        "token shift in every layer; attention through torch SDPA; no document masking (ours resets at BOS)"]),
 }
 
 
@@ -158,7 +164,8 @@ def profile_peer(name: str, seq_len: int, bytes_per_step: int, top: int = 20) ->
 def summarize(pair: str, seq_len: int, rounds: list[tuple[dict, dict]]) -> dict:
     ratios = [o["bytes_per_s"] / p["bytes_per_s"] for o, p in rounds]
     med = lambda k, side: statistics.median(r[side][k] for r in rounds)  # noqa: E731
-    return {"pair": pair, "ours": PAIRS[pair]["ours"], "peer": PAIRS[pair]["peer"], "seq_len": seq_len,
+    ours = " ".join([PAIRS[pair]["ours"], *PAIRS[pair].get("bindings", [])])
+    return {"pair": pair, "ours": ours, "peer": PAIRS[pair]["peer"], "seq_len": seq_len,
             "ratio": statistics.median(ratios), "ratios": ratios,
             "ours_bytes_per_s": med("bytes_per_s", 0), "peer_bytes_per_s": med("bytes_per_s", 1),
             "ours_step_s": med("step_s", 0), "peer_step_s": med("step_s", 1),
@@ -210,7 +217,8 @@ def main(argv=None) -> int:
         for pair in args.pairs:
             rounds = []
             for i in range(args.rounds):
-                ours = throughput.measure_in_subprocess(PAIRS[pair]["ours"], L, args.bytes_per_step, args.steps)
+                ours = throughput.measure_in_subprocess(PAIRS[pair]["ours"], L, args.bytes_per_step, args.steps,
+                                                        PAIRS[pair].get("bindings", []))
                 peer = throughput.run_child(os.path.abspath(__file__), [
                     "--child", f"{pair}@{L}", "--bytes_per_step", str(args.bytes_per_step), "--steps", str(args.steps)])
                 if ours is None or peer is None:
