@@ -124,56 +124,55 @@ def ssd_chunked(x_BxLxHxP, dt_BxLxH, A_H, B_BxLxN, C_BxLxN, doc_BxL, chunk_size:
         doc_BxL = jnp.pad(doc_BxL, ((0, 0), (0, pad)), constant_values=-1)
 
     f32 = jnp.float32
-    G = Bsz * nc  # every chunk of every row (one axis: XLA:CPU handles a batch of one row poorly otherwise)
-    x = x_BxLxHxP.reshape(G, Q, H, P)
-    dt = dt_BxLxH.astype(f32).reshape(G, Q, H)
-    Bm = B_BxLxN.reshape(G, Q, N).astype(dtype)
-    Cm = C_BxLxN.reshape(G, Q, N).astype(dtype)
-    doc = doc_BxL.reshape(G, Q)
+    x = x_BxLxHxP.reshape(Bsz, nc, Q, H, P)
+    dt = dt_BxLxH.astype(f32).reshape(Bsz, nc, Q, H)
+    Bm = B_BxLxN.reshape(Bsz, nc, Q, N).astype(dtype)
+    Cm = C_BxLxN.reshape(Bsz, nc, Q, N).astype(dtype)
+    doc = doc_BxL.reshape(Bsz, nc, Q)
 
     # log-decay per step and its within-chunk cumsum, restarted at document starts so that the
-    # decays of one document are bit-for-bit independent of earlier documents: [G, H, Q]
-    a_GxHxQ = jnp.transpose(dt * A_H.astype(f32), (0, 2, 1))
-    start = jnp.concatenate([jnp.ones_like(doc[:, :1], bool), doc[:, 1:] != doc[:, :-1]], axis=-1)
-    acs = segmented_cumsum(a_GxHxQ, jnp.broadcast_to(start[:, None], a_GxHxQ.shape))
+    # decays of one document are bit-for-bit independent of earlier documents: [B, H, nc, Q]
+    a_BxHxCxQ = jnp.transpose(dt * A_H.astype(f32), (0, 3, 1, 2))
+    start = jnp.concatenate([jnp.ones_like(doc[..., :1], bool), doc[..., 1:] != doc[..., :-1]], axis=-1)
+    acs = segmented_cumsum(a_BxHxCxQ, jnp.broadcast_to(start[:, None], a_BxHxCxQ.shape))
 
-    xdt = (x.astype(f32) * dt[..., None]).astype(dtype)  # [G, Q, H, P]
+    xdt = (x.astype(f32) * dt[..., None]).astype(dtype)  # [B, nc, Q, H, P]
 
     # 1) intra-chunk (diagonal blocks): y[t] = sum_{s<=t, same doc} C_t.B_s exp(acs_t - acs_s) dt_s x_s
     causal = jnp.tril(jnp.ones((Q, Q), bool))
-    mask_GxQxQ = causal & (doc[:, :, None] == doc[:, None, :])
-    diff = acs[..., :, None] - acs[..., None, :]  # [G, H, Q(t), Q(s)]
-    decay = jnp.exp(jnp.where(mask_GxQxQ[:, None], diff, -jnp.inf))
-    cb = jnp.einsum("gtn,gsn->gts", Cm, Bm, preferred_element_type=f32)
+    mask_BxCxQxQ = causal & (doc[..., :, None] == doc[..., None, :])
+    diff = acs[..., :, None] - acs[..., None, :]  # [B, H, nc, Q(t), Q(s)]
+    decay = jnp.exp(jnp.where(mask_BxCxQxQ[:, None], diff, -jnp.inf))
+    cb = jnp.einsum("bctn,bcsn->bcts", Cm, Bm, preferred_element_type=f32)
     m = (cb[:, None] * decay).astype(dtype)
-    y_diag = jnp.einsum("ghts,gshp->gthp", m, xdt, preferred_element_type=f32)
+    y_diag = jnp.einsum("bhcts,bcshp->bcthp", m, xdt, preferred_element_type=f32)
 
     # 2) state produced by each chunk at its last position (only inputs from the last position's doc)
-    doc_end_G = doc[:, -1]
-    keep = (doc == doc_end_G[:, None])[:, None]  # [G, 1, Q]
+    doc_end_BxC = doc[..., -1]
+    keep = (doc == doc_end_BxC[..., None])[:, None]  # [B, 1, nc, Q]
     # (mask before exp: across a reset the difference can be large and positive -> inf -> NaN grads)
     decay_states = jnp.exp(jnp.where(keep, acs[..., -1:] - acs, -jnp.inf)).astype(dtype)
-    states = jnp.einsum("gsn,ghs,gshp->ghpn", Bm, decay_states, xdt, preferred_element_type=f32)
+    states = jnp.einsum("bcsn,bhcs,bcshp->bchpn", Bm, decay_states, xdt, preferred_element_type=f32)
 
-    # 3) inter-chunk recurrence S_c = g_c * S_{c-1} + states_c along each row; carry only if the doc continues
-    doc_end_BxC = doc_end_G.reshape(Bsz, nc)
+    # 3) inter-chunk recurrence S_c = g_c * S_{c-1} + states_c; carry only if the doc continues
     doc_prev_end_BxC = jnp.concatenate([jnp.full((Bsz, 1), -1, doc.dtype), doc_end_BxC[:, :-1]], axis=1)
-    carry_ok_BxCx1 = (doc_prev_end_BxC == doc_end_BxC)[..., None]
-    g_BxCxH = jnp.exp(jnp.where(carry_ok_BxCx1, acs[..., -1].reshape(Bsz, nc, H), -jnp.inf))
+    carry_ok = (doc_prev_end_BxC == doc_end_BxC)[:, None]  # [B, 1, nc]
+    g_BxHxC = jnp.exp(jnp.where(carry_ok, acs[..., -1], -jnp.inf))
+    g_BxCxH = jnp.transpose(g_BxHxC, (0, 2, 1))
 
     def combine(left, right):
         g1, s1 = left
         g2, s2 = right
         return g1 * g2, g2[..., None, None] * s1 + s2
 
-    _, s_end = jax.lax.associative_scan(combine, (g_BxCxH, states.reshape(Bsz, nc, H, P, N)), axis=1)
-    s_in = jnp.concatenate([jnp.zeros_like(s_end[:, :1]), s_end[:, :-1]], axis=1).reshape(G, H, P, N)
+    _, s_end = jax.lax.associative_scan(combine, (g_BxCxH, states), axis=1)
+    s_in = jnp.concatenate([jnp.zeros_like(s_end[:, :1]), s_end[:, :-1]], axis=1)  # [B, nc, H, P, N]
 
     # 4) output from the carried-in state: C_t . S_in * exp(acs_t), if t is still in the prev doc
-    cont = (doc == doc_prev_end_BxC.reshape(G)[:, None])[:, None]  # [G, 1, Q]
-    out_decay = jnp.exp(jnp.where(cont, acs, -jnp.inf))  # [G, H, Q]
-    y_off = jnp.einsum("gtn,ghpn->gthp", Cm, s_in.astype(dtype), preferred_element_type=f32)
-    y_off = y_off * jnp.transpose(out_decay, (0, 2, 1))[..., None]
+    cont = (doc == doc_prev_end_BxC[..., None])[:, None]  # [B, 1, nc, Q]
+    out_decay = jnp.exp(jnp.where(cont, acs, -jnp.inf))  # [B, H, nc, Q]
+    y_off = jnp.einsum("bctn,bchpn->bcthp", Cm, s_in.astype(dtype), preferred_element_type=f32)
+    y_off = y_off * jnp.transpose(out_decay, (0, 2, 3, 1))[..., None]
 
     y = (y_diag + y_off).reshape(Bsz, nc * Q, H, P)
     return y[:, :L]
