@@ -1,5 +1,6 @@
-"""benchmarks/throughput.py, peers.py and device_check.py: tables, JSON, discovered families, the skip without
-PyTorch, the device check's CPU smoke run (interpret mode); the slow tests run each script end to end on one tiny config."""
+"""benchmarks/throughput.py, peers.py, attention_kernel.py and device_check.py: tables, JSON, discovered
+families, the skip without PyTorch, the device check's CPU smoke run (interpret mode); the slow tests run each
+script end to end on one tiny config."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import pytest
 from tests.conftest import REPO_ROOT as REPO
 
 sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+import attention_kernel  # noqa: E402
 import peers  # noqa: E402
 import profile_step  # noqa: E402
 import throughput  # noqa: E402
@@ -25,6 +27,17 @@ def _row(config, L, bps):
     return {"config": config, "seq_len": L, "batch": 8192 // L, "params": 1e6, "flops_per_byte": 1e7,
             "compile_s": 5.0, "step_s": 8192 / bps, "bytes_per_s": bps, "peak_rss_mb": 900.0,
             "load_before": (2.0, 2.0, 2.0), "load_after": (3.0, 2.0, 2.0)}
+
+
+def test_attention_kernel_benchmark_times_every_variant(tmp_path, capsys):
+    # a padded tail (fill < 1): the dense path, the automatic tiles and a fixed size, no torch row
+    out = tmp_path / "attn.json"
+    attention_kernel.main(["--shapes", "2x128x2x8", "--fill", "0.5", "--rounds", "1", "--tiles", "auto", "32x32",
+                           "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["variant"], r["tiles"]) for r in rows] == [("dense", "–"), ("blockwise auto", "64x64"),
+                                                          ("blockwise 32x32", "32x32")]
+    assert all(r["seconds"] > 0 for r in rows) and "| 2x128x2x8 | 0.5 | blockwise auto | 64x64 |" in capsys.readouterr().out
 
 
 def test_tables_and_json(tmp_path):
