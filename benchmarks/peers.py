@@ -72,7 +72,6 @@ def missing_modules() -> list[str]:
 
 def build_peer(name: str, seq_len: int):
     """The peer model and ``loss(ids [B, L+1]) -> scalar``: next-byte cross-entropy on L targets."""
-    import torch
     import torch.nn.functional as F
     from torch import nn
 
