@@ -85,7 +85,7 @@ def causal_conv_with_resets(xbc_BxLxC, w_KxC, b_C, doc_BxL):
     L = xbc_BxLxC.shape[1]
     x_pad = jnp.pad(xbc_BxLxC, ((0, 0), (K - 1, 0), (0, 0)))
     d_pad = jnp.pad(doc_BxL, ((0, 0), (K - 1, 0)), constant_values=-1)
-    out = scale_channels(jnp.ones(xbc_BxLxC.shape, jnp.float32), b_C.astype(jnp.float32))
+    out = scale_channels(jnp.ones(xbc_BxLxC.shape, jnp.float32), b_C.astype(jnp.float32))  # b, broadcast in [N, C]
     for j in range(K):
         start = K - 1 - j
         xs = jax.lax.slice_in_dim(x_pad, start, start + L, axis=1)

@@ -10,9 +10,9 @@ Static shapes: each outer stage has a capacity M_s = ceil(capacity_s · L_s) in 
 eval mode: no overflow, every byte scored). Chunks past M_s are dropped; the bytes that would read them
 get ``target_mask`` False (never silently scored) and the overflow is counted in the metrics. Compacted
 chunks fill the front of the M_s slots and padding trails them, so an inner stage may skip that tail: its
-attention skips the query tiles after the last chunk (``StackConfig.padded_tail``), and in eval mode, where a trained
-router fills ~1/N of the L slots, the outermost stage runs its inner stage on only as many slots as the
-batch fills (``HNetStage.run_inner``, ``eval_capacity_buckets``).
+attention skips the query tiles after the last chunk (``StackConfig.padded_tail``), and in eval mode, where
+a trained router fills ~1/N of the L slots, the outermost stage runs its inner stage on only as many slots
+as the batch fills (``HNetStage.run_inner``, ``eval_capacity_buckets``).
 """
 
 from __future__ import annotations

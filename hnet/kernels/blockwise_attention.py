@@ -130,9 +130,9 @@ def _forward(q, k, v, qseg, kseg, bias, n_q_live, causal, window, softmax1, skip
         l0 = jnp.full((B, H, block_q), 1.0 if softmax1 else 0.0, f32)
         m, l, acc = lax.fori_loop(*key_tiles(i, block_q, block_k, k.shape[2] // block_k, causal, window),
                                   k_tile, (m0, l0, jnp.zeros((B, H, block_q, K), f32)))
-        seen = l > 0
+        seen = l > 0  # then m is finite (a visible key, or the sink)
         l_safe = jnp.where(seen, l, 1.0)
-        lse = jnp.where(seen, jnp.where(jnp.isfinite(m), m, 0.0) + jnp.log(l_safe), jnp.inf)
+        lse = jnp.where(seen, m + jnp.log(l_safe), jnp.inf)
         o = (acc / l_safe[..., None]).astype(o_all.dtype)
         return lax.dynamic_update_slice_in_dim(o_all, o, q0, 2), lax.dynamic_update_slice_in_dim(lse_all, lse, q0, 2)
 
