@@ -1,4 +1,4 @@
-"""Device check for the chunk gather kernels (written for one H200; also runs on CPU with --small).
+"""Device check (written for one H200; also runs on CPU with --small): chunk gather kernels, attention kernels.
 
     (a) correctness: the Pallas gather kernel for this backend (Triton on GPU, Mosaic on TPU,
             Triton in interpret mode on CPU) vs ``jnp.take_along_axis``, f32 and bf16, compaction
@@ -10,6 +10,10 @@
             bytes = 2 * B * N * D * itemsize + idx bytes (N = M for compaction, L for expansion).
     (c) ``time_hnet_train_step()``: the project's bf16 H-Net train step with chunk_impl 'jnp' vs
             'pallas': step time, compile time, tokens/s and MFU against --peak-tflops.
+    (d) attention (``hnet.attention``): every kernel this platform runs (GPU: cudnn and blockwise; CPU:
+            blockwise) vs the dense reference, values and gradients, with documents, a causal mask and a
+            window; what 'auto' picks for bf16 and fp32; forward + backward time of each at
+            B8 L4096 H8 K64 (bf16 and fp32).
 
 Prints a table and writes JSON to --out (default benchmarks/out/device_check.json).
 
@@ -36,7 +40,7 @@ if ROOT not in sys.path:
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from hnet import chunking  # noqa: E402
+from hnet import attention, chunking  # noqa: E402
 from hnet.kernels import gather_rows, reference_gather_rows  # noqa: E402
 from hnet.kernels.gather_rows import default_backend  # noqa: E402
 
@@ -202,6 +206,103 @@ def time_hnet_train_step(small: bool, iters: int, peak_tflops: float) -> list[di
 
 
 # ----------------------------------------------------------------------------------
+# (d) attention kernels
+# ----------------------------------------------------------------------------------
+
+
+def _qkv_segments(B, L, H, K, dtype, seed=0):
+    """q, k, v [B, L, H, K] and segment ids [B, L]: three documents per row, then a padded tail (0)."""
+    q, k, v = (jax.random.normal(kk, (B, L, H, K), jnp.float32).astype(dtype)
+               for kk in jax.random.split(jax.random.key(seed), 3))
+    pos = jnp.arange(L)
+    seg = 1 + (pos >= L // 3).astype(jnp.int32) + (pos >= (2 * L) // 3).astype(jnp.int32)
+    seg = jnp.where(pos < L - L // 16, seg, 0)
+    return q, k, v, jnp.broadcast_to(seg, (B, L))
+
+
+def attention_auto_picks(shape) -> dict:
+    """{dtype: the kernel 'auto' picks} for causal self-attention of ``shape`` [B, L, H, K]."""
+    picks = {}
+    for dtype in (jnp.bfloat16, jnp.float32):
+        q = jax.ShapeDtypeStruct(shape, dtype)
+        picks[jnp.dtype(dtype).name] = attention.resolve_impl(
+            "auto", q, q, causal=True, window=-1, softmax1=False, key_bias_BxS=None)
+    return picks
+
+
+def check_attention(small: bool, iters: int) -> tuple[list[dict], list[dict]]:
+    """-> (correctness rows, timing rows). Correctness in bf16 (fp32 for blockwise): max |kernel - dense|
+    of the output and of dq, dk, dv over the valid (non-padding) queries, relative to max |dense|."""
+    kernels = ["cudnn", "blockwise"] if jax.default_backend() == "gpu" else ["blockwise"]
+    B, L, H, K = (2, 256, 2, 32) if small else (4, 2048, 4, 64)
+    checks = []
+    for impl in kernels:
+        dtype = jnp.float32 if impl == "blockwise" else jnp.bfloat16
+        tol = 1e-4 if dtype == jnp.float32 else 2e-2
+        q, k, v, seg = _qkv_segments(B, L, H, K, dtype)
+        valid = (seg > 0)[:, :, None, None]
+        for window in (-1, 100):
+            row = {"check": f"attention {impl} vs dense", "dtype": jnp.dtype(dtype).name, "window": window}
+
+            def loss(q, k, v, impl=impl, window=window):
+                o = attention.dot_product_attention(q, k, v, q_segment_ids_BxQ=seg, k_segment_ids_BxS=seg,
+                                                    causal=True, window=window, impl=impl)
+                return jnp.sum(jnp.where(valid, o.astype(jnp.float32), 0.0) ** 2), o
+
+            try:  # fp32 at full precision: GPUs may run fp32 dots as TF32 by default
+                with jax.default_matmul_precision("highest" if dtype == jnp.float32 else "default"):
+                    (_, o), g = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+                    (_, o_ref), g_ref = jax.jit(jax.value_and_grad(
+                        functools.partial(loss, impl="dense"), argnums=(0, 1, 2), has_aux=True))(q, k, v)
+                errs = []
+                for a, b in [(o, o_ref), *zip(g, g_ref)]:
+                    a, b = (jnp.where(valid, x.astype(jnp.float32), 0.0) for x in (a, b))
+                    errs.append(float(jnp.max(jnp.abs(a - b)) / jnp.maximum(jnp.max(jnp.abs(b)), 1e-6)))
+                row.update(max_abs_err=max(errs), ok=max(errs) <= tol)
+            except Exception as e:
+                row.update(ok=False, error=f"{type(e).__name__}: {e}"[:2000])
+                traceback.print_exc()
+            checks.append(row)
+        # causality: new q, k, v after position t leave every output at or before t bit-identical
+        row = {"check": f"attention {impl} causal", "dtype": jnp.dtype(dtype).name, "window": -1}
+        try:
+            t = L // 2 + 5
+            fwd = jax.jit(lambda q, k, v, impl=impl: attention.dot_product_attention(
+                q, k, v, q_segment_ids_BxQ=seg, k_segment_ids_BxS=seg, impl=impl))
+            q2, k2, v2, _ = _qkv_segments(B, L, H, K, dtype, seed=7)
+            after = (jnp.arange(L) > t)[None, :, None, None]
+            o1 = fwd(q, k, v)
+            o2 = fwd(*(jnp.where(after, b, a) for a, b in [(q, q2), (k, k2), (v, v2)]))
+            row["max_abs_err"] = float(jnp.max(jnp.abs(o1[:, :t + 1] - o2[:, :t + 1]).astype(jnp.float32)))
+            row["ok"] = row["max_abs_err"] == 0.0 and bool(jnp.any(o1[:, t + 1:] != o2[:, t + 1:]))
+        except Exception as e:
+            row.update(ok=False, error=f"{type(e).__name__}: {e}"[:2000])
+            traceback.print_exc()
+        checks.append(row)
+
+    B, L, H, K = (1, 512, 2, 32) if small else (8, 4096, 8, 64)
+    timings = []
+    for dtype in (jnp.bfloat16, jnp.float32):
+        q, k, v, seg = _qkv_segments(B, L, H, K, dtype, seed=1)
+        for impl in ["dense", *kernels]:
+            row = {"op": "attention fwd+bwd", "impl": impl, "shape": f"B{B} L{L} H{H} K{K} {jnp.dtype(dtype).name}"}
+            if not attention._supports(impl, q, k, causal=True, window=-1, softmax1=False, key_bias_BxS=None):
+                continue
+
+            def f(q, k, v, impl=impl):
+                o = attention.dot_product_attention(q, k, v, q_segment_ids_BxQ=seg, k_segment_ids_BxS=seg, impl=impl)
+                return jnp.sum(o.astype(jnp.float32))
+
+            try:
+                row.update(_time(jax.jit(jax.grad(f, argnums=(0, 1, 2))), q, k, v, iters=iters))
+            except Exception as e:
+                row["error"] = f"{type(e).__name__}: {e}"[:2000]
+                traceback.print_exc()
+            timings.append(row)
+    return checks, timings
+
+
+# ----------------------------------------------------------------------------------
 
 
 def _table(rows, cols) -> str:
@@ -226,6 +327,7 @@ def main(argv=None) -> int:
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 dense peak for MFU (H200: 989 TFLOP/s)")
     ap.add_argument("--tiles", default=None, help="comma list of kernel tile_rows (default 16,32,64; 8 small)")
     ap.add_argument("--skip-train", action="store_true", help="skip the H-Net train step hook")
+    ap.add_argument("--only", choices=["gather", "train", "attention"], default=None, help="run one part only")
     args = ap.parse_args(argv)
     iters = args.iters or (2 if args.small else 20)
     tiles = [int(t) for t in args.tiles.split(",")] if args.tiles else ([8] if args.small else [16, 32, 64])
@@ -242,18 +344,28 @@ def main(argv=None) -> int:
         "small": args.small,
         "iters": iters,
         "peak_tbps": args.peak_tbps,
+        "attention_auto_L4096": attention_auto_picks((8, 4096, 8, 64)),
     }
     print(json.dumps(info, indent=1))
 
-    correctness = check_correctness(backend, interpret, args.small)
-    print("\n(a) correctness\n" + _table(correctness, ["check", "dtype", "backend", "max_abs_err", "ok", "error"]))
-    timings = time_gathers(backend, interpret, args.small, iters, args.peak_tbps, tiles)
-    print("\n(b) timing\n" + _table(
-        timings, ["op", "impl", "tile_rows", "shape", "ms_median", "ms_min", "GB/s", "frac_peak", "error"]))
-    train = [] if args.skip_train else time_hnet_train_step(args.small, max(2, iters // 4), args.peak_tflops)
-    if train:
+    correctness, timings, train = [], [], []
+    if args.only in (None, "gather"):
+        correctness = check_correctness(backend, interpret, args.small)
+        print("\n(a) correctness\n" + _table(correctness, ["check", "dtype", "backend", "max_abs_err", "ok", "error"]))
+        timings = time_gathers(backend, interpret, args.small, iters, args.peak_tbps, tiles)
+        print("\n(b) timing\n" + _table(
+            timings, ["op", "impl", "tile_rows", "shape", "ms_median", "ms_min", "GB/s", "frac_peak", "error"]))
+    if args.only in (None, "train") and not args.skip_train:
+        train = time_hnet_train_step(args.small, max(2, iters // 4), args.peak_tflops)
         print("\n(c) H-Net train step\n" + _table(
             train, ["op", "impl", "shape", "status", "compile_s", "ms_median", "tokens/s", "MFU", "loss", "error"]))
+    attn_checks, attn_timings = [], []
+    if args.only in (None, "attention"):
+        attn_checks, attn_timings = check_attention(args.small, iters)
+        print("\n(d) attention\n" + _table(attn_checks, ["check", "dtype", "window", "max_abs_err", "ok", "error"])
+              + "\n\n" + _table(attn_timings, ["op", "impl", "shape", "ms_median", "ms_min", "first_call_s", "error"]))
+    correctness += attn_checks
+    timings += attn_timings
 
     result = {"info": info, "correctness": correctness, "timings": timings, "train_step": train}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

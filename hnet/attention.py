@@ -9,13 +9,15 @@ q and k positions are their indices. ``impl``:
     * 'dense':  jnp, [B, H, Q, S] logits in f32 (the reference; CPU).
     * 'splash': Pallas splash attention (``jax.experimental.pallas.ops.tpu.splash_attention``; TPU):
                 segment ids, causal / local masks, never materialises [Q, S].
-    * 'cudnn':  ``jax.nn.dot_product_attention(implementation='cudnn')`` (GPU flash attention).
+    * 'cudnn':  ``jax.nn.dot_product_attention(implementation='cudnn')`` (GPU flash attention; bf16/fp16,
+                head dim a multiple of 8; the segment mask goes in as a [B, 1, Q, S] bias).
     * 'blockwise': ``hnet.kernels.blockwise_attention`` (XLA:CPU; every feature; no [Q, S] tensor, no work
                 on tiles the causal mask, the window or a padded tail rule out).
     * 'auto':   by the target platform (``hnet.sharding.target_platform``: the mesh's devices): splash on
                 TPU, cudnn on GPU, on CPU blockwise for self-attention of length >= ``BLOCKWISE_MIN_LEN``
                 (dense below: one tile saves nothing), and dense wherever
-                the kernel lacks a feature (softmax1, key_bias) or a shape (splash: Q and S multiples of 128).
+                the kernel lacks a feature (softmax1, key_bias), a shape (splash: Q and S multiples of 128) or a
+                dtype (cudnn: no fp32).
 New kernels are one more entry of ``_KERNELS`` plus a line in ``_supports``.
 """
 
@@ -147,8 +149,11 @@ def _supports(impl: str, q_BxQxHxK, k_BxSxHxK, *, causal, window, softmax1, key_
         return False
     if impl == "splash":
         return q_BxQxHxK.shape[1] % _SPLASH_BLOCK == 0 and k_BxSxHxK.shape[1] % _SPLASH_BLOCK == 0
-    if impl == "cudnn":
-        return causal or window < 0  # cuDNN's window is left-only with a causal mask
+    if impl == "cudnn":  # cuDNN flash attention: fp16/bf16, head dim a multiple of 8 up to 128 (256 on Hopper)
+        (Q, K), S = q_BxQxHxK.shape[1::2], k_BxSxHxK.shape[1]
+        shape_ok = K % 8 == 0 and K <= 128 and Q % 2 == 0 and S % 2 == 0  # even lengths: the mask is a bias
+        dtype_ok = q_BxQxHxK.dtype in (jnp.bfloat16, jnp.float16)
+        return shape_ok and dtype_ok and (causal or window < 0)  # its window is left-only with a causal mask
     return False
 
 

@@ -50,6 +50,23 @@ def test_auto_picks_by_mesh_platform():
         assert attention.resolve_impl("cudnn", q, q, **feats) == "cudnn"  # explicit choice is kept
 
 
+def test_auto_on_gpu_takes_cudnn_only_for_what_cudnn_runs(monkeypatch):
+    """cuDNN flash attention raises on fp32, odd head dims and odd lengths under a mask: 'auto' must route
+    those to dense (benchmarks/device_check.py checks cudnn ≡ dense on a GPU)."""
+    monkeypatch.setattr(attention, "target_platform", lambda: "gpu")
+    feats = dict(causal=True, window=-1, softmax1=False, key_bias_BxS=None)
+    q = jax.ShapeDtypeStruct((2, 256, 4, 32), jnp.bfloat16)
+    assert attention.resolve_impl("auto", q, q, **feats) == "cudnn"
+    assert attention.resolve_impl("auto", q, q, **dict(feats, window=64)) == "cudnn"
+    assert attention.resolve_impl("auto", q, q, **dict(feats, causal=False, window=64)) == "dense"
+    assert attention.resolve_impl("auto", q, q, **dict(feats, softmax1=True)) == "dense"
+    for shape, dtype in [((2, 256, 4, 32), jnp.float32), ((2, 256, 4, 12), jnp.bfloat16),
+                         ((2, 255, 4, 32), jnp.bfloat16)]:
+        other = jax.ShapeDtypeStruct(shape, dtype)
+        assert attention.resolve_impl("auto", other, other, **feats) == "dense", (shape, dtype)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="'auto' takes the blockwise kernel on CPU only")
 def test_auto_on_cpu_takes_blockwise_for_long_self_attention_and_it_matches_dense():
     L = attention.BLOCKWISE_MIN_LEN
     feats = dict(causal=True, window=-1, softmax1=True, key_bias_BxS=None)

@@ -130,6 +130,8 @@ def test_device_check_smoke_on_cpu(tmp_path, train_step):
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.load(open(out))
     assert len(res["correctness"]) >= 5 and all(r["ok"] for r in res["correctness"]), res["correctness"]
+    assert sum(r["check"].startswith("attention blockwise") for r in res["correctness"]) == 3
+    assert res["info"]["attention_auto_L4096"] == {"bfloat16": "blockwise", "float32": "blockwise"}
     assert res["timings"] and all(r.get("ms_median", 0) > 0 and not r.get("error") for r in res["timings"])
     if train_step:
         steps = {r["impl"]: r for r in res["train_step"]}
