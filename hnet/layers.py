@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from hnet.attention import attention_mask, dot_product_attention, masked_attention
-from hnet.sharding import constrain, param_init
+from hnet.sharding import constrain, param_init, target_platform
 
 Array = jax.Array
 
@@ -40,6 +40,30 @@ def scale_channels(x_NxC: Array, scale_C: Array) -> Array:
     """``x * scale`` along the last axis, on x flattened to [N, C]: XLA:CPU reduces the gradient of
     ``scale`` over [N, C] well but over [1, L, C] (a batch of one row) 3x more slowly (issue 18)."""
     return (x_NxC.reshape(-1, x_NxC.shape[-1]) * scale_C).reshape(x_NxC.shape)
+
+
+LIVE_BLOCK = 64  # slots per block of a padded-tail stack's position-wise parts (``over_live_blocks``)
+
+
+def over_live_blocks(f, n_live: Array, block: int, *xs_BxMx_):
+    """``f(*xs)`` for position-wise ``f`` over slot blocks [i·T, (i+1)·T) that start before ``n_live`` (the
+    batch's last live slot + 1); the blocks after it give zeros. Each x is [B, M, ...] with M a multiple of
+    T = ``block``; -> f's output(s), [B, M, ...] each. A ``lax.scan`` over the M / T blocks with a
+    ``lax.cond`` per block, so the forward and the backward both skip the dead blocks. The blocks travel as
+    the scan's inputs, not as slices of closed-over arrays, whose cotangents the backward would accumulate in
+    full-size buffers at every step."""
+    B, M = xs_BxMx_[0].shape[:2]
+    nb = M // block
+    blocks = [jnp.moveaxis(x.reshape(B, nb, block, *x.shape[2:]), 1, 0) for x in xs_BxMx_]  # [nb, B, T, ...]
+    shapes = jax.eval_shape(f, *(b[0] for b in blocks))
+
+    def body(_, i_blk):
+        i, blk = i_blk
+        dead = lambda *a: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)  # noqa: E731
+        return None, jax.lax.cond(i * block < n_live, f, dead, *blk)
+
+    _, ys = jax.lax.scan(body, None, (jnp.arange(nb), tuple(blocks)))
+    return jax.tree.map(lambda y: jnp.moveaxis(y, 0, 1).reshape(B, M, *y.shape[3:]), ys)
 
 
 class RMSNorm(nnx.Module):
@@ -138,9 +162,14 @@ class Attention(nnx.Module):
         return o
 
     def __call__(self, x_BxLxD, segment_ids_BxL, positions_BxL, key_bias_BxL=None):
-        B, L, D = x_BxLxD.shape
         q, k, v = self._qkv(x_BxLxD, positions_BxL)
-        q = constrain(q, ("batch", self.length_axis, "act_heads", "act_kv"))
+        return self.out(self.attend(q, k, v, segment_ids_BxL, key_bias_BxL))
+
+    def attend(self, q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, segment_ids_BxL, key_bias_BxL=None):
+        """Self-attention of projected q, k, v (``_qkv``) -> o_BxLxD, before the output projection."""
+        B, L, H, K = q_BxLxHxK.shape
+        q = constrain(q_BxLxHxK, ("batch", self.length_axis, "act_heads", "act_kv"))
+        k, v = k_BxLxHxK, v_BxLxHxK
         if self.score_reg is not None:  # the kernels do not expose the scores: dense
             idx = jnp.broadcast_to(jnp.arange(L)[None], (B, L))
             mask = attention_mask(segment_ids_BxL, segment_ids_BxL, idx, idx, self.window, self.causal)
@@ -149,7 +178,7 @@ class Attention(nnx.Module):
             o = dot_product_attention(q, k, v, q_segment_ids_BxQ=segment_ids_BxL, k_segment_ids_BxS=segment_ids_BxL,
                                       causal=self.causal, window=self.window, softmax1=self.softmax1,
                                       key_bias_BxS=key_bias_BxL, impl=self.impl, padded_tail=self.padded_tail)
-        return self.out(o.reshape(B, L, D))
+        return o.reshape(B, L, H * K)
 
     # ----- incremental decoding -----
     def init_cache(self, batch_size: int, max_len: int) -> dict:
@@ -243,7 +272,7 @@ class Block(nnx.Module):
 
     def __init__(self, kind: str, has_mlp: bool, cfg: StackConfig, *, out_init_std, dtype, param_dtype,
                  length_axis, rngs):
-        self.kind = kind
+        self.kind, self.padded_tail = kind, cfg.padded_tail
         self.norm1 = RMSNorm(cfg.d_model, out_dtype=dtype, param_dtype=param_dtype)
         if kind == "t":
             self.mixer = Attention(cfg.d_model, cfg.num_heads, rotary_dim=cfg.rotary_dim, window=cfg.window,
@@ -269,11 +298,24 @@ class Block(nnx.Module):
             return self.mixer(h, segment_ids, positions, key_bias)
         return self.mixer(h, segment_ids)
 
+    def _add_mlp(self, x):
+        return x if self.mlp is None else x + self.mlp(self.norm2(x)).astype(jnp.float32)
+
     def __call__(self, x_BxLxD, segment_ids_BxL, positions_BxL, key_bias_BxL=None):
+        L = x_BxLxD.shape[1]
+        if not (self.padded_tail and L % LIVE_BLOCK == 0 and L > LIVE_BLOCK and target_platform() == "cpu"):
+            x = x_BxLxD + self._mix(self.norm1(x_BxLxD), segment_ids_BxL, positions_BxL, key_bias_BxL).astype(
+                jnp.float32)
+            return self._add_mlp(x)
+        # Padded tail: the position-wise parts skip the slot blocks after the batch's last live slot.
+        n_live = jnp.max(jnp.sum(segment_ids_BxL > 0, axis=1))
+        live = lambda f, *xs: over_live_blocks(f, n_live, LIVE_BLOCK, *xs)  # noqa: E731
+        if self.kind == "t":
+            q, k, v = live(lambda x, p: self.mixer._qkv(self.norm1(x), p), x_BxLxD, positions_BxL)
+            o = self.mixer.attend(q, k, v, segment_ids_BxL, key_bias_BxL)
+            return live(lambda x, o: self._add_mlp(x + self.mixer.out(o).astype(jnp.float32)), x_BxLxD, o)
         x = x_BxLxD + self._mix(self.norm1(x_BxLxD), segment_ids_BxL, positions_BxL, key_bias_BxL).astype(jnp.float32)
-        if self.mlp is not None:
-            x = x + self.mlp(self.norm2(x)).astype(jnp.float32)
-        return x
+        return live(self._add_mlp, x)
 
     def init_cache(self, batch_size, max_len):
         if self.kind == "t":

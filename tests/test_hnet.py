@@ -146,12 +146,13 @@ def test_every_parameter_gets_gradient():
 @pytest.mark.parametrize("config,evaluation", [("one", False), ("two", True)])
 def test_inner_stages_skip_their_padding_tail_without_changing_anything(config, evaluation, monkeypatch):
     """Inner stages run over compacted chunks followed by padding (``StackConfig.padded_tail``): the blockwise
-    kernel (forced here, tiles of 8) skips the query tiles after the batch's last chunk, and the model's
+    kernel (forced here, tiles of 8) skips the query tiles after the batch's last chunk, the blocks' position-wise
+    parts skip the slot blocks after it (``hnet.layers.over_live_blocks``, blocks of 8 here), and the model's
     logits, loss and every gradient equal the run without skipping."""
     import dataclasses
     import functools
 
-    from hnet import attention
+    from hnet import attention, layers
     from hnet.kernels.blockwise_attention import blockwise_attention
 
     skipped = []
@@ -165,6 +166,7 @@ def test_inner_stages_skip_their_padding_tail_without_changing_anything(config, 
         return functools.partial(blockwise_attention, block_q=8, block_k=8)(*a, skip_padding=skip_padding, **kw)
 
     monkeypatch.setattr(attention, "BLOCKWISE_MIN_LEN", 8)
+    monkeypatch.setattr(layers, "LIVE_BLOCK", 8)
     monkeypatch.setitem(attention._KERNELS, "blockwise", kernel)
     cfg, batch = (ONE if config == "one" else TWO), to_jnp(_batch())
 
