@@ -42,7 +42,16 @@ def scale_channels(x_NxC: Array, scale_C: Array) -> Array:
     return (x_NxC.reshape(-1, x_NxC.shape[-1]) * scale_C).reshape(x_NxC.shape)
 
 
-LIVE_BLOCK = 64  # slots per block of a padded-tail stack's position-wise parts (``over_live_blocks``)
+# rows (batch x slots) per block of a padded-tail stack's position-wise parts (``over_live_blocks``): at
+# L = 1024, B = 8 blocks of 64 slots beat 32 and 128; at L = 8192, B = 1, 512 slots beat 64 (1.12x vs 1.0x)
+LIVE_BLOCK_ROWS = 512
+
+
+def live_block(batch: int, slots: int) -> int:
+    """Slots per block for ``over_live_blocks``: the largest power of two ≤ LIVE_BLOCK_ROWS / batch;
+    0 (no blocks) unless it divides ``slots`` at least twice."""
+    block = 1 << max(0, (LIVE_BLOCK_ROWS // batch).bit_length() - 1)
+    return block if slots % block == 0 and slots >= 2 * block else 0
 
 
 def over_live_blocks(f, n_live: Array, block: int, *xs_BxMx_):
@@ -302,14 +311,14 @@ class Block(nnx.Module):
         return x if self.mlp is None else x + self.mlp(self.norm2(x)).astype(jnp.float32)
 
     def __call__(self, x_BxLxD, segment_ids_BxL, positions_BxL, key_bias_BxL=None):
-        L = x_BxLxD.shape[1]
-        if not (self.padded_tail and L % LIVE_BLOCK == 0 and L > LIVE_BLOCK and target_platform() == "cpu"):
+        block = live_block(*x_BxLxD.shape[:2]) if self.padded_tail and target_platform() == "cpu" else 0
+        if not block:
             x = x_BxLxD + self._mix(self.norm1(x_BxLxD), segment_ids_BxL, positions_BxL, key_bias_BxL).astype(
                 jnp.float32)
             return self._add_mlp(x)
         # Padded tail: the position-wise parts skip the slot blocks after the batch's last live slot.
         n_live = jnp.max(jnp.sum(segment_ids_BxL > 0, axis=1))
-        live = lambda f, *xs: over_live_blocks(f, n_live, LIVE_BLOCK, *xs)  # noqa: E731
+        live = lambda f, *xs: over_live_blocks(f, n_live, block, *xs)  # noqa: E731
         if self.kind == "t":
             q, k, v = live(lambda x, p: self.mixer._qkv(self.norm1(x), p), x_BxLxD, positions_BxL)
             o = self.mixer.attend(q, k, v, segment_ids_BxL, key_bias_BxL)

@@ -166,7 +166,7 @@ def test_inner_stages_skip_their_padding_tail_without_changing_anything(config, 
         return functools.partial(blockwise_attention, block_q=8, block_k=8)(*a, skip_padding=skip_padding, **kw)
 
     monkeypatch.setattr(attention, "BLOCKWISE_MIN_LEN", 8)
-    monkeypatch.setattr(layers, "LIVE_BLOCK", 8)
+    monkeypatch.setattr(layers, "LIVE_BLOCK_ROWS", 16)  # 2 rows: blocks of 8 slots
     monkeypatch.setitem(attention._KERNELS, "blockwise", kernel)
     cfg, batch = (ONE if config == "one" else TWO), to_jnp(_batch())
 
