@@ -151,7 +151,8 @@ class Attention(nnx.Module):
             d_model, d_model, use_bias=False, dtype=dtype, param_dtype=param_dtype,
             kernel_init=param_init(normal(out_init_std), ("heads", "embed")), rngs=rngs)
 
-    def _qkv(self, x_BxLxD, positions_BxL):
+    def qkv(self, x_BxLxD, positions_BxL):
+        """x [B, L, D] -> q, k, v [B, L, H, K], q and k rotated (RoPE at ``positions_BxL``)."""
         B, L, _ = x_BxLxD.shape
         qkv = self.wqkv(x_BxLxD.astype(self.dtype)).reshape(B, L, 3, self.num_heads, self.head_dim)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
@@ -171,11 +172,11 @@ class Attention(nnx.Module):
         return o
 
     def __call__(self, x_BxLxD, segment_ids_BxL, positions_BxL, key_bias_BxL=None):
-        q, k, v = self._qkv(x_BxLxD, positions_BxL)
+        q, k, v = self.qkv(x_BxLxD, positions_BxL)
         return self.out(self.attend(q, k, v, segment_ids_BxL, key_bias_BxL))
 
     def attend(self, q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, segment_ids_BxL, key_bias_BxL=None):
-        """Self-attention of projected q, k, v (``_qkv``) -> o_BxLxD, before the output projection."""
+        """Self-attention of projected q, k, v (``qkv``) -> o_BxLxD, before the output projection."""
         B, L, H, K = q_BxLxHxK.shape
         q = constrain(q_BxLxHxK, ("batch", self.length_axis, "act_heads", "act_kv"))
         k, v = k_BxLxHxK, v_BxLxHxK
@@ -200,7 +201,7 @@ class Attention(nnx.Module):
         RoPE uses ``positions_B`` when given (MrT5 keeps original positions), else the slot offset pos - start."""
         B, D = x_BxD.shape
         pos, start = cache["pos"], jnp.where(reset_B, cache["pos"], cache["start"])
-        q, k, v = self._qkv(x_BxD[:, None], (pos - start if positions_B is None else positions_B)[:, None])
+        q, k, v = self.qkv(x_BxD[:, None], (pos - start if positions_B is None else positions_B)[:, None])
         write = jax.nn.one_hot(pos, cache["k"].shape[1], dtype=cache["k"].dtype)[:, :, None, None]
         k_cache = cache["k"] * (1 - write) + write * k
         v_cache = cache["v"] * (1 - write) + write * v
@@ -312,19 +313,15 @@ class Block(nnx.Module):
 
     def __call__(self, x_BxLxD, segment_ids_BxL, positions_BxL, key_bias_BxL=None):
         block = live_block(*x_BxLxD.shape[:2]) if self.padded_tail and target_platform() == "cpu" else 0
-        if not block:
-            x = x_BxLxD + self._mix(self.norm1(x_BxLxD), segment_ids_BxL, positions_BxL, key_bias_BxL).astype(
-                jnp.float32)
-            return self._add_mlp(x)
-        # Padded tail: the position-wise parts skip the slot blocks after the batch's last live slot.
-        n_live = jnp.max(jnp.sum(segment_ids_BxL > 0, axis=1))
-        live = lambda f, *xs: over_live_blocks(f, n_live, block, *xs)  # noqa: E731
-        if self.kind == "t":
-            q, k, v = live(lambda x, p: self.mixer._qkv(self.norm1(x), p), x_BxLxD, positions_BxL)
-            o = self.mixer.attend(q, k, v, segment_ids_BxL, key_bias_BxL)
-            return live(lambda x, o: self._add_mlp(x + self.mixer.out(o).astype(jnp.float32)), x_BxLxD, o)
+        if block:  # padded tail: the position-wise parts skip the slot blocks after the batch's last live slot
+            n_live = jnp.max(jnp.sum(segment_ids_BxL > 0, axis=1))
+            live = lambda f, *xs: over_live_blocks(f, n_live, block, *xs)  # noqa: E731
+            if self.kind == "t":
+                q, k, v = live(lambda x, p: self.mixer.qkv(self.norm1(x), p), x_BxLxD, positions_BxL)
+                o = self.mixer.attend(q, k, v, segment_ids_BxL, key_bias_BxL)
+                return live(lambda x, o: self._add_mlp(x + self.mixer.out(o).astype(jnp.float32)), x_BxLxD, o)
         x = x_BxLxD + self._mix(self.norm1(x_BxLxD), segment_ids_BxL, positions_BxL, key_bias_BxL).astype(jnp.float32)
-        return live(self._add_mlp, x)
+        return live(self._add_mlp, x) if block else self._add_mlp(x)
 
     def init_cache(self, batch_size, max_len):
         if self.kind == "t":

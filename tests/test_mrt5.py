@@ -140,7 +140,7 @@ def test_score_regulariser_records_excess_scores():
     x = jax.random.normal(jax.random.key(1), (2, 10, 16)) * 30
     seg, pos = jnp.ones((2, 10), jnp.int32), jnp.broadcast_to(jnp.arange(10), (2, 10))
     attn(x, seg, pos)
-    q, k, _ = attn._qkv(x, pos)
+    q, k, _ = attn.qkv(x, pos)
     s = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(8)
     mask = np.broadcast_to(np.tril(np.ones((10, 10), bool)), s.shape)
     expect = (np.maximum(s, 0.5) - 0.5)[mask].mean()
