@@ -194,6 +194,26 @@ def test_inner_stages_skip_their_padding_tail_without_changing_anything(config, 
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path))
 
 
+def test_over_live_blocks_runs_f_on_live_blocks_only_and_sizes_blocks_by_rows():
+    """Blocks that start before n_live get f (values and gradients), later blocks zeros; blocks hold
+    ~LIVE_BLOCK_ROWS rows and are only used when at least two divide the slots."""
+    from hnet.layers import LIVE_BLOCK_ROWS, live_block, over_live_blocks
+
+    x = jax.random.normal(jax.random.key(0), (2, 32, 3))
+    f = lambda x: (jnp.sin(x), 2 * x)  # noqa: E731
+    for n_live, live_slots in [(0, 0), (1, 8), (8, 8), (9, 16), (32, 32)]:
+        out = jax.jit(lambda x, n=n_live: over_live_blocks(f, n, 8, x))(x)
+        for got, want in zip(out, f(x)):
+            np.testing.assert_array_equal(np.asarray(got[:, :live_slots]), np.asarray(want[:, :live_slots]))
+            assert not np.any(np.asarray(got[:, live_slots:]))
+        g = jax.grad(lambda x, n=n_live: jnp.sum(over_live_blocks(f, n, 8, x)[1]))(x)
+        want_g = np.broadcast_to(np.where(np.arange(32)[None, :, None] < live_slots, 2.0, 0.0), x.shape)
+        np.testing.assert_array_equal(np.asarray(g), want_g)
+    assert LIVE_BLOCK_ROWS == 512 and live_block(8, 512) == 64 and live_block(1, 4096) == 512
+    assert live_block(2, 4096) == 256 and live_block(3, 1024) == 128  # a power of two <= 512 / B
+    assert live_block(8, 64) == 0 and live_block(8, 96) == 0  # fewer than two blocks / not a multiple
+
+
 @pytest.mark.parametrize("config", ["one", "two"])
 def test_eval_capacity_buckets_give_the_full_run_on_fewer_slots(config):
     """In eval mode (M = L slots) the outermost stage runs its inner stage on the smallest of M/4 ... M slots
