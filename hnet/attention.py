@@ -29,7 +29,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from hnet.kernels.blockwise_attention import blockwise_attention
+from hnet.kernels.blockwise_attention import blockwise_attention, padded_tail_length
 from hnet.sharding import mesh_axes, target_platform
 
 NEG_INF = -1e30
@@ -184,4 +184,5 @@ def dot_product_attention(q_BxQxHxK, k_BxSxHxK, v_BxSxHxK, *, q_segment_ids_BxQ,
                           k_segment_ids_BxS=k_segment_ids_BxS, **features, **kw)
 
 
-__all__ = ["IMPLS", "attention_mask", "dot_product_attention", "masked_attention", "resolve_impl"]
+__all__ = ["IMPLS", "attention_mask", "dot_product_attention", "masked_attention", "padded_tail_length",
+           "resolve_impl"]

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from hnet.attention import attention_mask, dot_product_attention, masked_attention
+from hnet.attention import attention_mask, dot_product_attention, masked_attention, padded_tail_length
 from hnet.sharding import constrain, param_init, target_platform
 
 Array = jax.Array
@@ -314,7 +314,7 @@ class Block(nnx.Module):
     def __call__(self, x_BxLxD, segment_ids_BxL, positions_BxL, key_bias_BxL=None):
         block = live_block(*x_BxLxD.shape[:2]) if self.padded_tail and target_platform() == "cpu" else 0
         if block:  # padded tail: the position-wise parts skip the slot blocks after the batch's last live slot
-            n_live = jnp.max(jnp.sum(segment_ids_BxL > 0, axis=1))
+            n_live = padded_tail_length(segment_ids_BxL)
             live = lambda f, *xs: over_live_blocks(f, n_live, block, *xs)  # noqa: E731
             if self.kind == "t":
                 q, k, v = live(lambda x, p: self.mixer.qkv(self.norm1(x), p), x_BxLxD, positions_BxL)

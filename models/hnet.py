@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from hnet import chunking
+from hnet.attention import padded_tail_length
 from hnet.boundary_rules import doc_starts, offsets_since_start
 from hnet.layers import Stack, StackConfig, layout_height, ste_one
 from hnet.sharding import constrain, param_init
@@ -244,7 +245,7 @@ class HNetStage(nnx.Module):
                 return pad(y, 0), pad(ok, True), [dict(st, boundaries=pad(st["boundaries"], False)) for st in stats]
             return branch
 
-        k = jnp.searchsorted(jnp.asarray(sizes), jnp.max(jnp.sum(zseg_BxM > 0, axis=1)))  # smallest size >= used
+        k = jnp.searchsorted(jnp.asarray(sizes), padded_tail_length(zseg_BxM))  # smallest size >= used
         return nnx.switch(k, [run(S) for S in sizes], self.inner, z_BxMxD, zseg_BxM, zpos_BxM)
 
     # ----- incremental decoding -----

@@ -31,9 +31,16 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-__all__ = ["blockwise_attention", "key_tiles", "query_tiles", "tile_sizes"]
+__all__ = ["blockwise_attention", "key_tiles", "padded_tail_length", "query_tiles", "tile_sizes"]
 
 _PAD_Q, _PAD_K = -2, -1  # segment ids of the rows added to reach whole tiles: they never match each other
+
+
+def padded_tail_length(segment_ids_BxL) -> jax.Array:
+    """The batch's last non-padding position + 1 (0 if all padding): when padding (segment 0) trails every
+    row, positions from here on are padding in every row."""
+    L = segment_ids_BxL.shape[1]
+    return jnp.max(jnp.where(segment_ids_BxL != 0, jnp.arange(1, L + 1)[None], 0))
 
 
 def key_tiles(i, block_q: int, block_k: int, n_k: int, causal: bool, window: int):
@@ -229,8 +236,7 @@ def blockwise_attention(q_BxQxHxK, k_BxSxHxK, v_BxSxHxK, *, q_segment_ids_BxQ, k
     Qp, Sp = round_up(Q, block_q), round_up(S, block_k)
     n_q_live = Qp // block_q
     if skip_padding:  # padding trails every row: stop after the last tile that holds a real query
-        last_real = jnp.max(jnp.where(q_segment_ids_BxQ != 0, jnp.arange(Q)[None], -1))
-        n_q_live = (last_real + block_q) // block_q
+        n_q_live = (padded_tail_length(q_segment_ids_BxQ) + block_q - 1) // block_q
     bias = jnp.zeros((B, S), jnp.float32) if key_bias_BxS is None else key_bias_BxS.astype(jnp.float32)
     to_bhlk = lambda x, n: _pad_to(x.transpose(0, 2, 1, 3), n, 2, 0)  # noqa: E731  (head-major: fastest matmuls)
     o = _attention_bhlk(to_bhlk(q_BxQxHxK, Qp), to_bhlk(k_BxSxHxK, Sp), to_bhlk(v_BxSxHxK, Sp),
