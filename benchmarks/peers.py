@@ -6,9 +6,12 @@
 
 Pairs (ours <-> peer; every mismatch is printed and written to the JSON):
   hnet         hnet_1stage_tiny  <-> h_net_dynamic_chunking.HNet (x-transformers encoder / main / decoder)
+  hnet_attn    the same with attention instead of Mamba-2 in our encoder and decoder, as the peer has
   megabyte     fixed_tiny        <-> MEGABYTE_pytorch.MEGABYTE, 2 stages, patch 4
   transformer  isotropic_tiny    <-> MEGABYTE_pytorch.MEGABYTE, 1 stage (a plain byte Transformer)
   transformer_ffn_matched        the same with our SwiGLU at d_ff 256: the peer's FFN FLOPs and parameters
+  transformer_xt isotropic_tiny  <-> x_transformers.Decoder with isotropic_tiny's architecture (SwiGLU, RoPE,
+                                     RMSNorm, no biases): the like-for-like Transformer
 
 A measurement is one subprocess (so peak RSS is its own): a full training step (forward + backward +
 clipped AdamW) in fp32 on the same bytes per step and the same number of CPU threads, one warm-up step
@@ -32,7 +35,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import throughput  # noqa: E402  (same directory)
 
-PEER_MODULES = ("torch", "h_net_dynamic_chunking", "MEGABYTE_pytorch")
+PEER_MODULES = ("torch", "h_net_dynamic_chunking", "MEGABYTE_pytorch", "x_transformers")
 SKIP_MSG = ("peers.py: skipped, {missing} not installed. Install the benchmark extra: "
             ".venv/bin/pip install -e '.[bench]' "
             "(torch CPU wheel: --extra-index-url https://download.pytorch.org/whl/cpu)")
@@ -47,6 +50,13 @@ PAIRS = {
         "chunker: the package's DynamicSequenceChunker (target N = 6, ratio loss 0.03) pads the inner sequence to "
         "the longest chunk count in the batch; ours has a static capacity M = L/2",
         "attention through torch SDPA (attn_flash=True); no document masking (ours resets at BOS)"]),
+    "hnet_attn": dict(ours="hnet_1stage_tiny", bindings=["models.HNetConfig.arch_layout = ['t2', ['T4'], 't2']"],
+                      peer="h-net-dynamic-chunking HNet", mismatch=[
+        "as 'hnet', but our encoder and decoder are the peer's too: 2 causal attention layers each (d128, 4 heads "
+        "x 32, RoPE, no FFN) instead of Mamba-2: the same architecture on both sides",
+        "chunker: the package's DynamicSequenceChunker pads the inner sequence to the longest chunk count in the "
+        "batch; ours has a static capacity M = L/2",
+        "attention through torch SDPA (attn_flash=True); no document masking (ours resets at BOS)"]),
     "megabyte": dict(ours="fixed_tiny", peer="megabyte-pytorch MEGABYTE (2 stages, patch 4)", mismatch=[
         "global model: T2 d128 over L/4 patches (ours: backbone T2 d128 over groups of 4): matched",
         "byte level: MEGABYTE's local T4 attends only within each 4-byte patch; ours runs pre T2 + post T2 "
@@ -58,6 +68,12 @@ PAIRS = {
         "T4 d128, 4 heads x 32, RoPE, RMSNorm, causal over the whole window: matched",
         "FFN: GELU ff_mult 3 (2 matrices) vs our SwiGLU d_ff 384 (3 matrices); token shift in every layer",
         "attention through torch SDPA (flash_attn=True); no document masking (ours resets at BOS)"]),
+    "transformer_xt": dict(ours="isotropic_tiny", peer="x-transformers Decoder (our isotropic_tiny's architecture)",
+                           mismatch=[
+        "T4 d128, 4 heads x 32, RoPE on all 32 dims, pre-RMSNorm and a final RMSNorm, SwiGLU d_ff 384 "
+        "(3 matrices), bias-free attention projections, Embedding(256, 128), bias-free head: matched",
+        "x-transformers' GLU input projection has a bias (768 per layer; ff_no_bias drops only the output's)",
+        "attention through torch SDPA (attn_flash=True); no document masking (ours resets at BOS)"]),
     "transformer_ffn_matched": dict(ours="isotropic_tiny", bindings=["hnet.StackConfig.d_ff = 256"],
                                     peer="megabyte-pytorch MEGABYTE (1 stage)", mismatch=[
         "as 'transformer', but our SwiGLU has d_ff 256 (3 matrices, 98K weights per layer), the peer's GELU FFN's "
@@ -75,7 +91,20 @@ def build_peer(name: str, seq_len: int):
     import torch.nn.functional as F
     from torch import nn
 
-    if name == "hnet":
+    if name == "transformer_xt":
+        from x_transformers import Decoder
+
+        dec = Decoder(dim=128, depth=4, heads=4, attn_dim_head=32, rotary_pos_emb=True, rotary_emb_dim=32,
+                      use_rmsnorm=True, ff_mult=3, ff_glu=True, ff_swish=True, ff_no_bias=True, attn_flash=True)
+        model = nn.ModuleDict(dict(emb=nn.Embedding(256, 128), dec=dec, head=nn.Linear(128, 256, bias=False)))
+
+        def loss(ids):
+            logits = model["head"](model["dec"](model["emb"](ids[:, :-1])))
+            return F.cross_entropy(logits.reshape(-1, 256), ids[:, 1:].reshape(-1))
+
+        return model, loss
+
+    if name in ("hnet", "hnet_attn"):
         from h_net_dynamic_chunking import HNet
         from x_transformers import Decoder  # HNet's dict configs add a kwarg x-transformers 2.31 rejects
 

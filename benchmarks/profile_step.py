@@ -3,9 +3,10 @@
     .venv/bin/python benchmarks/profile_step.py --config isotropic_tiny --seq_len 1024 --steps 2
 
 Method: ``jax.profiler`` traces ``--steps`` steps after a warm-up step (perfetto JSON); XLA:CPU's thunk
-executor records one event per executed HLO instruction (``args.hlo_op``). Each instruction of the optimized
-HLO (``compiled.as_text()``) carries the Python stack that produced it (backward ops point at their
-forward code), so an op's time goes to (innermost function of ours on its stack, op kind), where the kind is
+executor records one event per executed HLO instruction (``args.hlo_op``); a while loop's or conditional's
+event spans the events of the ops in its body, so those are dropped (counted, they doubled the time of the
+attention kernel's loops). Each instruction of the optimized HLO (``compiled.as_text()``) carries the Python
+stack that produced it (backward ops point at their forward code), so an op's time goes to (innermost function of ours on its stack, op kind), where the kind is
 ``matmul`` (a dot, or a fusion containing one), ``gather``/``scatter``, ``copy/transpose`` (layout only) or
 ``elementwise`` (other fusions, reductions). Thunk times are summed over threads (two threads can run ops
 concurrently), so shares are of the summed op time; the wall time of the traced steps is printed too.
@@ -30,9 +31,11 @@ import throughput  # noqa: E402
 
 _INSTR = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = [^=]*? ([\w\-]+)\(")
 _COMP = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) [^=]*\{\s*$")
+_COMMENT = re.compile(r"/\*.*?\*/")
 _CALLS = re.compile(r"calls=%?([\w.\-]+)")
 _FRAME = re.compile(r"stack_frame_id=(\d+)")
 _TABLE_ROW = re.compile(r"^(\d+) (.*)$")
+CONTROL_FLOW_OPS = {"while", "conditional", "call"}
 LAYOUT_OPS = {"copy", "transpose", "bitcast", "reshape", "broadcast", "slice", "concatenate", "pad",
               "dynamic-slice", "dynamic-update-slice", "copy-start", "copy-done"}
 
@@ -55,7 +58,7 @@ def parse_hlo(text: str) -> tuple[dict, dict, dict]:
         if m:
             comp = m.group(1)
             continue
-        m = _INSTR.match(line)
+        m = _INSTR.match(_COMMENT.sub("", line))  # a tuple type's /*index=5*/ would stop the match
         if not m:
             continue
         name, op = m.groups()
@@ -112,6 +115,12 @@ def op_times(trace_dir: str) -> dict[str, float]:
     return t
 
 
+def without_control_flow(times: dict[str, float], instrs: dict) -> dict[str, float]:
+    """``times`` less the while / conditional / call instructions: their events span the ops of their bodies,
+    which the trace records separately (counting both doubled the loops' time)."""
+    return {op: us for op, us in times.items() if instrs.get(op, (op,))[0] not in CONTROL_FLOW_OPS}
+
+
 def profile(config: str, seq_len: int, bytes_per_step: int, steps: int, bindings: list[str],
             blockwise: bool = False, init_from: str | None = None) -> dict:
     import jax
@@ -136,7 +145,7 @@ def profile(config: str, seq_len: int, bytes_per_step: int, steps: int, bindings
             one_step()
         wall = (time.perf_counter() - t0) / steps
         jax.profiler.stop_trace()
-        times = op_times(d)
+        times = without_control_flow(op_times(d), instrs)
     rows = collections.Counter()
     for op, us in times.items():
         opcode, frame, calls = instrs.get(op, (op, None, None))

@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import jax.numpy as jnp
+from jax import lax
 import pytest
 
 from tests.conftest import REPO_ROOT as REPO
@@ -106,10 +107,14 @@ def test_throughput_skips_a_config_its_run_data_cannot_feed(tmp_path, capsys):
 def test_peers_end_to_end(tmp_path):
     if peers.missing_modules():
         pytest.skip(f"{peers.missing_modules()} not installed")
-    assert peers.main(["--pairs", "transformer", "--seq_lens", "64", "--bytes_per_step", "128", "--steps", "1",
+    pairs = ["transformer", "transformer_xt", "hnet_attn"]
+    assert peers.main(["--pairs", *pairs, "--seq_lens", "64", "--bytes_per_step", "128", "--steps", "1",
                        "--rounds", "1", "--out", str(tmp_path / "p.json")]) == 0
-    (s,) = json.load(open(tmp_path / "p.json"))["rows"]
-    assert s["ratio"] > 0 and s["peer_params"] > 0
+    rows = json.load(open(tmp_path / "p.json"))["rows"]
+    assert [s["pair"] for s in rows] == pairs and all(s["ratio"] > 0 and s["peer_params"] > 0 for s in rows)
+    # the like-for-like peers have our architectures: parameter counts within 2 %
+    for s in rows[1:]:
+        assert abs(s["peer_params"] / s["ours_params"] - 1) < 0.02, s
 
 
 def test_models_from_a_sweep_file_carry_their_own_bindings(gin_clean):
@@ -159,6 +164,33 @@ def test_profile_attributes_ops_to_our_functions(tmp_path):
     kinds = {profile_step.kind(instrs[op][0], comps.get(instrs[op][2], set())) for op in times}
     assert "matmul" in kinds
     assert {labels[instrs[op][1]] for op in times} == {"tests/test_benchmarks.py:_matmul_then_tanh"}
+
+
+def _loop_of_matmuls(a):
+    def body(i, c):
+        return tuple(jnp.tanh(x @ c[(j + 1) % 6]) for j, x in enumerate(c))
+
+    # six distinct carried arrays: the while op's HLO type then prints /*index=5*/
+    return sum(lax.fori_loop(0, 3, body, tuple(a + j for j in range(6))))
+
+
+def test_profile_counts_a_loop_body_once(tmp_path):
+    # the trace has an event for the while op that spans the events of its body's ops: only the latter count
+    import jax
+
+    a = jnp.ones((64, 64))
+    compiled = jax.jit(_loop_of_matmuls).lower(a).compile()
+    instrs, comps, labels = profile_step.parse_hlo(compiled.as_text())
+    compiled(a).block_until_ready()
+    jax.profiler.start_trace(str(tmp_path), create_perfetto_trace=True)
+    compiled(a).block_until_ready()
+    jax.profiler.stop_trace()
+    times = profile_step.op_times(str(tmp_path))
+    assert all(op in instrs for op in times), [op for op in times if op not in instrs]
+    assert "while" in {instrs[op][0] for op in times}
+    body = profile_step.without_control_flow(times, instrs)
+    assert "while" not in {instrs[op][0] for op in body}
+    assert "matmul" in {profile_step.kind(instrs[op][0], comps.get(instrs[op][2], set())) for op in body}
 
 
 @pytest.mark.slow
