@@ -174,15 +174,18 @@ def binomial_nll(k, n, alpha):
     return -log_pmf
 
 
-def route_binomial_loss(e_st_BxL, route_BxL, real_BxL, priors):
-    """Per route r: L_r = mean over rows with n_br > 0 of binomial_nll(k_br, n_br, α_r) / n_br, with
-    k_br = Σ_t e_st over the row's non-pad bytes of route r. Returns (mean over present routes, [R] L_r,
-    [R] present)."""
+def route_binomial_loss(e_st_BxL, route_BxL, real_BxL, priors, alpha_BxL=None):
+    """Per route r: L_r = mean over rows with n_br > 0 of binomial_nll(k_br, n_br, α_br) / n_br, with
+    k_br = Σ_t e_st over the row's non-pad bytes of route r and α_br = α_r, or with per-byte priors
+    ``alpha_BxL`` their mean over those bytes. Returns (mean over present routes, [R] L_r, [R] present)."""
     R = len(priors)
     onehot_BxLxR = (route_BxL[..., None] == jnp.arange(R)) & real_BxL[..., None]
     n_BxR = jnp.sum(onehot_BxLxR, axis=1).astype(jnp.float32)
     k_BxR = jnp.einsum("bl,blr->br", e_st_BxL.astype(jnp.float32), onehot_BxLxR.astype(jnp.float32))
     alpha_R = jnp.asarray(priors, jnp.float32)
+    if alpha_BxL is not None:
+        sum_BxR = jnp.einsum("bl,blr->br", alpha_BxL.astype(jnp.float32), onehot_BxLxR.astype(jnp.float32))
+        alpha_R = jnp.where(n_BxR > 0, sum_BxR / jnp.maximum(n_BxR, 1.0), alpha_R)
     has_BxR = n_BxR > 0
     nll_BxR = jnp.where(has_BxR, binomial_nll(k_BxR, n_BxR, alpha_R) / jnp.maximum(n_BxR, 1.0), 0.0)
     rows_R = jnp.sum(has_BxR, axis=0)

@@ -114,7 +114,7 @@ def _utf8_length(cp):
     return 1 + (cp >= 0x80) + (cp >= 0x800) + (cp >= 0x10000)
 
 
-def _decode(data: bytes):
+def decode_chars(data: bytes):
     """Characters of ``data``: code points int64 [C] (an invalid byte b -> U+DC00 + b), which of them are
     invalid bytes bool [C] (valid UTF-8 never encodes U+DC80..U+DCFF), and their UTF-8 lengths int [C]."""
     s = data.decode("utf-8", errors="surrogateescape")
@@ -265,7 +265,7 @@ def byte_routes(
     cp_route, prefix_tables = _tables(_freeze(groups))
     if not data:
         return np.zeros(0, dtype=np.int32)
-    cp_C, escaped_C, nbytes_C = _decode(data)
+    cp_C, escaped_C, nbytes_C = decode_chars(data)
     own_C = np.where(escaped_C, _INHERIT, cp_route[np.where(escaped_C, 0, cp_C)]).astype(np.int64)
 
     # route in effect *after* each char (forward fill of own routes), and *before* it (r_prev)
@@ -333,7 +333,7 @@ def parity_priors(counts_LxR: np.ndarray, english_index: int, alpha_english: flo
 
 def char_lengths(doc_bytes: bytes) -> np.ndarray:
     """UTF-8 length of the character each byte belongs to (1 for bytes of no valid character). -> int [len]."""
-    n_C = _decode(bytes(doc_bytes))[2]
+    n_C = decode_chars(bytes(doc_bytes))[2]
     return np.repeat(n_C, n_C)
 
 
@@ -372,6 +372,14 @@ def length_class_priors(priors_R, length_counts_Rx4: np.ndarray, lengths: Sequen
     return np.array([alpha.get(n, alpha[first] * first / n) for n in lengths])
 
 
+def parity_scale(counts_LxR: np.ndarray, english_index: int, alpha_english: float = 0.2) -> float:
+    """The scale c of ``parity_priors`` (α_r = c / π_r): the prior it gives a route absent from the text, and the
+    prior a route of byte premium π would get as c / π had it been seen."""
+    empty = np.zeros((len(counts_LxR), 1), np.asarray(counts_LxR).dtype)
+    return float(parity_priors(np.hstack([counts_LxR, empty]), english_index, alpha_english)[-1])
+
+
 __all__ = ["SCRIPT_GROUPS", "NTREX_SCRIPT_GROUPS", "NTREX_LSO_GROUPS", "NTREX_LSO_UTF8_GROUPS", "GROUPINGS",
-           "LANGUAGE_SETS", "route_names", "num_routes", "byte_routes",
-           "route_counts", "parity_priors", "char_lengths", "route_length_counts", "length_class_priors"]
+           "LANGUAGE_SETS", "route_names", "num_routes", "byte_routes", "decode_chars",
+           "route_counts", "parity_priors", "parity_scale", "char_lengths", "route_length_counts",
+           "length_class_priors"]

@@ -34,6 +34,7 @@ from hnet.bytes import VOCAB_SIZE
 from hnet.dynamic_pooling import (EVAL_NOISE_STEP, DTPPooling, NoiseStep, RoutedPredictor, bce_with_logits,
                                   entropy_spike_targets, gumbel_noise, route_binomial_loss, select_route)
 from hnet.layers import RMSNorm, Stack, StackConfig, normal
+from hnet.premium import INVENTORY_MODELS
 from hnet.sharding import constrain, param_init
 from models.base import (ByteLM, ModelOutput, bits_per_byte, capacity_slots, configurable, cross_entropy_sums,
                          dtype_from_name)
@@ -168,6 +169,12 @@ class DTPConfig:
     script_groups: str = "magnet"
     route_names: Sequence[str] = ("all",)
     priors: Sequence[float] = (0.2,)
+    # the bytes of these routes start from α_t = premium_scale / π̂_t, π̂_t the document's byte premium estimated
+    # from its prefix (``hnet.premium``, model ``premium_model``: annotation 'premium_<premium_model>'), where
+    # there is an estimate; MAGNET's catch-all for scripts never seen in training (issue 19)
+    premium_routes: Sequence[str] = ()
+    premium_model: str = ""
+    premium_scale: float = 0.0  # c of ``hnet.scripts.parity_priors`` (α_r = c / π_r) on the training text
     temperature: float = 0.5
     eval_rule: str = "noise"  # gumbel at eval: 'noise' (fixed-key Bernoulli(p), training's rate) | 'threshold' (p > 0.5)
     prior_weight: float = 1.0
@@ -243,9 +250,33 @@ class HourglassLM(ByteLM):
             raise ValueError(f"bad boundary {cfg.boundary!r}")
         if len(cfg.priors) != len(cfg.route_names):
             raise ValueError(f"priors {cfg.priors} must match route_names {cfg.route_names}")
+        if cfg.premium_routes and (cfg.boundary != "gumbel" or not set(cfg.premium_routes) <= set(cfg.route_names)
+                                   or cfg.premium_model not in INVENTORY_MODELS or not 0 < cfg.premium_scale < 1):
+            raise ValueError(f"premium_routes {cfg.premium_routes} need a gumbel boundary, routes among "
+                             f"{cfg.route_names}, a premium_model in {list(INVENTORY_MODELS)} and 0 < premium_scale < 1")
 
     def required_annotations(self) -> tuple[str, ...]:
-        return ("unigram_ends",) if self.config.boundary == "unigram" else ()
+        cfg = self.config
+        return (("unigram_ends",) if cfg.boundary == "unigram" else ()) + (
+            (f"premium_{cfg.premium_model}",) if cfg.premium_routes else ())
+
+    def route_logit(self, h_BxLxD, route_BxL, premium_BxL=None):
+        """(ℓ_t of each byte's route [B, L], per-byte priors α [B, L] or None). With ``premium_routes``, a byte of
+        those routes with an estimate π̂_t > 0 (``premium_BxL``) starts from α_t = premium_scale / π̂_t instead
+        of its route's α_r: ℓ_t + logit(α_t) - logit(α_r), and its prior counts α_t."""
+        cfg = self.config
+        logit = select_route(self.predictor(h_BxLxD), route_BxL)
+        if not cfg.premium_routes:
+            return logit, None
+        if premium_BxL is None:
+            raise ValueError(f"premium_routes {cfg.premium_routes} need the premium_{cfg.premium_model} annotation "
+                             "(and, decoding, (route, premium) side inputs from decode_trackers)")
+        alpha_r = jnp.asarray(cfg.priors, jnp.float32)[route_BxL]
+        ids = jnp.asarray([list(cfg.route_names).index(r) for r in cfg.premium_routes], jnp.int32)
+        est = jnp.any(route_BxL[..., None] == ids, axis=-1) & (premium_BxL > 0)
+        alpha = jnp.where(est, jnp.clip(cfg.premium_scale / jnp.where(est, premium_BxL, 1.0), 1e-3, 0.5), alpha_r)
+        to_logit = lambda a: jnp.log(a) - jnp.log1p(-a)  # noqa: E731
+        return logit + to_logit(alpha) - to_logit(alpha_r), alpha
 
     def routes(self, batch):
         """Route of every byte, int32 [B, L] (one predictor: 0)."""
@@ -280,7 +311,7 @@ class HourglassLM(ByteLM):
         x = constrain(self.embed(batch["inputs"]).astype(jnp.float32), ("batch", "byte_len", "act_embed"))
         h = self.pre(x, seg, pos)
         route = self.routes(batch)
-        logit = select_route(self.predictor(h), route)
+        logit, alpha = self.route_logit(h, route, batch.get(f"premium_{cfg.premium_model}"))
         e, e_st = self.decide(logit, jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L)))
         e, e_st = e & real, e_st * real
 
@@ -292,7 +323,7 @@ class HourglassLM(ByteLM):
 
         metrics, loss_R = {}, None
         if cfg.boundary == "gumbel":
-            prior, loss_R, _ = route_binomial_loss(e_st, route, real, cfg.priors)
+            prior, loss_R, _ = route_binomial_loss(e_st, route, real, cfg.priors, alpha)
             aux = cfg.prior_weight * prior
             metrics["prior_loss"] = prior
         else:
@@ -331,17 +362,20 @@ class HourglassLM(ByteLM):
 
     def decode_step(self, tokens_B, cache, reset_B, side_B=None):
         """One byte per row. ``side_B``: the byte's route (script / document route) for routed models, from
-        ``decode_trackers``; None keeps the row's previous route (route 0 from the start). Decisions follow
-        ``decide``; the 'noise' rule keys the noise by the row index and the row position t counted from
-        ``init_cache``."""
+        ``decode_trackers``, [B], or with ``premium_routes`` [B, 2]: (route, premium estimate π̂); None keeps
+        the row's previous route (route 0 from the start). Decisions follow ``decide``; the 'noise' rule keys
+        the noise by the row index and the row position t counted from ``init_cache``."""
         B = tokens_B.shape[0]
         h, pre = self.pre.step(self.embed(tokens_B).astype(jnp.float32), cache["pre"], reset_B)
+        premium = None
+        if side_B is not None and side_B.ndim == 2:
+            side_B, premium = side_B[:, 0], side_B[:, 1:].astype(jnp.float32)
         route = cache["route"] if side_B is None else side_B.astype(jnp.int32)
         cache = dict(cache, pre=pre, route=route)
         cache = self._inner_step(self.pooling.null_slot(B), cache, reset_B, reset_B)  # a document opens
         s = jnp.where(reset_B[:, None], 0.0, cache["sum"]) + h
         c = jnp.where(reset_B, 0.0, cache["count"]) + 1.0
-        e = self.decide(select_route(self.predictor(h[:, None]), route[:, None]), cache["t"][:, None])[0][:, 0]
+        e = self.decide(self.route_logit(h[:, None], route[:, None], premium)[0], cache["t"][:, None])[0][:, 0]
         cache = self._inner_step(self.pooling.chunk_slot(s, c), cache, e, jnp.zeros_like(reset_B))
         cache = dict(cache, sum=jnp.where(e[:, None], 0.0, s), count=jnp.where(e, 0.0, c))
         y, post = self.post.step(h + cache["last_o"], cache["post"], reset_B)

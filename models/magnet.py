@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from hnet.bytes import BOS
+from hnet.premium import INVENTORY_MODELS, premium_estimates
 from hnet.scripts import GROUPINGS, LANGUAGE_SETS, byte_routes, dominant_route
 from models.common import DTPConfig, HourglassLM
 
@@ -36,18 +37,21 @@ def route_key(routing: str, script_groups: str = "magnet") -> str:
 class RouteTracker:
     """Host-side route of each fed byte of one row (generation): a fixed document route, or with ``groups`` the
     causal script route of the bytes so far, as the ``script_routes`` annotation gives it (BOS: route 0; then
-    ``hnet.scripts.byte_routes``, prefix-stable). O(row length) per byte."""
+    ``hnet.scripts.byte_routes``, prefix-stable). With ``premium_model`` (a model of ``hnet.premium``) it gives
+    (route, π̂): the byte premium estimated from the bytes so far, as the ``premium_<m>`` annotation does (BOS: 0).
+    O(row length) per byte."""
 
-    def __init__(self, groups=None, route: int = 0):
-        self.groups, self.route, self.content = groups, route, bytearray()
+    def __init__(self, groups=None, route: int = 0, premium_model=None):
+        self.groups, self.route, self.premium_model, self.content = groups, route, premium_model, bytearray()
 
-    def push(self, byte: int) -> int:
-        if self.groups is None:
-            return self.route
-        if byte == BOS and not self.content:
-            return 0
-        self.content.append(byte)
-        return int(byte_routes(bytes(self.content), self.groups)[-1])
+    def push(self, byte: int):
+        if not (byte == BOS and not self.content):
+            self.content.append(byte)
+        route = self.route if self.groups is None else (
+            int(byte_routes(bytes(self.content), self.groups)[-1]) if self.content else 0)
+        if self.premium_model is None:
+            return route
+        return route, float(premium_estimates(bytes(self.content), self.premium_model)[-1]) if self.content else 0.0
 
 
 class MagnetLM(HourglassLM):
@@ -91,6 +95,7 @@ class MagnetLM(HourglassLM):
                                  f"{list(cfg.route_names)}; got {langs!r} for {len(prompts)} prompts")
             return [RouteTracker(route=list(cfg.route_names).index(g)) for g in langs]
         groups = GROUPINGS[cfg.script_groups]
+        premium = INVENTORY_MODELS[cfg.premium_model] if cfg.premium_routes else None
         if cfg.routing == "doc":
-            return [RouteTracker(route=dominant_route(p, groups)) for p in prompts]
-        return [RouteTracker(groups=groups) for _ in prompts]
+            return [RouteTracker(route=dominant_route(p, groups), premium_model=premium) for p in prompts]
+        return [RouteTracker(groups=groups, premium_model=premium) for _ in prompts]

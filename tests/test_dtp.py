@@ -188,7 +188,7 @@ def _decode_all(model, batch, routes=None):
             lg, cache = m.decode_step(tok, cache, reset, r if routes is not None else None)
             return cache, lg
 
-        r = batch[routes].T if routes is not None else batch["inputs"].T
+        r = jnp.swapaxes(batch[routes if routes is not None else "inputs"], 0, 1)  # [L, B] or [L, B, 2]
         _, ls = jax.lax.scan(body, cache, (batch["inputs"].T, (batch["positions"] == 0).T, r))
         return jnp.swapaxes(ls, 0, 1)
 

@@ -371,3 +371,90 @@ def test_lso_config_priors_are_recomputed_from_the_seen_languages(gin_file, gin_
         classes = length_class_priors(seen, route_length_counts(docs, base)[:-1], (2, 3, 4))
         want = np.r_[seen, classes]
     np.testing.assert_allclose(cfg.priors, want, atol=5e-4)
+
+
+# ------------------------------------------------------------------------------------------------
+# A catch-all that reads the document's byte premium (hnet/premium.py; configs/magnet_lso_premium_tiny.gin)
+# ------------------------------------------------------------------------------------------------
+
+PREMIUM = dict(premium_routes=("other2", "other3", "other4"), premium_model="ntrex_lso", premium_scale=0.246)
+
+
+def _premium_model(seed=7, **premium):
+    groups = "ntrex_lso_utf8"
+    names = tuple(GROUPINGS[groups])
+    return MagnetLM(DTPConfig(**TINY, routing="script", script_groups=groups, route_names=names,
+                              priors=tuple(np.linspace(0.08, 0.25, len(names))), **premium), seed=seed)
+
+
+def _annotated_rows(row_docs, L, names):
+    """Packed rows with the pipeline's own annotations (``train.annotations.annotate``, framed per document)."""
+    from train.annotations import annotate
+
+    rows = []
+    for docs in row_docs:
+        row = packed_row(docs, L)
+        for name in names:
+            a = np.concatenate([annotate(d, (name,))[name] for d in docs])
+            row[name] = np.pad(a, (0, L - len(a)))
+        rows.append(row)
+    return stack_rows(rows)
+
+
+@pytest.mark.shared_data
+def test_premium_catch_all_decode_step_matches_forward():
+    """The premium catch-all on real text of held-out scripts: the generation trackers give, byte by byte, the
+    route and premium annotations; decoding ≡ forward (eval rule); and the class routes' bytes did start from
+    priors of their own (the estimate exists and moves their logits)."""
+    model = _premium_model(**PREMIUM)
+    lines = _ntrex_lines(LSO_LANGS)
+    docs = [lines["kat"][:150], lines["amh"][:90] + b" " + lines["eng"][:40], lines["tha"][:120] + lines["hye"][:60]]
+    key, pkey = route_key("script", "ntrex_lso_utf8"), "premium_ntrex_lso"
+    assert model.required_annotations() == (key, pkey)
+    batch = _annotated_rows([docs[:2], docs[2:]], 512, (key, pkey))
+    real = batch["segment_ids"] > 0
+    tracker = model.decode_trackers([b""])[0]
+    n = len(docs[2]) + 2  # BOS + document + EOS
+    pushed = np.array([tracker.push(int(t)) for t in batch["inputs"][1, :n]])
+    assert pushed[:, 0].tolist() == batch[key][1, :n].tolist()
+    np.testing.assert_array_equal(pushed[:, 1].astype(np.float32), batch[pkey][1, :n])
+
+    jb = to_jnp(batch)
+    names = model.config.route_names
+    est = np.isin(batch[key], [names.index(r) for r in PREMIUM["premium_routes"]]) & (batch[pkey] > 0)
+    assert est.sum() > 200
+    h = jnp.zeros((2, 512, model.config.d_model))
+    moved = np.abs(np.asarray(model.route_logit(h, jb[key], jb[pkey])[0] - dp.select_route(model.predictor(h), jb[key])))
+    moved = moved > 1e-3
+    assert (moved == est).all()
+
+    side = np.stack([batch[key], batch[pkey]], -1)
+    lf, bf, _ = make_fwd(model, True)[0](nnx.split(model)[1], jb)
+    ld = _decode_all(model, dict(jb, side=jnp.asarray(side)), routes="side")
+    np.testing.assert_allclose(np.asarray(ld)[real], np.asarray(lf)[real], atol=1e-4)
+    assert 0 < int(np.asarray(bf).sum())
+
+
+def test_premium_prior_is_the_starting_rate_and_the_binomial_target():
+    """With the predictors' weights zeroed, an estimated byte's probability is c / π̂ exactly, every other
+    byte's its route's α_r; the binomial prior of a route counts the mean of its bytes' α_t per row."""
+    model = _premium_model(**PREMIUM)
+    model.predictor.w2[...] = jnp.zeros_like(model.predictor.w2[...])
+    names = model.config.route_names
+    route = jnp.asarray([[0, 13, 13, 12, 14], [13, 13, 0, 0, 12]], jnp.int32)  # latin, other3, other2, other4
+    premium = jnp.asarray([[2.0, 2.0, 0.0, 1.5, 3.0], [1.2, 4.0, 2.0, 0.0, 0.0]], jnp.float32)
+    h = jnp.zeros((2, 5, model.config.d_model))
+    logit, alpha = model.route_logit(h, route, premium)
+    alpha_r = np.asarray(model.config.priors)[np.asarray(route)]
+    want = np.where((np.asarray(route) >= names.index("other2")) & (np.asarray(premium) > 0),
+                    0.246 / np.where(np.asarray(premium) > 0, np.asarray(premium), 1), alpha_r)
+    np.testing.assert_allclose(np.asarray(jax.nn.sigmoid(logit)), want, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(alpha), want, rtol=1e-6)
+    real = jnp.ones((2, 5), bool)
+    e = jnp.zeros((2, 5))
+    _, loss_R, _ = dp.route_binomial_loss(e, route, real, model.config.priors, alpha)
+    # k = 0: -log(1 - α)^n / n = -log(1 - mean α) per row with the route; other3: rows' means 0.123, 0.1640
+    a3 = [np.mean(want[0, 1:3]), np.mean(want[1, :2])]
+    np.testing.assert_allclose(float(loss_R[13]), np.mean([-np.log1p(-a) for a in a3]), rtol=1e-5)
+    plain = _premium_model()  # not opted in: no per-byte priors, the route's α_r
+    assert plain.route_logit(h, route, premium)[1] is None

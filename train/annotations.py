@@ -19,6 +19,10 @@
     language's script (jpn: kana), i.e. exactly MAGNET's ``language_to_script`` label.
   * ``script_routes_<g>`` / ``doc_routes_<g>``: the same two under another grouping g of
     ``hnet.scripts.GROUPINGS`` (``DTPConfig.script_groups``), e.g. ``script_routes_ntrex``.
+  * ``premium_<m>`` float32: the document's byte premium estimated from its prefix at every byte
+    (``hnet.premium.premium_estimates`` with ``INVENTORY_MODELS[m]``; 0 = no estimate yet): BOS 0, EOS its
+    value after the document (no character: one byte more). MAGNET's catch-all routes read it
+    (``DTPConfig.premium_routes``).
   * ``lang_routes_<s>`` int32: the document's language label, constant over the document: the index in
     ``hnet.scripts.LANGUAGE_SETS[s]`` of the stem of the file it came from (``train.sources.Document.source``;
     ntrex128/*/<lang>.txt). MAGNET's per-sequence routing with one route per language.
@@ -32,6 +36,8 @@ import os
 import numpy as np
 
 from hnet.boundary_rules import hat_word_starts
+from hnet.bytes import EOS
+from hnet.premium import INVENTORY_MODELS, premium_estimates
 from hnet.scripts import GROUPINGS, LANGUAGE_SETS, SCRIPT_GROUPS, byte_routes, dominant_route
 from train.sources import DataError
 
@@ -115,6 +121,14 @@ for _name, _groups in GROUPINGS.items():
         ANNOTATIONS[f"doc_routes_{_name}"] = (functools.partial(_doc_routes, groups=_groups), np.int32)
 for _name, _languages in LANGUAGE_SETS.items():
     ANNOTATIONS[f"lang_routes_{_name}"] = (functools.partial(_lang_routes, languages=_languages), np.int32)
+
+
+def _premium(doc: bytes, model) -> np.ndarray:
+    return np.concatenate([[0.0], premium_estimates(bytes(doc) + bytes([EOS]), model)])  # EOS: as a generated one
+
+
+for _name, _model in INVENTORY_MODELS.items():
+    ANNOTATIONS[f"premium_{_name}"] = (functools.partial(_premium, model=_model), np.float32)
 
 
 def annotate(doc: bytes, names: tuple[str, ...], unigram_sp=None) -> dict[str, np.ndarray]:
