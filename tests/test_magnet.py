@@ -458,3 +458,23 @@ def test_premium_prior_is_the_starting_rate_and_the_binomial_target():
     np.testing.assert_allclose(float(loss_R[13]), np.mean([-np.log1p(-a) for a in a3]), rtol=1e-5)
     plain = _premium_model()  # not opted in: no per-byte priors, the route's α_r
     assert plain.route_logit(h, route, premium)[1] is None
+
+
+@pytest.mark.shared_data
+def test_premium_catch_all_is_causal_in_training_mode():
+    """Training mode with noise: a document cut anywhere (inside UTF-8 characters too), re-annotated on its own
+    bytes, gives the full document's logits and boundaries up to the cut."""
+    model = _premium_model(seed=8, **PREMIUM)
+    lines = _ntrex_lines(LSO_LANGS)
+    doc = lines["kat"][:120] + b" " + lines["amh"][:100]
+    key, pkey = route_key("script", "ntrex_lso_utf8"), "premium_ntrex_lso"
+    cuts = [20, 60, 61, 62, 130, 131, len(doc)]  # kat letters are 3 bytes: 61, 62 cut inside one
+    full = _annotated_rows([[doc]] * len(cuts), 512, (key, pkey))
+    pre = _annotated_rows([[doc[:c]] for c in cuts], 512, (key, pkey))
+    assert (pre[pkey][:, 60:] > 0).any() and (full[pkey] > 0).sum() > 100
+    train_fwd, state = make_fwd(model, False)
+    lf, bf, _ = train_fwd(state, to_jnp(full))
+    lp, bp, _ = train_fwd(state, to_jnp(pre))
+    for i, c in enumerate(cuts):
+        np.testing.assert_allclose(np.asarray(lp[i, :c + 1]), np.asarray(lf[i, :c + 1]), atol=2e-5)
+        assert (np.asarray(bp[i, :c + 1]) == np.asarray(bf[i, :c + 1])).all()
