@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from hnet.layers import scale_channels
-from hnet.sharding import constrain, param_init
+from hnet.sharding import constrain, param_init, target_platform
 
 
 # ----------------------------------------------------------------------------------------------
@@ -67,6 +67,16 @@ def _uniform_init(bound: float):
 # ----------------------------------------------------------------------------------------------
 # helpers
 # ----------------------------------------------------------------------------------------------
+
+
+def split_last(x, *at):
+    """``x`` cut at ``at`` along its last axis. On CPU with ``jnp.split``, whose gradient is one concatenate
+    where slices' is a pad per piece and the adds (H-Net train step at L = 1024: 1.04-1.07x); elsewhere with
+    slices (launch.aot, hnet_1stage_tiny on v5e: 1 % fewer bytes accessed per chip)."""
+    if target_platform() == "cpu":
+        return jnp.split(x, list(at), axis=-1)
+    bounds = (0, *at, x.shape[-1])
+    return [x[..., a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 def doc_index(segment_ids_BxL: jax.Array) -> jax.Array:
@@ -248,11 +258,11 @@ class Mamba2(nnx.Module):
 
     def _split(self, zxbcdt):
         di, ch = self.d_inner, self.conv_channels
-        return zxbcdt[..., :di], zxbcdt[..., di : di + ch], zxbcdt[..., di + ch :]
+        return split_last(zxbcdt, di, di + ch)
 
     def _split_xbc(self, xbc):
         di, n = self.d_inner, self.d_state
-        return xbc[..., :di], xbc[..., di : di + n], xbc[..., di + n :]
+        return split_last(xbc, di, di + n)
 
     def _gated_norm_out(self, y, z):
         """rmsnorm(y * silu(z)) * scale, then out_proj. y, z: [..., d_inner]."""
