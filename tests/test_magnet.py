@@ -478,3 +478,19 @@ def test_premium_catch_all_is_causal_in_training_mode():
     for i, c in enumerate(cuts):
         np.testing.assert_allclose(np.asarray(lp[i, :c + 1]), np.asarray(lf[i, :c + 1]), atol=2e-5)
         assert (np.asarray(bp[i, :c + 1]) == np.asarray(bf[i, :c + 1])).all()
+
+
+@pytest.mark.shared_data
+def test_route_tracker_with_a_document_route_gives_the_premium_annotation():
+    """'doc' routing: the tracker keeps the document's route and still estimates the premium byte by byte."""
+    from hnet.premium import INVENTORY_MODELS
+    from models.magnet import RouteTracker
+    from train.annotations import annotate
+
+    doc = _ntrex_lines(("kat",))["kat"][:200]
+    tracker = RouteTracker(route=3, premium_model=INVENTORY_MODELS["ntrex_lso"])
+    pushed = np.array([tracker.push(int(t)) for t in packed_row([doc], 256)["inputs"][: len(doc) + 2]])
+    assert (pushed[:, 0] == 3).all()
+    want = annotate(doc, ("premium_ntrex_lso",))["premium_ntrex_lso"]
+    np.testing.assert_array_equal(pushed[:, 1].astype(np.float32), want)
+    assert (want[60:] > 0).all()
