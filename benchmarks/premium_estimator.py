@@ -57,25 +57,13 @@ def word_ratio(doc: bytes, eng_bytes_per_word: float) -> tuple[np.ndarray, np.nd
         return spaces, n / spaces / eng_bytes_per_word
 
 
-def inventory(doc: bytes, letters: int) -> tuple[int, int]:
-    """(distinct letters among the first ``letters`` letters of ``doc``, byte index where the last of them ends,
-    or -1 when the document has fewer)."""
-    import regex
-
-    seen, n, end = set(), 0, 0
-    for c in doc.decode("utf-8", errors="surrogateescape"):
-        end += len(c.encode("utf-8", errors="surrogateescape"))
-        if regex.match(r"\p{L}", c):
-            seen.add(c)
-            n += 1
-            if n == letters:
-                return len(seen), end - 1
-    return len(seen), -1
-
-
-def chars_per_byte(doc: bytes) -> np.ndarray:
-    """Characters so far per byte so far, at every byte (a character counts from its lead byte)."""
-    return np.cumsum((np.frombuffer(doc, np.uint8) & 0xC0) != 0x80) / np.arange(1, len(doc) + 1)
+def inventory(doc: bytes, letters: int) -> tuple[int, int, np.ndarray]:
+    """(distinct letters among the first ``letters`` letters of ``doc``, byte index where the last of them ends
+    or -1 when the document has fewer, characters so far (at least 1) per byte so far at every byte), from
+    ``hnet.premium.letter_inventory`` (a character counts from its last byte on)."""
+    n, d, c = premium.letter_inventory(doc, letters)
+    end = int(np.searchsorted(n, letters))
+    return int(d[-1]), (end if end < len(n) else -1), np.maximum(c, 1) / np.arange(1, len(doc) + 1)
 
 
 def utf8_length(doc: bytes) -> int:
@@ -153,8 +141,9 @@ def main(argv=None):
     x, y = np.log([r_file[g] for g in fit]), np.log([prem[g] for g in fit])
     a = float(x @ y / (x @ x))
     resid = y - a * x
-    inv = {g: inventory(train[g], args.letters)[0] for g in seen}
-    kappa = {g: prem[g] * chars_per_byte(train[g])[-1] for g in seen}  # characters per English byte
+    stats = {g: inventory(train[g], args.letters) for g in seen}
+    inv = {g: stats[g][0] for g in seen}
+    kappa = {g: prem[g] * stats[g][2][-1] for g in seen}  # characters per English byte
     xi, yi = np.log([inv[g] for g in seen]), np.log([kappa[g] for g in seen])
     b_inv, a_inv = np.polyfit(xi, yi, 1)
     resid_inv = yi - (a_inv + b_inv * xi)
@@ -174,9 +163,9 @@ def main(argv=None):
         spaces, r_t = word_ratio(doc, bpw["valid"])
         use = is_class & (spaces >= args.min_words) & (r_t < args.spaceless)
         alpha_est = np.where(use, c / np.exp(a * np.log(np.where(use, r_t, 1.0))), alpha_cls)
-        D, t0 = inventory(doc, args.letters)
+        D, t0, cpb = inventory(doc, args.letters)
         use_inv = is_class & (np.arange(len(doc)) >= t0) & (t0 >= 0)
-        pi_inv = np.exp(a_inv + b_inv * np.log(D)) / chars_per_byte(doc)
+        pi_inv = np.exp(a_inv + b_inv * np.log(D)) / cpb
         alpha_inv = np.where(use_inv, c / pi_inv, alpha_cls)
         pi_model = premium.premium_estimates(doc, premium.INVENTORY_MODELS["ntrex_lso"])  # what the model reads
         use_model = is_class & (pi_model > 0)
