@@ -77,7 +77,7 @@ def main(argv=None):
     steps = {}
     for name, (ctx, bindings) in variants.items():
         with ctx():
-            compiled, state, next_batch, _, compile_s, batch, mesh = throughput.compiled_step(
+            compiled, state, next_batch, _, compile_s, batch, mesh, _ = throughput.compiled_step(
                 args.config, args.seq_len, args.bytes_per_step, args.gin + bindings)
         steps[name] = dict(compiled=compiled, state=state, next_batch=next_batch, compile_s=compile_s, times=[])
     result = {"config": args.config, "seq_len": args.seq_len, "batch": batch, "load_before": os.getloadavg()}

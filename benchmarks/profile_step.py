@@ -128,7 +128,7 @@ def profile(config: str, seq_len: int, bytes_per_step: int, steps: int, bindings
     from hnet import sharding
 
     with ab_step.attention_kernel("blockwise") if blockwise else ab_step.attention_kernel("dense"):
-        compiled, state, next_batch, _, _, batch, mesh = throughput.compiled_step(config, seq_len, bytes_per_step,
+        compiled, state, next_batch, _, _, batch, mesh, _ = throughput.compiled_step(config, seq_len, bytes_per_step,
                                                                                    bindings, init_from)
     instrs, comps, labels = parse_hlo(compiled.as_text())
     with sharding.mesh_context(mesh), tempfile.TemporaryDirectory() as d:

@@ -68,7 +68,9 @@ def compiled_step(config: str, seq_len: int, bytes_per_step: int, bindings: list
     """Builds ``config``'s train step at ``seq_len`` on its run's data pipeline (B = bytes_per_step // L),
     from a fresh state or the latest checkpoint of the workdir ``init_from`` (a run of the same config).
 
-    Returns (compiled step, state, next_batch(), n_params, compile seconds, batch size, mesh)."""
+    Returns (compiled step, state, next_batch(), n_params, compile seconds, batch size, mesh,
+    flops_per_byte()): the last counts the step's FLOPs per byte when called (``train.step.flops_per_byte``:
+    one more trace, on the next batch)."""
     import gin
     import jax
     import numpy as np
@@ -78,6 +80,7 @@ def compiled_step(config: str, seq_len: int, bytes_per_step: int, bindings: list
     from train import data as data_lib
     from train.loop import build_state, jit_train_step
     from train.optim import OptimizerConfig
+    from train.step import flops_per_byte, make_train_step
 
     cfg_lib.parse([os.path.join(ROOT, "configs", f"{config}.gin"), os.path.join(ROOT, "configs/runs/default.gin")],
                   bindings)
@@ -106,7 +109,13 @@ def compiled_step(config: str, seq_len: int, bytes_per_step: int, bindings: list
         t0 = time.perf_counter()
         compiled = step.lower(setup.state, next_batch()).compile()
         compile_s = time.perf_counter() - t0
-    return compiled, setup.state, next_batch, n_params, compile_s, batch, mesh
+
+    def count_flops():
+        with sharding.mesh_context(mesh):
+            return flops_per_byte(make_train_step(setup.graphdef, setup.tx, setup.schedule), setup.state,
+                                  next_batch(), batch * seq_len)
+
+    return compiled, setup.state, next_batch, n_params, compile_s, batch, mesh, count_flops
 
 
 def measure(config: str, seq_len: int, bytes_per_step: int, steps: int, bindings: list[str],
@@ -116,10 +125,10 @@ def measure(config: str, seq_len: int, bytes_per_step: int, steps: int, bindings
     import numpy as np
 
     from hnet import sharding
-    from train.step import flops_per_byte
 
-    compiled, state, next_batch, n_params, compile_s, batch, mesh = compiled_step(
+    compiled, state, next_batch, n_params, compile_s, batch, mesh, count_flops = compiled_step(
         config, seq_len, bytes_per_step, bindings, init_from)
+    flops = count_flops()  # before the steps: they donate the state it traces with
     with sharding.mesh_context(mesh):
         box = {"state": state}
 
@@ -132,7 +141,7 @@ def measure(config: str, seq_len: int, bytes_per_step: int, steps: int, bindings
     step_s = float(np.median(times))
     return {"config": config, "seq_len": seq_len, "batch": batch, "params": n_params,
             "compile_s": compile_s, "step_s": step_s, "step_times_s": times, "bytes_per_s": batch * seq_len / step_s,
-            "flops_per_byte": flops_per_byte(compiled, batch * seq_len),
+            "flops_per_byte": flops,
             "peak_rss_mb": peak_rss_mb(), "loss": float(box["m"]["loss"]), "bindings": bindings, "init_from": init_from,
             "bytes_per_chunk": {k: float(v) for k, v in box["m"].items() if k.startswith("bytes_per_chunk")},
             "threads": len(os.sched_getaffinity(0))}

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from hnet.kernels.blockwise_attention import blockwise_attention, padded_tail_length
-from hnet.sharding import mesh_axes, target_platform
+from hnet.sharding import mesh_axes, target_platform, use_reference_kernels
 
 NEG_INF = -1e30
 IMPLS = ("auto", "dense", "splash", "cudnn", "blockwise")
@@ -158,9 +158,12 @@ def _supports(impl: str, q_BxQxHxK, k_BxSxHxK, *, causal, window, softmax1, key_
 
 
 def resolve_impl(impl: str, q_BxQxHxK, k_BxSxHxK, **features) -> str:
-    """The kernel ``impl`` names ('auto': by target platform, dense where the kernel cannot)."""
+    """The kernel ``impl`` names ('auto': by target platform, dense where the kernel cannot; always dense
+    inside ``hnet.sharding.reference_kernels``)."""
     if impl not in IMPLS:
         raise ValueError(f"attention impl must be one of {IMPLS}, got {impl!r}")
+    if use_reference_kernels():
+        return "dense"
     if impl != "auto":
         return impl
     platform = target_platform()

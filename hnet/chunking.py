@@ -35,7 +35,7 @@ from hnet.kernels.gather_rows import default_backend as _kernel_backend
 from hnet.kernels.gather_rows import gather_rows as _gather_rows
 from hnet.kernels.gather_rows import gather_rows_sharded as _gather_rows_sharded
 from hnet.kernels.gather_rows import reference_gather_rows as _reference_gather_rows
-from hnet.sharding import target_platform
+from hnet.sharding import target_platform, use_reference_kernels
 
 __all__ = [
     "chunk_ids",
@@ -93,7 +93,7 @@ def _resolve(impl: str | None) -> str:
     impl = default_impl() if impl is None else impl
     if impl not in _IMPLS:
         raise ValueError(f"impl must be one of {_IMPLS}, got {impl!r}")
-    return impl
+    return "jnp" if use_reference_kernels() else impl
 
 
 def _as_bool(mask_BxL: jax.Array) -> jax.Array:

@@ -109,6 +109,28 @@ def target_platform() -> str:
     return "gpu" if plat in ("cuda", "rocm") else plat
 
 
+_REFERENCE_KERNELS = [False]
+
+
+@contextlib.contextmanager
+def reference_kernels():
+    """While active, every kernel choice traced takes its jnp reference: dense attention, jnp gathers, and
+    no skipping of padding blocks. The traced program then has no loops and no custom calls, the two things
+    XLA's cost analysis cannot count (a loop's body counts once whatever its trip count; a custom call counts
+    as nothing): ``train.step.flops_per_byte`` counts this program."""
+    saved = _REFERENCE_KERNELS[0]
+    _REFERENCE_KERNELS[0] = True
+    try:
+        yield
+    finally:
+        _REFERENCE_KERNELS[0] = saved
+
+
+def use_reference_kernels() -> bool:
+    """Whether ``reference_kernels`` is active."""
+    return _REFERENCE_KERNELS[0]
+
+
 def mesh_axes(name: str, mesh) -> tuple[str, ...]:
     """The axes of ``mesh`` (concrete or abstract) that LOGICAL_AXIS_RULES places logical axis ``name`` on
     (() = replicated): the placement a ``shard_map`` around a kernel uses."""

@@ -10,8 +10,10 @@ own ``build_state`` / ``make_train_step`` / ``make_eval_step``, lowered with ``j
 arguments that carry their shardings: nothing is allocated (MaxText's ``train_compile.py`` does the same).
 
 Prints a report and (``--json``) writes: chips, hbm_bytes_per_chip, state_bytes_per_chip,
-temp_bytes_per_chip, total_bytes_per_chip, fits, headroom, flops_per_chip, bytes_accessed_per_chip,
-collectives (count by kind), pallas_kernels (Mosaic custom calls), roofline_step_s, mfu_bound, compile_s
+temp_bytes_per_chip, total_bytes_per_chip, fits, headroom, flops_per_chip, bytes_accessed_per_chip (XLA's counts
+of the compiled step, which miss the Mosaic kernels' work), model_flops_per_chip (``train.step.flops_per_byte``'s
+count, which includes it), collectives (count by kind), pallas_kernels (Mosaic custom calls), roofline_step_s,
+mfu_bound, compile_s
 and the same memory figures for the eval step under ``eval``.
 
 Exit status: 0 fits, 3 does not fit (HBM exhausted at compile time, or more bytes than the chip has),
@@ -199,6 +201,21 @@ def compile_and_analyse(jitted, args, mesh, chip: Chip) -> dict:
     return report
 
 
+def model_flops(setup, batch, n_bytes: int) -> float:
+    """FLOPs of one train step as ``train.step.flops_per_byte`` counts them (the reference program: Mosaic
+    kernels' work included, rematerialisation not), lowered on one CPU device: the cost analysis of a program
+    lowered for a TPU topology reports no FLOPs, and the count does not depend on the placement."""
+    import jax
+
+    from hnet import sharding
+    from train.step import flops_per_byte, make_train_step
+
+    unplaced = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)  # noqa: E731
+    with sharding.mesh_context(sharding.make_mesh(devices=jax.devices("cpu")[:1])):
+        return n_bytes * flops_per_byte(make_train_step(setup.graphdef, setup.tx, setup.schedule),
+                                        unplaced(setup.state), unplaced(batch), n_bytes)
+
+
 def compile_for(topology: str, num_slices: int = 1, mesh_shape: dict | None = None, eval_step: bool = True) -> dict:
     """Compile the gin-configured run (already parsed) for ``topology``; returns the report dict."""
     import gin
@@ -242,6 +259,7 @@ def compile_for(topology: str, num_slices: int = 1, mesh_shape: dict | None = No
     report["roofline_step_s"], report["mfu_bound"] = roofline(report["flops_per_chip"],
                                                               report["bytes_accessed_per_chip"], chip)
     report["bytes_per_step"] = train_cfg.batch_size * train_cfg.seq_len
+    report["model_flops_per_chip"] = model_flops(setup, batch, report["bytes_per_step"]) / len(devices)
     if eval_step:
         eval_cfg = b.get("eval_data") or train_cfg
         params_sh, rest_sh = setup.state_shardings.params, setup.state_shardings.rest
@@ -268,6 +286,8 @@ def format_report(r: dict) -> str:
                   f"headroom {100 * r['headroom']:.1f}%",
                   f"  {r['flops_per_chip']:.3e} FLOPs and {r['bytes_accessed_per_chip']:.3e} bytes accessed per chip; "
                   f"roofline step {r['roofline_step_s']:.3f} s, MFU bound {100 * r['mfu_bound']:.1f}%",
+                  f"  model FLOPs per chip {r['model_flops_per_chip']:.3e} (the reference program's count: Mosaic "
+                  f"kernels' work included, rematerialisation not)",
                   f"  collectives {r['collectives']}; Mosaic kernels {r['pallas_kernels']} "
                   f"{r['pallas_kernel_names']}; compiled in {r['compile_s']:.0f} s"]
     if "eval" in r:

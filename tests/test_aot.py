@@ -99,6 +99,8 @@ def test_tiny_train_step_compiles_for_v5e_with_mosaic_kernels(tmp_path):
     assert any(k.startswith("splash_mha") for k in r["pallas_kernel_names"]), r["pallas_kernel_names"]
     assert 0 < r["state_bytes_per_chip"] < r["total_bytes_per_chip"] < r["hbm_bytes_per_chip"], r
     assert r["flops_per_chip"] > 0 and 0 < r["mfu_bound"] <= 1 and r["roofline_step_s"] > 0, r
+    # XLA's count of the compiled step misses the splash kernels' work; the model count has it (no remat here)
+    assert r["model_flops_per_chip"] > r["flops_per_chip"], r
     assert sum(r["collectives"].values()) > 0, r["collectives"]  # gradients are reduced over the fsdp axis
 
 

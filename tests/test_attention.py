@@ -81,3 +81,32 @@ def test_auto_on_cpu_takes_blockwise_for_long_self_attention_and_it_matches_dens
     o = attention.dot_product_attention(q, k, v, impl="auto", **kw)
     ref = attention.dot_product_attention(q, k, v, impl="dense", **kw)
     np.testing.assert_allclose(np.asarray(o), np.asarray(ref), atol=2e-5)
+
+
+def test_reference_kernels_trace_the_jnp_references():
+    """Inside ``hnet.sharding.reference_kernels`` (what ``train.step.flops_per_byte`` counts) attention is
+    dense whatever the impl or the platform picks, gathers are jnp, and a padded-tail block computes every
+    slot instead of skipping the dead ones in a scan: no loops and no custom calls, which XLA's cost
+    analysis would count once or not at all. Outside it, the choices are back."""
+    from flax import nnx
+
+    from hnet import chunking, layers, sharding
+
+    feats = dict(causal=True, window=-1, softmax1=False, key_bias_BxS=None)
+    q = jax.ShapeDtypeStruct((1, 1024, 2, 16), jnp.float32)
+    cfg = layers.StackConfig(layout="T1", d_model=32, d_ff=128, num_heads=2, padded_tail=True)
+    block = layers.Block("t", True, cfg, out_init_std=0.02, dtype=jnp.float32, param_dtype=jnp.float32,
+                         length_axis="chunk_len", rngs=nnx.Rngs(0))
+    seg = jnp.concatenate([jnp.ones((1, 300), jnp.int32), jnp.zeros((1, 724), jnp.int32)], 1)
+    # a new function each time: jax caches a function's trace, and the switch is not part of the cache key
+    trace = lambda: str(jax.make_jaxpr(lambda *a: block(*a))(jnp.zeros((1, 1024, 32)), seg,  # noqa: E731
+                                                             jnp.zeros((1, 1024), jnp.int32)))
+
+    def kernels():
+        return (attention.resolve_impl("auto", q, q, **feats), attention.resolve_impl("blockwise", q, q, **feats),
+                chunking._resolve("pallas"), "scan" in trace(), "while" in trace())
+
+    assert kernels() == ("blockwise", "blockwise", "pallas", True, True)
+    with sharding.reference_kernels():
+        assert kernels() == ("dense", "dense", "jnp", False, False)
+    assert kernels() == ("blockwise", "blockwise", "pallas", True, True)

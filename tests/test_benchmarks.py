@@ -1,4 +1,4 @@
-"""benchmarks/throughput.py, peers.py, attention_kernel.py and device_check.py: tables, JSON, discovered
+"""benchmarks/throughput.py, peers.py, attention_kernel.py, layer_parts.py and device_check.py: tables, JSON, discovered
 families, the skip without PyTorch, the device check's CPU smoke run (interpret mode); the slow tests run each
 script end to end on one tiny config."""
 
@@ -19,6 +19,7 @@ from tests.conftest import REPO_ROOT as REPO
 
 sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 import attention_kernel  # noqa: E402
+import layer_parts  # noqa: E402
 import peers  # noqa: E402
 import profile_step  # noqa: E402
 import throughput  # noqa: E402
@@ -39,6 +40,21 @@ def test_attention_kernel_benchmark_times_every_variant(tmp_path, capsys):
     assert [(r["variant"], r["tiles"]) for r in rows] == [("dense", "–"), ("blockwise auto", "64x64"),
                                                           ("blockwise 32x32", "32x32")]
     assert all(r["seconds"] > 0 for r in rows) and "| 2x128x2x8 | 0.5 | blockwise auto | 64x64 |" in capsys.readouterr().out
+
+
+def test_layer_parts_times_and_counts_every_part(tmp_path, monkeypatch):
+    """Every part runs (torch's side too when installed); the projection's count is its 6 FLOPs per weight per
+    row (output and backward: no dead forward); the block's is at least the sum of its parts'."""
+    out = tmp_path / "parts.json"
+    B, L, D, H = 2, 64, 32, 2
+    layer_parts.main(["--shape", f"{B}x{L}x{D}x{H}", "--d_ff", "64", "--rounds", "1", "--out", str(out)])
+    rows = {r["part"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == set(layer_parts.PARTS) and all(r["ours_s"] > 0 for r in rows.values())
+    assert rows["matmul"]["gflop"] * 1e9 == pytest.approx(6 * B * L * D * 3 * D, rel=1e-3)
+    parts = ("rmsnorm", "qkv_rope", "attention", "swiglu")
+    assert rows["block"]["gflop"] >= sum(rows[p]["gflop"] for p in parts) + rows["rmsnorm"]["gflop"]
+    has_torch = importlib.util.find_spec("torch") is not None
+    assert all(("torch_s" in r) == (has_torch and p != "mamba2") for p, r in rows.items())
 
 
 def test_tables_and_json(tmp_path):

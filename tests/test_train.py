@@ -346,6 +346,34 @@ def test_schedules_start_peak_end():
         make_schedule(OptimizerConfig(schedule="linear"), total)
 
 
+# ---------------------------------------------------------------------------------- FLOP count
+
+
+@pytest.mark.parametrize("seq_len", [512, 2048])
+def test_flops_per_byte_counts_every_attention_tile(cpu_mesh, seq_len):
+    """The count results.json records. At these lengths the CPU step runs attention through the blockwise
+    kernel, whose tile loops XLA's cost analysis counts once: the compiled step's own count was under half
+    of the work at L = 2048. ``flops_per_byte`` counts the loop-free reference program: for an isotropic
+    Transformer 6 FLOPs per matmul weight per byte, plus 12 L d per layer for attention over the full
+    square (q·k and p·v, forward and backward), and a few % of elementwise work. Lowered from abstract
+    state and batch: nothing is compiled or allocated."""
+    from launch.aot import abstract_batch
+    from train.loop import build_state
+    from train.step import flops_per_byte
+
+    d, d_ff, n_layers, B = 64, 128, 2, 2
+    setup = build_state(tiny_model_fn("T2", d_model=d, d_ff=d_ff), OptimizerConfig(), 10, cpu_mesh, allocate=False)
+    batch = abstract_batch(data_lib.DataConfig(sources=("builtin:pydoc_topics",), seq_len=seq_len, batch_size=B),
+                           cpu_mesh)
+    with mesh_context(cpu_mesh):
+        step_fn = make_train_step(setup.graphdef, setup.tx, setup.schedule)
+        jax.jit(step_fn).lower(setup.state, batch)  # the trainer's own trace first, as train() does: no reuse
+        counted = flops_per_byte(step_fn, setup.state, batch, B * seq_len)
+    matmul_weights = n_layers * (3 * d * d + d * d + 3 * d * d_ff) + d * 256  # q/k/v, out, SwiGLU; lm_head
+    expected = 6 * matmul_weights + 12 * n_layers * seq_len * d
+    assert 1.0 <= counted / expected < 1.08, (counted, expected)
+
+
 # ---------------------------------------------------------------------------------- NaN guard
 
 

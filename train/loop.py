@@ -199,9 +199,12 @@ def train(
             local = next(data_iter)
             batch = sharding.global_batch_from_local(mesh, local)
             t0 = time.time()
-            if compiled is None:  # ahead-of-time, for XLA's FLOP count of the whole step
+            if compiled is None:  # compiled ahead of time: a batch of another shape then fails, not recompiles
                 compiled = train_step.lower(setup.state, batch).compile()
-                results["flops_per_byte"] = flops_per_byte(compiled, bytes_per_step)
+                # one step without accumulation (a scan, whose body XLA would count once): same FLOPs per byte
+                results["flops_per_byte"] = flops_per_byte(
+                    make_train_step(setup.graphdef, setup.tx, setup.schedule, max_bad_steps=max_bad_steps),
+                    setup.state, batch, bytes_per_step)
             setup.state, metrics = compiled(setup.state, batch)
             step += 1
             steps_since += 1
