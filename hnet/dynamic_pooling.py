@@ -30,7 +30,7 @@ from jax.scipy.special import gammaln
 
 from hnet import chunking
 from hnet.boundary_rules import doc_starts, end_to_start, offsets_since_start
-from hnet.layers import normal, ste_one
+from hnet.layers import Linear, normal, ste_one
 from hnet.sharding import constrain, param_init
 
 
@@ -126,7 +126,7 @@ class RoutedPredictor(nnx.Module):
     def __init__(self, d: int, hidden: int, priors: Sequence[float], *, param_dtype, rngs: nnx.Rngs):
         R = len(priors)
         self.R, self.hidden = R, hidden
-        self.fc1 = nnx.Linear(d, R * hidden, dtype=jnp.float32, param_dtype=param_dtype,
+        self.fc1 = Linear(d, R * hidden, dtype=jnp.float32, param_dtype=param_dtype,
                               kernel_init=param_init(normal(0.02), ("embed", "mlp")),
                               bias_init=param_init(nnx.initializers.zeros, ("mlp",)), rngs=rngs)
         self.w2 = nnx.Param(param_init(normal(0.02), ("router", None))(rngs.params(), (R, hidden), param_dtype))

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from hnet.layers import scale_channels
+from hnet.layers import Linear, scale_channels
 from hnet.sharding import constrain, param_init, target_platform
 
 
@@ -222,7 +222,7 @@ class Mamba2(nnx.Module):
         self.conv_channels = d_inner + 2 * d_state
         d_in_proj = 2 * d_inner + 2 * d_state + self.nheads
 
-        self.in_proj = nnx.Linear(
+        self.in_proj = Linear(
             d_model,
             d_in_proj,
             use_bias=False,
@@ -244,7 +244,7 @@ class Mamba2(nnx.Module):
         self.norm_scale = nnx.Param(
             param_init(nnx.initializers.ones_init(), ("ssm_inner",))(rngs.params(), (d_inner,), param_dtype)
         )
-        self.out_proj = nnx.Linear(
+        self.out_proj = Linear(
             d_inner,
             d_model,
             use_bias=False,

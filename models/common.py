@@ -33,7 +33,7 @@ from hnet.boundary_rules import WordStartTracker, causal_word_starts, doc_starts
 from hnet.bytes import VOCAB_SIZE
 from hnet.dynamic_pooling import (EVAL_NOISE_STEP, DTPPooling, NoiseStep, RoutedPredictor, bce_with_logits,
                                   entropy_spike_targets, gumbel_noise, route_binomial_loss, select_route)
-from hnet.layers import RMSNorm, Stack, StackConfig, normal
+from hnet.layers import Linear, RMSNorm, Stack, StackConfig, normal
 from hnet.premium import INVENTORY_MODELS
 from hnet.sharding import constrain, param_init
 from models.base import (ByteLM, ModelOutput, bits_per_byte, capacity_slots, configurable, cross_entropy_sums,
@@ -50,15 +50,15 @@ def byte_embed(d: int, param_dtype, rngs: nnx.Rngs) -> nnx.Embed:
                      rngs=rngs)
 
 
-def lm_head(d: int, dtype, param_dtype, rngs: nnx.Rngs) -> nnx.Linear:
+def lm_head(d: int, dtype, param_dtype, rngs: nnx.Rngs) -> Linear:
     """[.., d] -> next-byte logits [.., 256], no bias, N(0, 0.02) init."""
-    return nnx.Linear(d, VOCAB_SIZE, use_bias=False, dtype=dtype, param_dtype=param_dtype,
+    return Linear(d, VOCAB_SIZE, use_bias=False, dtype=dtype, param_dtype=param_dtype,
                       kernel_init=param_init(normal(0.02), ("embed", "vocab")), rngs=rngs)
 
 
-def dense(d_in: int, d_out: int, std: float, dtype, param_dtype, rngs: nnx.Rngs, names=("embed", "mlp")) -> nnx.Linear:
+def dense(d_in: int, d_out: int, std: float, dtype, param_dtype, rngs: nnx.Rngs, names=("embed", "mlp")) -> Linear:
     """Bias-free [.., d_in] -> [.., d_out], N(0, std) init, kernel axes ``names``."""
-    return nnx.Linear(d_in, d_out, use_bias=False, dtype=dtype, param_dtype=param_dtype,
+    return Linear(d_in, d_out, use_bias=False, dtype=dtype, param_dtype=param_dtype,
                       kernel_init=param_init(normal(std), names), rngs=rngs)
 
 
@@ -436,7 +436,7 @@ class DeleteGate(nnx.Module):
     def __init__(self, cfg: MrT5Config, *, param_dtype, rngs: nnx.Rngs):
         self.k, self.enabled = cfg.gate_scale, cfg.use_gate
         self.norm = RMSNorm(cfg.d_model, param_dtype=param_dtype)
-        self.proj = nnx.Linear(
+        self.proj = Linear(
             cfg.d_model, 1, use_bias=True, dtype=jnp.float32, param_dtype=param_dtype,
             kernel_init=param_init(nnx.initializers.xavier_uniform(), ("embed", None)),
             bias_init=param_init(nnx.initializers.constant(cfg.gate_bias_init), (None,)), rngs=rngs)

@@ -28,7 +28,7 @@ from flax import nnx
 from hnet import chunking
 from hnet.attention import padded_tail_length
 from hnet.boundary_rules import doc_starts, offsets_since_start
-from hnet.layers import Stack, StackConfig, layout_height, ste_one
+from hnet.layers import Linear, Stack, StackConfig, layout_height, ste_one
 from hnet.sharding import constrain, param_init
 from models.base import ByteLM, ModelOutput, capacity_slots, configurable, dtype_from_name
 from models.common import byte_embed, lm_head, masked_update
@@ -123,7 +123,7 @@ class Router(nnx.Module):
 
     def __init__(self, d: int, param_dtype, rngs: nnx.Rngs):
         eye = lambda key, shape, dtype: jnp.eye(shape[0], dtype=dtype)  # noqa: E731
-        mk = lambda: nnx.Linear(d, d, use_bias=False, dtype=jnp.float32, param_dtype=param_dtype,  # noqa: E731
+        mk = lambda: Linear(d, d, use_bias=False, dtype=jnp.float32, param_dtype=param_dtype,  # noqa: E731
                                 kernel_init=param_init(eye, ("router", None)), rngs=rngs)
         self.q_proj, self.k_proj = mk(), mk()
 
@@ -163,7 +163,7 @@ class HNetStage(nnx.Module):
         n_res = n_res_offset + layout_height(enc) + layout_height(dec)
         self.encoder = Stack(cfg.stack_config(s, enc), n_res=n_res, **kw)
         self.router = Router(D, param_dtype, rngs)
-        self.residual_proj = nnx.Linear(
+        self.residual_proj = Linear(
             D, D, use_bias=True, dtype=jnp.float32, param_dtype=param_dtype,
             kernel_init=param_init(nnx.initializers.zeros, ("embed", None)),
             bias_init=param_init(lambda k, sh, dt: jax.random.uniform(k, sh, dt, -1 / math.sqrt(D), 1 / math.sqrt(D)),
