@@ -68,9 +68,14 @@ def parse_hlo(text: str) -> tuple[dict, dict, dict]:
     return instrs, comps, frame_labels(tables)
 
 
+# our thin wrappers of library layers: their ops go to the caller (SwiGLU, Attention.qkv, ...), not to them
+WRAPPERS = {("hnet/layers.py", "Linear.__call__")}
+
+
 def frame_labels(tables: dict) -> dict[int, str]:
-    """{frame id: 'repo/file.py:function'} of the innermost frame in this repository, plus the innermost
-    frame's function in brackets when that lies in a library (``Linear.__call__``, optax's Adam)."""
+    """{frame id: 'repo/file.py:function'} of the innermost frame in this repository (``WRAPPERS`` skipped),
+    plus the innermost frame's function in brackets when that lies in a library (``Linear.__call__``,
+    optax's Adam)."""
     field = lambda s, k: int(re.search(rf"{k}=(\d+)", s).group(1))  # noqa: E731
     files = {i: s.strip('"') for i, s in tables["FileNames"].items()}
     funcs = {i: s.strip('"') for i, s in tables["FunctionNames"].items()}
@@ -85,7 +90,8 @@ def frame_labels(tables: dict) -> dict[int, str]:
         while j in frames and len(chain) < 64:
             chain.append(frames[j][0])
             j = frames[j][1]
-        ours = [(f, fn) for f, fn in chain if f.startswith(throughput.ROOT) and "site-packages" not in f]
+        ours = [(f, fn) for f, fn in chain if f.startswith(throughput.ROOT) and "site-packages" not in f
+                and (os.path.relpath(f, throughput.ROOT), fn) not in WRAPPERS]
         label = f"{os.path.relpath(ours[0][0], throughput.ROOT)}:{ours[0][1]}" if ours else "?"
         if chain and "site-packages" in chain[0][0]:
             label += f" [{chain[0][1]}]"

@@ -182,6 +182,26 @@ def test_profile_attributes_ops_to_our_functions(tmp_path):
     assert {labels[instrs[op][1]] for op in times} == {"tests/test_benchmarks.py:_matmul_then_tanh"}
 
 
+def _project_with_our_linear(x):
+    from flax import nnx
+
+    from hnet.layers import Linear
+
+    return jnp.tanh(Linear(64, 32, rngs=nnx.Rngs(0))(x))
+
+
+def test_profile_gives_our_linear_wrappers_ops_to_their_caller():
+    # hnet.layers.Linear is a wrapper (profile_step.WRAPPERS): its matmul is the caller's, tagged [Linear.__call__]
+    import jax
+
+    x = jnp.ones((2, 8, 64))
+    compiled = jax.jit(_project_with_our_linear).lower(x).compile()
+    instrs, comps, labels = profile_step.parse_hlo(compiled.as_text())
+    matmuls = {labels[f] for op, f, calls in instrs.values() if f is not None
+               and profile_step.kind(op, comps.get(calls, set())) == "matmul"}
+    assert matmuls == {"tests/test_benchmarks.py:_project_with_our_linear [Linear.__call__]"}, matmuls
+
+
 def _loop_of_matmuls(a):
     def body(i, c):
         return tuple(jnp.tanh(x @ c[(j + 1) % 6]) for j, x in enumerate(c))
