@@ -129,49 +129,56 @@ def ssd_chunked(x_BxLxHxP, dt_BxLxH, A_H, B_BxLxN, C_BxLxN, doc_BxL, chunk_size:
     Cm = C_BxLxN.reshape(Bsz, nc, Q, N).astype(dtype)
     doc = doc_BxL.reshape(Bsz, nc, Q)
 
+    # Layouts: per-head [Q, Q] work is chunk-major, head-next ([B, nc, H, ...]), so the batched matmul of
+    # step 1 needs no transpose of its [Q, Q] operand; states and the carried-in output are token-major
+    # ([B, nc, N, H*P] and [B, nc, Q, H*P]), plain matmuls against C and B. Against [B, H, nc, ...] decays
+    # and a three-operand einsum for the states: a Mamba-2 layer forward + backward 1.08x faster on CPU
+    # (B 8, L 1024), and 19 % fewer bytes accessed per chip for hnet_1stage_tiny on v5e (launch.aot).
+
     # log-decay per step and its within-chunk cumsum over the same document only (earlier documents add
-    # exact zeros, so the decays of one document are bit-for-bit independent of them): [B, H, nc, Q].
+    # exact zeros, so the decays of one document are bit-for-bit independent of them): [B, nc, H, Q].
     # A masked [Q, Q] matmul per chunk: the train step ran 1.02x faster than with an associative scan.
-    a_BxHxCxQ = jnp.transpose(dt * A_H.astype(f32), (0, 3, 1, 2))
+    a_BxCxHxQ = jnp.transpose(dt * A_H.astype(f32), (0, 1, 3, 2))
     causal = jnp.tril(jnp.ones((Q, Q), bool))
     mask_BxCxQxQ = causal & (doc[..., :, None] == doc[..., None, :])
-    acs = jnp.einsum("bcts,bhcs->bhct", mask_BxCxQxQ.astype(f32), a_BxHxCxQ, precision="highest")
+    acs = jnp.einsum("bcts,bchs->bcht", mask_BxCxQxQ.astype(f32), a_BxCxHxQ, precision="highest")
 
     xdt = (x.astype(f32) * dt[..., None]).astype(dtype)  # [B, nc, Q, H, P]
 
     # 1) intra-chunk (diagonal blocks): y[t] = sum_{s<=t, same doc} C_t.B_s exp(acs_t - acs_s) dt_s x_s
-    diff = acs[..., :, None] - acs[..., None, :]  # [B, H, nc, Q(t), Q(s)]
-    decay = jnp.exp(jnp.where(mask_BxCxQxQ[:, None], diff, -jnp.inf))
+    decay = jnp.exp(jnp.where(mask_BxCxQxQ[:, :, None], acs[..., :, None] - acs[..., None, :], -jnp.inf))
     cb = jnp.einsum("bctn,bcsn->bcts", Cm, Bm, preferred_element_type=f32)
-    m = (cb[:, None] * decay).astype(dtype)
-    y_diag = jnp.einsum("bhcts,bcshp->bcthp", m, xdt, preferred_element_type=f32)
+    m_BxCxHxQxQ = (cb[:, :, None] * decay).astype(dtype)
+    y_BxCxHxQxP = jnp.matmul(m_BxCxHxQxQ, jnp.transpose(xdt, (0, 1, 3, 2, 4)), preferred_element_type=f32)
+    y_diag = jnp.transpose(y_BxCxHxQxP, (0, 1, 3, 2, 4))  # [B, nc, Q, H, P]
 
-    # 2) state produced by each chunk at its last position (only inputs from the last position's doc)
+    # 2) state produced by each chunk at its last position (only inputs from the last position's doc),
+    # token-major: S_c [N, H*P] = B_c^T (xdt_c * decay to the chunk's end)
     doc_end_BxC = doc[..., -1]
-    keep = (doc == doc_end_BxC[..., None])[:, None]  # [B, 1, nc, Q]
+    keep = (doc == doc_end_BxC[..., None])[:, :, None]  # [B, nc, 1, Q]
     # (mask before exp: across a reset the difference can be large and positive -> inf -> NaN grads)
-    decay_states = jnp.exp(jnp.where(keep, acs[..., -1:] - acs, -jnp.inf)).astype(dtype)
-    states = jnp.einsum("bcsn,bhcs,bcshp->bchpn", Bm, decay_states, xdt, preferred_element_type=f32)
+    decay_states = jnp.exp(jnp.where(keep, acs[..., -1:] - acs, -jnp.inf))  # [B, nc, H, Q]
+    w = (xdt.astype(f32) * jnp.transpose(decay_states, (0, 1, 3, 2))[..., None]).astype(dtype)
+    states = jnp.einsum("bcsn,bcsk->bcnk", Bm, w.reshape(Bsz, nc, Q, H * P), preferred_element_type=f32)
 
     # 3) inter-chunk recurrence S_c = g_c * S_{c-1} + states_c; carry only if the doc continues
     doc_prev_end_BxC = jnp.concatenate([jnp.full((Bsz, 1), -1, doc.dtype), doc_end_BxC[:, :-1]], axis=1)
-    carry_ok = (doc_prev_end_BxC == doc_end_BxC)[:, None]  # [B, 1, nc]
-    g_BxHxC = jnp.exp(jnp.where(carry_ok, acs[..., -1], -jnp.inf))
-    g_BxCxH = jnp.transpose(g_BxHxC, (0, 2, 1))
+    carry_ok = (doc_prev_end_BxC == doc_end_BxC)[:, :, None]  # [B, nc, 1]
+    g_BxCxH = jnp.exp(jnp.where(carry_ok, acs[..., -1], -jnp.inf))
 
     def combine(left, right):
         g1, s1 = left
         g2, s2 = right
-        return g1 * g2, g2[..., None, None] * s1 + s2
+        return g1 * g2, g2[:, :, None, :] * s1 + s2
 
-    _, s_end = jax.lax.associative_scan(combine, (g_BxCxH, states), axis=1)
-    s_in = jnp.concatenate([jnp.zeros_like(s_end[:, :1]), s_end[:, :-1]], axis=1)  # [B, nc, H, P, N]
+    _, s_end = jax.lax.associative_scan(combine, (jnp.repeat(g_BxCxH, P, axis=-1), states), axis=1)
+    s_in = jnp.concatenate([jnp.zeros_like(s_end[:, :1]), s_end[:, :-1]], axis=1)  # [B, nc, N, H*P]
 
     # 4) output from the carried-in state: C_t . S_in * exp(acs_t), if t is still in the prev doc
-    cont = (doc == doc_prev_end_BxC[..., None])[:, None]  # [B, 1, nc, Q]
-    out_decay = jnp.exp(jnp.where(cont, acs, -jnp.inf))  # [B, H, nc, Q]
-    y_off = jnp.einsum("bctn,bchpn->bcthp", Cm, s_in.astype(dtype), preferred_element_type=f32)
-    y_off = y_off * jnp.transpose(out_decay, (0, 2, 3, 1))[..., None]
+    cont = (doc == doc_prev_end_BxC[..., None])[:, :, None]  # [B, nc, 1, Q]
+    out_decay = jnp.exp(jnp.where(cont, acs, -jnp.inf))  # [B, nc, H, Q]
+    y_off = jnp.matmul(Cm, s_in.astype(dtype), preferred_element_type=f32).reshape(Bsz, nc, Q, H, P)
+    y_off = y_off * jnp.transpose(out_decay, (0, 1, 3, 2))[..., None]
 
     y = (y_diag + y_off).reshape(Bsz, nc * Q, H, P)
     return y[:, :L]
