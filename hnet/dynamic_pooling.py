@@ -127,8 +127,8 @@ class RoutedPredictor(nnx.Module):
         R = len(priors)
         self.R, self.hidden = R, hidden
         self.fc1 = Linear(d, R * hidden, dtype=jnp.float32, param_dtype=param_dtype,
-                              kernel_init=param_init(normal(0.02), ("embed", "mlp")),
-                              bias_init=param_init(nnx.initializers.zeros, ("mlp",)), rngs=rngs)
+                          kernel_init=param_init(normal(0.02), ("embed", "mlp")),
+                          bias_init=param_init(nnx.initializers.zeros, ("mlp",)), rngs=rngs)
         self.w2 = nnx.Param(param_init(normal(0.02), ("router", None))(rngs.params(), (R, hidden), param_dtype))
         logit = [math.log(a / (1.0 - a)) for a in priors]
         self.b2 = nnx.Param(param_init(lambda k, s, dt: jnp.asarray(logit, dt), ("router",))(None, (R,), param_dtype))

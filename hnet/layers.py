@@ -234,9 +234,9 @@ class SwiGLU(nnx.Module):
     def __init__(self, d_model, d_ff, *, out_init_std=0.02, dtype=jnp.float32, param_dtype=jnp.float32, rngs):
         self.dtype = dtype
         self.fc1 = Linear(d_model, 2 * d_ff, use_bias=False, dtype=dtype, param_dtype=param_dtype,
-                              kernel_init=param_init(normal(0.02), ("embed", "mlp")), rngs=rngs)
+                          kernel_init=param_init(normal(0.02), ("embed", "mlp")), rngs=rngs)
         self.fc2 = Linear(d_ff, d_model, use_bias=False, dtype=dtype, param_dtype=param_dtype,
-                              kernel_init=param_init(normal(out_init_std), ("mlp", "embed")), rngs=rngs)
+                          kernel_init=param_init(normal(out_init_std), ("mlp", "embed")), rngs=rngs)
 
     def __call__(self, x):
         value, gate = jnp.split(self.fc1(x.astype(self.dtype)), 2, axis=-1)

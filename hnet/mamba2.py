@@ -125,9 +125,10 @@ def ssd_chunked(x_BxLxHxP, dt_BxLxH, A_H, B_BxLxN, C_BxLxN, doc_BxL, chunk_size:
     # Chunks of all rows on one axis G = B * nc (the inter-chunk scan alone splits it): per-head [Q, Q] work
     # is [G, H, Q, Q], so the batched matmul of step 1 needs no transpose of its [Q, Q] operand; states and
     # the carried-in output are token-major ([G, N, H*P] and [G, Q, H*P]), plain matmuls against C and B.
-    # Against [B, H, nc, ...] decays and a three-operand einsum for the states: a Mamba-2 layer forward +
-    # backward 1.09x faster on CPU at B 8, L 1024; 19 % fewer bytes accessed per chip for hnet_1stage_tiny
-    # on v5e (launch.aot). With B and nc apart, the backward's reductions ran 1.15x slower at B = 1.
+    # Against [B, H, nc, ...] decays and a three-operand einsum for the states, a Mamba-2 layer forward +
+    # backward on CPU is 1.07x faster at B 8 x L 1024 and 1.21x at B 1 x L 8192, and hnet_1stage_tiny on v5e
+    # accesses 17 % fewer bytes per chip (launch.aot). With B and nc apart, B = 1 ran 0.87x: the backward's
+    # reductions into shapes with a leading 1 are slow on XLA:CPU (docs/benchmarks.md, session 11).
     f32 = jnp.float32
     G = Bsz * nc
     x = x_BxLxHxP.reshape(G, Q, H, P)

@@ -53,13 +53,13 @@ def byte_embed(d: int, param_dtype, rngs: nnx.Rngs) -> nnx.Embed:
 def lm_head(d: int, dtype, param_dtype, rngs: nnx.Rngs) -> Linear:
     """[.., d] -> next-byte logits [.., 256], no bias, N(0, 0.02) init."""
     return Linear(d, VOCAB_SIZE, use_bias=False, dtype=dtype, param_dtype=param_dtype,
-                      kernel_init=param_init(normal(0.02), ("embed", "vocab")), rngs=rngs)
+                  kernel_init=param_init(normal(0.02), ("embed", "vocab")), rngs=rngs)
 
 
 def dense(d_in: int, d_out: int, std: float, dtype, param_dtype, rngs: nnx.Rngs, names=("embed", "mlp")) -> Linear:
     """Bias-free [.., d_in] -> [.., d_out], N(0, std) init, kernel axes ``names``."""
     return Linear(d_in, d_out, use_bias=False, dtype=dtype, param_dtype=param_dtype,
-                      kernel_init=param_init(normal(std), names), rngs=rngs)
+                  kernel_init=param_init(normal(std), names), rngs=rngs)
 
 
 def masked_update(new, old, active_B):

@@ -124,7 +124,7 @@ class Router(nnx.Module):
     def __init__(self, d: int, param_dtype, rngs: nnx.Rngs):
         eye = lambda key, shape, dtype: jnp.eye(shape[0], dtype=dtype)  # noqa: E731
         mk = lambda: Linear(d, d, use_bias=False, dtype=jnp.float32, param_dtype=param_dtype,  # noqa: E731
-                                kernel_init=param_init(eye, ("router", None)), rngs=rngs)
+                            kernel_init=param_init(eye, ("router", None)), rngs=rngs)
         self.q_proj, self.k_proj = mk(), mk()
 
     def probs(self, prev_BxD, cur_BxD):
