@@ -84,15 +84,10 @@ def jax_parts(B: int, L: int, D: int, H: int, F: int) -> dict:
 
 
 def gflop(fn, *args) -> float:
-    """XLA's FLOP count of ``fn(*args)`` traced under ``hnet.sharding.reference_kernels`` (a fresh trace)."""
-    import jax
+    """``train.step.reference_flops`` of ``fn(*args)``, in GFLOP."""
+    from train.step import reference_flops
 
-    from hnet import sharding
-
-    with sharding.reference_kernels():
-        cost = jax.jit(lambda *a: fn(*a)).lower(*args).cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
-    return float(cost["flops"]) / 1e9
+    return reference_flops(fn, *args) / 1e9
 
 
 def torch_parts(B: int, L: int, D: int, H: int, F: int) -> dict:

@@ -86,19 +86,23 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, *, gra
     return train_step
 
 
-def flops_per_byte(step_fn: Callable, state, batch, n_bytes: int) -> float:
-    """XLA's FLOP count of one ``step_fn(state, batch)`` (forward + backward + update) per byte, counted on
-    the step's reference program (``hnet.sharding.reference_kernels``: dense attention, jnp gathers, every
-    padding block computed). A compiled step's own count undercounts: XLA counts a loop's body once
-    whatever its trip count, and a custom call (a Pallas kernel) as nothing. On CPU the attention kernel and
-    H-Net's padding skip are loops: isotropic_tiny's count at L = 4096 was 5.6 instead of 31.6 MFLOP per
-    byte. So this counts the model's work (attention as the full masked square), not what a kernel skips.
-    Lowered, not compiled: a trace, no XLA compile. ``step_fn`` must be the plain function, not a jitted
-    one, whose cached trace would be reused. nan if the backend reports no count."""
+def reference_flops(fn: Callable, *args) -> float:
+    """XLA's FLOP count of ``fn(*args)`` on its reference program (``hnet.sharding.reference_kernels``: dense
+    attention, jnp gathers, every padding block computed). A compiled program's own count undercounts: XLA
+    counts a loop's body once whatever its trip count, and a custom call (a Pallas kernel) as nothing. On CPU
+    the attention kernel and H-Net's padding skip are loops: isotropic_tiny's train step at L = 4096 counted
+    5.6 instead of 31.6 MFLOP per byte. So this counts the model's work (attention as the full masked square),
+    not what a kernel skips. Lowered, not compiled: a trace, no XLA compile. ``fn`` must be a plain function,
+    not a jitted one, whose cached trace would be reused. nan if the backend reports no count."""
     with reference_kernels():  # a new function object: a fresh trace, not jit's cached one
-        cost = jax.jit(lambda s, b: step_fn(s, b)).lower(state, batch).cost_analysis()
+        cost = jax.jit(lambda *a: fn(*a)).lower(*args).cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
-    return float((cost or {}).get("flops", float("nan"))) / n_bytes
+    return float((cost or {}).get("flops", float("nan")))
+
+
+def flops_per_byte(step_fn: Callable, state, batch, n_bytes: int) -> float:
+    """``reference_flops`` of one ``step_fn(state, batch)`` (forward + backward + update) per byte."""
+    return reference_flops(step_fn, state, batch) / n_bytes
 
 
 def eval_forward(graphdef, params, rest, batch) -> ModelOutput:
