@@ -6,10 +6,11 @@ Method: ``jax.profiler`` traces ``--steps`` steps after a warm-up step (perfetto
 executor records one event per executed HLO instruction (``args.hlo_op``); a while loop's or conditional's
 event spans the events of the ops in its body, so those are dropped (counted, they doubled the time of the
 attention kernel's loops). Each instruction of the optimized HLO (``compiled.as_text()``) carries the Python
-stack that produced it (backward ops point at their forward code), so an op's time goes to (innermost function of ours on its stack, op kind), where the kind is
-``matmul`` (a dot, or a fusion containing one), ``gather``/``scatter``, ``copy/transpose`` (layout only) or
-``elementwise`` (other fusions, reductions). Thunk times are summed over threads (two threads can run ops
-concurrently), so shares are of the summed op time; the wall time of the traced steps is printed too.
+stack that produced it (backward ops point at their forward code), so an op's time goes to (innermost
+function of ours on its stack, op kind), where the kind is ``matmul`` (a dot, or a fusion containing one),
+``gather``/``scatter``, ``copy/transpose`` (layout only) or ``elementwise`` (other fusions, reductions).
+Thunk times are summed over threads (two threads can run ops concurrently), so shares are of the summed op
+time; the wall time of the traced steps is printed too.
 """
 
 from __future__ import annotations
