@@ -19,6 +19,11 @@ clipped AdamW) in fp32 on the same bytes per step and the same number of CPU thr
 (ours, peer, ours, peer, ...) for --rounds rounds so machine load hits both alike; the primary figure is
 the median over rounds of (our bytes/s) / (peer bytes/s). Exits 0 with a message if the peers are missing.
 
+Ours runs under train/malloc.py's glibc malloc tunables, as the CLIs do (throughput.py re-executes itself with
+them); the peer under glibc's defaults, as its package ships, unless --peer_malloc_tunables (torch gained
+3-9 % from them, XLA:CPU 1.3-1.5x: docs/benchmarks.md, session 12). Each side's JSON row records its
+GLIBC_TUNABLES.
+
 The peer runs with OMP_WAIT_POLICY=PASSIVE: on a loaded machine, OpenMP's spinning worker threads made torch
 steps 10-30x slower (measured: 5-7 s vs 0.15-0.4 s for the same step), which would flatter our ratio.
 """
@@ -34,6 +39,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import throughput  # noqa: E402  (same directory)
+from train import malloc  # noqa: E402
 
 PEER_MODULES = ("torch", "h_net_dynamic_chunking", "MEGABYTE_pytorch", "x_transformers")
 SKIP_MSG = ("peers.py: skipped, {missing} not installed. Install the benchmark extra: "
@@ -175,7 +181,8 @@ def measure_peer(name: str, seq_len: int, bytes_per_step: int, steps: int) -> di
     return {"config": PAIRS[name]["peer"], "seq_len": seq_len, "batch": batch,
             "params": sum(p.numel() for p in model.parameters()), "first_step_s": first_s, "step_s": step_s,
             "step_times_s": times, "bytes_per_s": batch * seq_len / step_s, "peak_rss_mb": throughput.peak_rss_mb(),
-            "loss": box["loss"].item(), "threads": torch.get_num_threads(), "torch": torch.__version__}
+            "loss": box["loss"].item(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}
 
 
 def profile_peer(name: str, seq_len: int, bytes_per_step: int, top: int = 20) -> str:
@@ -225,6 +232,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=os.path.join(throughput.ROOT, "benchmarks/out/peers.json"),
                     help="JSON, rewritten after every pair and length")
     ap.add_argument("--profile", action="store_true", help="print torch.profiler's op table of each peer instead")
+    ap.add_argument("--peer_malloc_tunables", action="store_true",
+                    help="run the peer under our glibc malloc settings too (train/malloc.py; ours always has them)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     missing = missing_modules()
@@ -240,6 +249,7 @@ def main(argv=None) -> int:
             for pair in args.pairs:
                 print(f"{PAIRS[pair]['peer']} L={L}\n{profile_peer(pair, L, args.bytes_per_step)}", flush=True)
         return 0
+    peer_env = {"GLIBC_TUNABLES": malloc.tunables(os.environ)} if args.peer_malloc_tunables else None
     summaries = []
     for L in args.seq_lens:
         for pair in args.pairs:
@@ -248,7 +258,8 @@ def main(argv=None) -> int:
                 ours = throughput.measure_in_subprocess(PAIRS[pair]["ours"], L, args.bytes_per_step, args.steps,
                                                         PAIRS[pair].get("bindings", []))
                 peer = throughput.run_child(os.path.abspath(__file__), [
-                    "--child", f"{pair}@{L}", "--bytes_per_step", str(args.bytes_per_step), "--steps", str(args.steps)])
+                    "--child", f"{pair}@{L}", "--bytes_per_step", str(args.bytes_per_step), "--steps", str(args.steps)],
+                    env=peer_env)
                 if ours is None or peer is None:
                     break
                 rounds.append((ours, peer))

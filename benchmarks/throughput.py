@@ -144,16 +144,17 @@ def measure(config: str, seq_len: int, bytes_per_step: int, steps: int, bindings
             "flops_per_byte": flops,
             "peak_rss_mb": peak_rss_mb(), "loss": float(box["m"]["loss"]), "bindings": bindings, "init_from": init_from,
             "bytes_per_chunk": {k: float(v) for k, v in box["m"].items() if k.startswith("bytes_per_chunk")},
-            "threads": len(os.sched_getaffinity(0))}
+            "threads": len(os.sched_getaffinity(0)), "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}
 
 
-def run_child(script: str, args: list[str], timeout: float = 1800) -> dict | None:
-    """Runs ``script args`` in a fresh Python and returns the dict it printed as ``RESULT {json}``
-    (None on failure, with its stderr tail), plus the load average just before and after."""
+def run_child(script: str, args: list[str], timeout: float = 1800, env: dict[str, str] | None = None) -> dict | None:
+    """Runs ``script args`` in a fresh Python (environment: ours, updated with ``env``) and returns the dict it
+    printed as ``RESULT {json}`` (None on failure, with its stderr tail), plus the load average just before and
+    after."""
     load_before = os.getloadavg()
     try:
         p = subprocess.run([sys.executable, script] + args, capture_output=True, text=True, cwd=ROOT,
-                           env=dict(os.environ, PYTHONPATH=ROOT), timeout=timeout)
+                           env=dict(os.environ, PYTHONPATH=ROOT, **(env or {})), timeout=timeout)
     except subprocess.TimeoutExpired:
         print(f"{os.path.basename(script)} {' '.join(args)}: timed out after {timeout:.0f} s", file=sys.stderr)
         return None
@@ -265,4 +266,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    from train import malloc
+
+    malloc.reexec()  # time the runtime the CLIs use (train/malloc.py)
     main()

@@ -14,6 +14,7 @@ import textwrap
 import pytest
 
 from launch.local import xla_flags
+from train import malloc
 from tests.conftest import REPO_ROOT
 
 CHILD_8_DEVICES = textwrap.dedent("""
@@ -104,6 +105,9 @@ def test_two_processes_train_checkpoint_resume_match_single_process(tmp_path):
                        env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     ref = _losses(single)
+    with open(os.path.join(single, "results.json")) as f:  # the CLI re-executed itself under train/malloc.py's tunables
+        assert json.load(f)["glibc_tunables"] == (malloc.tunables(env) if malloc.applies(env) else
+                                                  env.get("GLIBC_TUNABLES", ""))
 
     multi = str(tmp_path / "multi")
     mesh = "--gin.train.train.mesh_shape={'data': 4, 'fsdp': 2}"

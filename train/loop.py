@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import os
 import time
 from typing import Any, Callable
 
@@ -190,7 +191,8 @@ def train(
     progress = Progress(steps, start)
     history: list[dict] = []
     results: dict[str, Any] = {"workdir": workdir, "params": n_params, "start_step": start, "steps": steps,
-                               "bytes_per_step": bytes_per_step}
+                               "bytes_per_step": bytes_per_step,
+                               "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}  # train/malloc.py
     t_last, steps_since = time.time(), 0
     compiled, compile_s = None, None
     step = start

@@ -103,6 +103,9 @@ def train_from_config(gin_files: list[str], bindings: list[str], workdir: str, c
 
 
 if __name__ == "__main__":
+    from train import malloc
+
+    malloc.reexec()  # before anything imports jax (train/malloc.py)
     from train.config import run_app
 
     run_app(main, sys.argv, define_flags)

@@ -55,6 +55,9 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    from train import malloc
+
+    malloc.reexec()  # before anything imports jax (train/malloc.py)
     from train.config import run_app
 
     run_app(main, sys.argv, define_flags)
