@@ -14,8 +14,8 @@ import textwrap
 import pytest
 
 from launch.local import xla_flags
-from train import malloc
 from tests.conftest import REPO_ROOT
+from train import malloc
 
 CHILD_8_DEVICES = textwrap.dedent("""
     import functools, json, sys
