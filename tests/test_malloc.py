@@ -31,7 +31,19 @@ def test_tunables_keep_the_users_values():
     assert sorted(t[2:]) == sorted(f"{k}={v}" for k, v in malloc.TUNABLES.items() if k != "glibc.malloc.arena_max")
     assert not malloc.applies({"GLIBC_TUNABLES": malloc.tunables({})})  # nothing missing: no re-execution
     assert not malloc.applies({malloc.OPT_OUT: "0"})
-    assert malloc.applies({}) == GLIBC
+    assert malloc.applies({}) == (GLIBC and malloc.runs_on_cpu({}))
+
+
+def test_only_hosts_where_jax_runs_on_the_cpu(tmp_path):
+    assert malloc.runs_on_cpu({"JAX_PLATFORMS": "cpu"}) and malloc.runs_on_cpu({"JAX_PLATFORMS": "cpu,tpu"})
+    assert not malloc.runs_on_cpu({"JAX_PLATFORMS": "tpu"}) and not malloc.runs_on_cpu({"JAX_PLATFORMS": "cuda,cpu"})
+    assert malloc.runs_on_cpu({}, dev=str(tmp_path))
+    for device in ("nvidia0", "kfd", "accel0", "vfio/0"):  # GPUs (NVIDIA, AMD); TPUs (v4 and older, v5 and newer)
+        dev = tmp_path / device.replace("/", "_")
+        os.makedirs(os.path.dirname(dev / device), exist_ok=True)
+        (dev / device).touch()
+        assert not malloc.runs_on_cpu({}, dev=str(dev)), device
+        assert not malloc.applies({}, dev=str(dev)) and malloc.applies({"JAX_PLATFORMS": "cpu"}, dev=str(dev)) == GLIBC
 
 
 REEXEC = """

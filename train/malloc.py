@@ -18,14 +18,16 @@ does not use them.
 
 The settings are tunables read when the process starts (``GLIBC_TUNABLES``), so they cannot be set from
 Python once it runs: ``reexec()`` replaces the process (same PID, same arguments) with one that has them.
-Keys already in ``GLIBC_TUNABLES`` are left as they are; ``HNET_MALLOC_TUNABLES=0`` turns this off. Other
-libcs (musl, macOS) are left alone. For a process of your own (a notebook, a script)::
+Keys already in ``GLIBC_TUNABLES`` are left as they are; ``HNET_MALLOC_TUNABLES=0`` turns this off. Hosts
+with a GPU or TPU (their compiles would pay, their steps not gain) and other libcs (musl, macOS) are left
+alone. For a process of your own (a notebook, a script)::
 
     export GLIBC_TUNABLES=$(.venv/bin/python -m train.malloc)
 """
 
 from __future__ import annotations
 
+import glob
 import os
 import platform
 import sys
@@ -45,11 +47,21 @@ def tunables(environ: dict[str, str]) -> str:
     return ":".join(current + [f"{k}={v}" for k, v in TUNABLES.items() if k not in have])
 
 
-def applies(environ: dict[str, str]) -> bool:
-    """Whether ``reexec`` would replace a process with this environment: Linux with glibc, not opted out, and
-    some key of TUNABLES missing."""
+def runs_on_cpu(environ: dict[str, str], dev: str = "/dev") -> bool:
+    """Whether JAX will run the program on this host's CPU: JAX_PLATFORMS starts with cpu, or it is unset and
+    ``dev`` has no GPU or TPU device file (nvidia<n>, kfd, accel<n>, vfio/<n>). Elsewhere the step's buffers
+    live on the accelerator, so the tunables would only cost compile time (and the host's data threads one
+    shared arena)."""
+    if environ.get("JAX_PLATFORMS"):
+        return environ["JAX_PLATFORMS"].split(",")[0].strip() == "cpu"
+    return not any(glob.glob(os.path.join(dev, p)) for p in ("nvidia[0-9]*", "kfd", "accel[0-9]*", "vfio/[0-9]*"))
+
+
+def applies(environ: dict[str, str], dev: str = "/dev") -> bool:
+    """Whether ``reexec`` would replace a process with this environment: Linux with glibc, not opted out, JAX on
+    the CPU (``runs_on_cpu``), and some key of TUNABLES missing."""
     return (sys.platform == "linux" and platform.libc_ver()[0] == "glibc" and environ.get(OPT_OUT, "1") != "0"
-            and tunables(environ) != environ.get("GLIBC_TUNABLES", ""))
+            and runs_on_cpu(environ, dev) and tunables(environ) != environ.get("GLIBC_TUNABLES", ""))
 
 
 def reexec() -> None:
