@@ -21,7 +21,7 @@ the median over rounds of (our bytes/s) / (peer bytes/s). Exits 0 with a message
 
 Ours runs under train/malloc.py's glibc malloc tunables, as the CLIs do (throughput.py re-executes itself with
 them); the peer under glibc's defaults, as its package ships, unless --peer_malloc_tunables (torch gained
-3-9 % from them, XLA:CPU 1.3-1.5x: docs/benchmarks.md, session 12). Each side's JSON row records its
+5-11 % from them, XLA:CPU 1.3-1.5x: docs/benchmarks.md, session 12). Each side's JSON row records its
 GLIBC_TUNABLES.
 
 The peer runs with OMP_WAIT_POLICY=PASSIVE: on a loaded machine, OpenMP's spinning worker threads made torch
