@@ -15,10 +15,11 @@ needs_glibc = pytest.mark.skipif(not GLIBC, reason="glibc tunables exist on Linu
 
 
 def _run(code: str, *args: str, **env: str) -> list[str]:
-    """stdout lines of ``python <file with code> args`` under os.environ less GLIBC_TUNABLES, plus ``env``."""
+    """stdout lines of ``python -c code args`` under os.environ less GLIBC_TUNABLES, with JAX on the CPU (also on
+    a GPU or TPU host, where ``reexec`` would otherwise do nothing), plus ``env``."""
     base = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", malloc.OPT_OUT)}
     p = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=ROOT,
-                       env=dict(base, PYTHONPATH=ROOT, **env), timeout=300)
+                       env=dict(base, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", **env), timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     return p.stdout.splitlines()
 
